@@ -1,0 +1,58 @@
+"""The KV cache: per layer, keys and values of shape (batch, max_len, kv_heads, head_dim).
+
+It is allocated already sharded (batch over ``data``, kv heads over ``model``) so no
+device ever holds another device's heads, and the decode step donates it so XLA
+updates it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ryzen_jax.sharding import TensorParallelConfig
+
+CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: list[jax.Array]
+    v: list[jax.Array]
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+def cache_shape(batch: int, max_len: int, kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    return (batch, max_len, kv_heads, head_dim)
+
+
+def init_cache(num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+               tp: TensorParallelConfig, dtype=jnp.float32) -> KVCache:
+    """Zeros, created directly in their target sharding (never whole on one device)."""
+    shape = cache_shape(batch, max_len, kv_heads, head_dim)
+    sharding = tp.sharding(CACHE_AXES)
+
+    @jax.jit
+    def make():
+        z = [jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding) for _ in range(2 * num_layers)]
+        return KVCache(k=z[:num_layers], v=z[num_layers:])
+
+    return make()
+
+
+def write(cache_layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write ``new`` (B, T, KV, D) into ``cache_layer`` (B, S, KV, D) at per-row offsets ``start`` (B,)."""
+    def one(c, x, s):
+        return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=0)
+
+    return jax.vmap(one)(cache_layer, new, start)

@@ -1,0 +1,108 @@
+"""Hugging Face names → ryzen_jax parameter paths, as lazy views.
+
+For every parameter of our model (a dotted path such as ``layers.3.attn.wq.kernel``)
+a family's table gives the HF tensor name and a transform (transpose, split the fused
+head dimension) that numpy applies as a *view*: nothing is copied or read until a
+slice is materialised. The result is the tp = 1 layout; ``fit_slice`` then adapts it
+to a mesh (vocabulary padding, KV-head replication) one device slice at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ryzen_jax.checkpoint.safetensors_io import SafetensorsReader
+from ryzen_jax.config import ModelConfig
+
+Transform = Callable[[np.ndarray], np.ndarray]
+Source = tuple[str, Transform]
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def _t(w: np.ndarray) -> np.ndarray:
+    return w.T
+
+
+def llama_sources(cfg: ModelConfig) -> dict[str, Source]:
+    """Llama / Mistral / Qwen2: q/k/v (out, in) → (embed, heads, head_dim); o → (heads, head_dim, embed)."""
+    e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def heads_out(n: int) -> Transform:
+        return lambda w: w.T.reshape(e, n, d)
+
+    def heads_bias(n: int) -> Transform:
+        return lambda b: b.reshape(n, d)
+
+    out: dict[str, Source] = {
+        "embed.embedding": ("model.embed_tokens.weight", _same),
+        "norm.scale": ("model.norm.weight", _same),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = ("lm_head.weight", _same)
+    for i in range(cfg.num_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        out[ours + "attn_norm.scale"] = (hf + "input_layernorm.weight", _same)
+        out[ours + "mlp_norm.scale"] = (hf + "post_attention_layernorm.weight", _same)
+        for name, proj, n in (("wq", "q_proj", h), ("wk", "k_proj", kv), ("wv", "v_proj", kv)):
+            out[ours + f"attn.{name}.kernel"] = (hf + f"self_attn.{proj}.weight", heads_out(n))
+            if cfg.attention_bias:
+                out[ours + f"attn.{name}.bias"] = (hf + f"self_attn.{proj}.bias", heads_bias(n))
+        out[ours + "attn.wo.kernel"] = (hf + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, d, e))
+        if cfg.o_bias:
+            out[ours + "attn.wo.bias"] = (hf + "self_attn.o_proj.bias", _same)
+        for name, proj in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            out[ours + f"mlp.{name}.kernel"] = (hf + f"mlp.{proj}.weight", _t)
+            if cfg.mlp_bias:
+                out[ours + f"mlp.{name}.bias"] = (hf + f"mlp.{proj}.bias", _same)
+    return out
+
+
+FAMILIES: Mapping[str, Callable[[ModelConfig], dict[str, Source]]] = {
+    "llama": llama_sources,
+    "mistral": llama_sources,
+    "qwen2": llama_sources,
+}
+
+
+def hf_views(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, np.ndarray]:
+    """Every parameter of the tp = 1 layout as a lazy view into the memory-mapped files."""
+    table = FAMILIES[cfg.model_type](cfg)
+    missing = [hf for hf, _ in table.values() if hf not in reader]
+    if missing:
+        raise KeyError(f"the checkpoint lacks {len(missing)} tensor(s) that {cfg.model_type} needs, e.g. {missing[:3]}")
+    return {path: fn(reader.get(hf)) for path, (hf, fn) in table.items()}
+
+
+def fit_slice(stored: np.ndarray, index: Sequence[slice], target_shape: Sequence[int],
+              axes: Sequence[str | None]) -> np.ndarray:
+    """``target[index]`` for a target that is ``stored`` adapted to the mesh, reading only
+    what that slice needs. Two adaptations exist: a ``vocab`` axis is zero-padded at the
+    end (to a multiple of tp) and a ``kv_heads`` axis is repeated head by head
+    (replicating KV heads when there are fewer than tp)."""
+    basic, repeats, pads = [], {}, {}
+    for dim, (sl, t, s, name) in enumerate(zip(index, target_shape, stored.shape, axes)):
+        start, stop, _ = sl.indices(t)
+        if t == s:
+            basic.append(slice(start, stop))
+        elif name == "kv_heads" and t % s == 0:
+            src = np.arange(start, stop) // (t // s)
+            basic.append(slice(int(src[0]), int(src[-1]) + 1))
+            repeats[dim] = src - src[0]
+        elif name == "vocab" and t > s:
+            basic.append(slice(min(start, s), min(stop, s)))
+            pads[dim] = (stop - start) - (min(stop, s) - min(start, s))
+        else:
+            raise ValueError(f"cannot fit stored shape {stored.shape} to {tuple(target_shape)} on axis {name!r}")
+    out = np.asarray(stored[tuple(basic)])
+    for dim, idx in repeats.items():
+        out = np.take(out, idx, axis=dim)
+    for dim, n in pads.items():
+        widths = [(0, 0)] * out.ndim
+        widths[dim] = (0, n)
+        out = np.pad(out, widths)
+    return out

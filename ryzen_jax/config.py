@@ -1,0 +1,152 @@
+"""Model configuration: one frozen dataclass built from a Hugging Face ``config.json``.
+
+The HF file is read as plain JSON (not through transformers' config classes) so that
+old and new spellings both work: ``rope_theta``/``rope_scaling`` (transformers 4.x
+files, i.e. nearly every checkpoint on disk) and ``rope_parameters`` (transformers 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class ConfigError(ValueError):
+    """A config.json that ryzen_jax cannot run, with the reason and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. ``rope_type`` is "default", "linear" or "llama3"."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model code needs to know about a decoder-only checkpoint."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (qwen2: always)
+    o_bias: bool = False  # bias on the output projection (llama attention_bias=True)
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads that share one key/value head (1 = MHA, num_heads = MQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> "ModelConfig":
+        """Build from the parsed ``config.json`` (and ``generation_config.json``, if any)."""
+        model_type = raw.get("model_type")
+        if model_type is None:
+            raise ConfigError("config.json has no 'model_type'; supported: " + ", ".join(SUPPORTED_MODEL_TYPES))
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; ryzen_jax runs: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+
+        def need(key: str) -> Any:
+            if key not in raw or raw[key] is None:
+                raise ConfigError(f"config.json ({model_type}) is missing the required field {key!r}")
+            return raw[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        head_dim = int(raw.get("head_dim") or hidden // heads)
+        if heads % kv_heads:
+            raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+
+        rope = dict(raw.get("rope_parameters") or {})
+        rope.update(raw.get("rope_scaling") or {})
+        theta = float(raw.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        scaling = _rope_scaling(rope)
+
+        generation = generation or {}
+        eos = generation.get("eos_token_id", raw.get("eos_token_id"))
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+        bos = generation.get("bos_token_id", raw.get("bos_token_id"))
+        pad = generation.get("pad_token_id", raw.get("pad_token_id"))
+
+        is_qwen2 = model_type == "qwen2"
+        sliding = raw.get("sliding_window")
+        if is_qwen2 and not raw.get("use_sliding_window", False):
+            sliding = None
+        return cls(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=int(need("intermediate_size")),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=True if is_qwen2 else bool(raw.get("attention_bias", False)),
+            o_bias=False if is_qwen2 else bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            hidden_act=str(raw.get("hidden_act", "silu")),
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_ids=eos_ids,
+            pad_token_id=None if pad is None else int(pad),
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> "ModelConfig":
+        """Read ``config.json`` (+ ``generation_config.json``) from an HF or converted model directory."""
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{model_dir} has no config.json: point --model at a Hugging Face model directory")
+        with open(path) as f:
+            raw = json.load(f)
+        gen_path = os.path.join(model_dir, "generation_config.json")
+        generation = None
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                generation = json.load(f)
+        return cls.from_dict(raw, generation)
+
+
+def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling:
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
+    if rope_type == "default":
+        return RopeScaling()
+    if "factor" not in rope:
+        raise ConfigError(f"rope_scaling of type {rope_type!r} is missing the required field 'factor'")
+    fields = {f.name for f in dataclasses.fields(RopeScaling)}
+    kwargs = {k: v for k, v in rope.items() if k in fields and k != "rope_type"}
+    return RopeScaling(rope_type=rope_type, **kwargs)

@@ -1,0 +1,141 @@
+"""Building blocks shared by the model families: tensor-parallel dense layers,
+vocab-parallel embedding, RMSNorm, rotary embeddings and attention.
+
+Every parameter carries logical axis names (``sharding_names``); which mesh axis
+each name lands on is decided only in ``ryzen_jax.sharding``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ryzen_jax.config import RopeScaling
+from ryzen_jax.sharding import TensorParallelConfig
+
+Axes = tuple[str | None, ...]
+_init = nnx.initializers.normal(stddev=0.02)
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, dtype, init=_init) -> nnx.Param:
+    """A parameter annotated with logical axes; placement happens at load time."""
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
+
+
+class ColumnParallelLinear(nnx.Module):
+    """``y = x W + b`` with W's output columns split over the ``model`` mesh axis.
+
+    ``out_features`` may be a tuple, e.g. ``(heads, head_dim)``, so the head split is
+    explicit in the weight's shape. No communication: each device produces its columns.
+    """
+
+    def __init__(self, in_features: int, out_features: Sequence[int], out_axes: Axes, *, in_axis: str = "embed",
+                 use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (in_features, *out_features), (in_axis, *out_axes), dtype)
+        self.bias = param(rngs, tuple(out_features), out_axes, dtype, nnx.initializers.zeros) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.tensordot(x, self.kernel[...], axes=((x.ndim - 1,), (0,)))
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RowParallelLinear(nnx.Module):
+    """``y = x W + b`` with W's input rows split over ``model``: each device holds a
+    partial sum and XLA ends the layer with one all-reduce. The bias is replicated and
+    added once, after the reduction."""
+
+    def __init__(self, in_features: Sequence[int], out_features: int, in_axes: Axes, *, out_axis: str = "embed",
+                 use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (*in_features, out_features), (*in_axes, out_axis), dtype)
+        self.bias = param(rngs, (out_features,), ("norm",), dtype, nnx.initializers.zeros) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel.ndim - 1
+        y = jnp.tensordot(x, self.kernel[...], axes=(tuple(range(x.ndim - k, x.ndim)), tuple(range(k))))
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class Embedding(nnx.Module):
+    """Vocab-parallel embedding table ``(vocab, embed)``: each device holds a slice of
+    the vocabulary; a lookup is a masked local gather plus one all-reduce, and
+    ``attend`` (the tied LM head) yields vocab-sharded logits."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...e,ve->...v", x, self.embedding[...])
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale``, normalised in float32 as Hugging Face does."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("norm",), dtype, nnx.initializers.ones)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * xf.astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """Inverse frequencies ``theta^(-2i/d)``, adjusted for linear or llama3 scaling."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    if scaling.rope_type == "llama3":
+        old = scaling.original_max_position_embeddings
+        low_wavelen = old / scaling.low_freq_factor
+        high_wavelen = old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate ``x`` (batch, length, heads, head_dim) by its positions (batch, length),
+    in the rotate-half convention of Hugging Face Llama checkpoints."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # (B, T, D/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+              tp: TensorParallelConfig) -> jax.Array:
+    """Grouped-query attention: q (B, T, H, D) against k, v (B, S, KV, D).
+
+    ``mask`` (B, T, S) is True where a query may see a key. Query head h reads KV head
+    h // (H // KV), so with heads split over ``model`` each device needs only its own
+    KV heads. Scores and softmax are float32.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    return tp.constrain(out, ("batch", "length", "heads", "head_dim"))

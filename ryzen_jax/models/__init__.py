@@ -1,0 +1,16 @@
+"""Model families, by Hugging Face ``model_type``."""
+
+from __future__ import annotations
+
+from ryzen_jax.config import ModelConfig
+from ryzen_jax.models.llama import LlamaForCausalLM
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+
+
+def model_class(cfg: ModelConfig):
+    """The Flax module class that runs ``cfg.model_type``."""
+    try:
+        return MODEL_CLASSES[cfg.model_type]
+    except KeyError:
+        raise ValueError(f"no model for model_type {cfg.model_type!r}; known: {', '.join(MODEL_CLASSES)}") from None

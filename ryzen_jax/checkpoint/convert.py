@@ -1,0 +1,77 @@
+"""Convert a Hugging Face model directory into a sharded ryzen_jax Orbax checkpoint.
+
+Tensors are read from memory-mapped safetensors and written one group (one layer) at
+a time, so the converter's memory is about one layer, never the model. Everything
+is written into a hidden temporary directory beside the destination and renamed at
+the end: an interrupted conversion leaves nothing that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ryzen_jax.checkpoint import orbax_io
+from ryzen_jax.checkpoint.hf import hf_views
+from ryzen_jax.checkpoint.loader import abstract_model
+from ryzen_jax.checkpoint.safetensors_io import SafetensorsReader
+from ryzen_jax.config import ModelConfig
+from ryzen_jax.sharding import TensorParallelConfig
+
+#: files copied beside the weights: config, generation config and every tokenizer file
+SIDE_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+SKIP_FILES = ("model.safetensors.index.json", orbax_io.MARKER)
+
+
+def convert_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False,
+               progress: bool = True) -> str:
+    """Write ``out_dir`` from ``hf_dir``; ``dtype`` (e.g. "bfloat16") casts the stored weights."""
+    cfg = ModelConfig.from_pretrained(hf_dir)  # unknown model_type / missing field: fail first
+    reader = SafetensorsReader(hf_dir)  # refuses pickles before anything is written
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
+    views = hf_views(cfg, reader)
+    _, _, specs = abstract_model(cfg, TensorParallelConfig(tp_size=1), jnp.float32)
+    cast = None if dtype is None else jnp.dtype(dtype)
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    try:
+        params_dir = os.path.join(tmp, "params")
+        os.makedirs(params_dir)
+        groups = orbax_io.grouped(views)
+        with tqdm(total=len(views), desc="converting", unit="tensor", disable=not progress) as bar:
+            for group, members in groups.items():
+                arrays = {}
+                for inner, view in members.items():
+                    arr = np.ascontiguousarray(view)
+                    arrays[inner] = arr if cast is None else arr.astype(cast)
+                axes = {inner: specs[f"{group}.{inner}" if inner != group else group].axes for inner in members}
+                orbax_io.save_group(params_dir, group, arrays, axes)
+                bar.update(len(members))
+                del arrays
+        for pattern in SIDE_FILES:
+            for path in glob.glob(os.path.join(hf_dir, pattern)):
+                if os.path.basename(path) not in SKIP_FILES:
+                    shutil.copy2(path, tmp)
+        marker = {"format": orbax_io.FORMAT, "version": orbax_io.FORMAT_VERSION, "model_type": cfg.model_type,
+                  "groups": list(groups), "dtype": str(cast) if cast is not None else "as stored",
+                  "source": os.path.abspath(hf_dir)}
+        with open(os.path.join(tmp, orbax_io.MARKER), "w") as f:
+            json.dump(marker, f, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

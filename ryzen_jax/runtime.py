@@ -1,0 +1,33 @@
+"""Process start-up for the command-line tools: simulated CPU devices and logging.
+
+``setup_host_devices`` must run before jax is imported: XLA reads its flags once.
+On a machine with no accelerator it gives the CPU ``n`` simulated devices so the
+tensor-parallel path is exercised everywhere; on GPU machines the flag is inert.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+CPU_DEVICES = 4
+
+
+def setup_host_devices(n: int = CPU_DEVICES) -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if "jax" in sys.modules:
+        logging.getLogger(__name__).warning("jax was imported before setup_host_devices: XLA_FLAGS may be ignored")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines carry the JAX process index so multi-process output says who wrote it."""
+    import jax
+
+    rank = jax.process_index()
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -191,10 +191,18 @@ def write_demo_hf_checkpoint(out_dir: str, *, seed: int = 0) -> str:
         save_tokenizer(train_tokenizer(), tmp)
         save_configs(tmp)
         save_file(random_weights(seed), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _make_readable(tmp)
         _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _make_readable(path: str) -> None:
+    """``mkdtemp`` makes a private (0700) directory; the result is an ordinary, world-readable one."""
+    os.chmod(path, 0o755)
+    for name in os.listdir(path):
+        os.chmod(os.path.join(path, name), 0o644)
 
 
 def _publish(tmp: str, out_dir: str) -> None:

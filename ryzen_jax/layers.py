@@ -25,7 +25,7 @@ _init = nnx.initializers.normal(stddev=0.02)
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, dtype, init=_init) -> nnx.Param:
     """A parameter annotated with logical axes; placement happens at load time."""
     assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
 class ColumnParallelLinear(nnx.Module):

@@ -157,14 +157,14 @@ class Generator:
 
         out = [[int(t)] for t in first]
         done = np.array([t in stop for t in first])
-        positions = lengths.copy()
+        positions = lengths_d  # stays on the device: host buffers may be aliased, never mutate them
         t1 = time.perf_counter()
         steps = 0
         for step in range(1, max_new_tokens):
             if done.all():
                 break
-            nxt, cache = decode(self.state, cache, nxt, put(positions), s, jnp.int32(step))
-            positions += 1
+            nxt, cache = decode(self.state, cache, nxt, positions, s, jnp.int32(step))
+            positions = positions + 1
             steps += 1
             host = np.asarray(nxt)
             for i, t in enumerate(host):

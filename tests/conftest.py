@@ -1,0 +1,31 @@
+"""Test set-up: 8 simulated CPU devices (set before jax is imported) and tiny random
+Hugging Face models, built and saved locally, as the oracle."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from tests import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """Build (once per session) and return the directory of a named tiny HF model."""
+    built: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in built:
+            built[name] = hf_models.build(name, str(tmp_path_factory.mktemp(name)))
+        return built[name]
+
+    return get
+
+
+def pytest_report_header(config):
+    return f"jax {jax.__version__}, {len(jax.devices())} {jax.default_backend()} devices"

@@ -215,3 +215,32 @@ def _publish(tmp: str, out_dir: str) -> None:
         raise RuntimeError(
             f"cannot write the demo model to {out_dir!r}: it exists, is not empty and has no config.json"
         ) from err
+
+
+DEMO_NAME = "demo-llama-v1"
+
+
+def cache_root() -> str:
+    """Where ryzen_jax keeps generated artefacts: $RYZEN_JAX_CACHE or ~/.cache/ryzen_jax."""
+    return os.environ.get("RYZEN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ryzen_jax")
+
+
+def ensure_demo_model(root: str | None = None) -> str:
+    """The converted demo checkpoint, built on first use through the same HF → Orbax
+    path a user's checkpoint takes, then reused."""
+    from ryzen_jax.checkpoint import orbax_io
+    from ryzen_jax.checkpoint.convert import convert_hf
+
+    root = root or cache_root()
+    out = os.path.join(root, DEMO_NAME)
+    if orbax_io.is_converted(out):
+        return out
+    os.makedirs(root, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".demo-hf-") as tmp:
+        hf_dir = write_demo_hf_checkpoint(os.path.join(tmp, "hf"))
+        try:
+            convert_hf(hf_dir, out, progress=False)
+        except (FileExistsError, OSError):
+            if not orbax_io.is_converted(out):  # another process did not finish it either
+                raise
+    return out

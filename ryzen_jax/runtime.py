@@ -1,6 +1,7 @@
 """Process start-up for the command-line tools: simulated CPU devices and logging.
 
-``setup_host_devices`` must run before jax is imported: XLA reads its flags once.
+``setup_host_devices`` must run before jax initialises its backends (the first
+``jax.devices()`` or computation): XLA reads its flags once.
 On a machine with no accelerator it gives the CPU ``n`` simulated devices so the
 tensor-parallel path is exercised everywhere; on GPU machines the flag is inert.
 """
@@ -18,8 +19,6 @@ def setup_host_devices(n: int = CPU_DEVICES) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    if "jax" in sys.modules:
-        logging.getLogger(__name__).warning("jax was imported before setup_host_devices: XLA_FLAGS may be ignored")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

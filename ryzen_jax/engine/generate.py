@@ -64,16 +64,21 @@ class Generator:
 
         graphdef = self.graphdef
 
+        def gathered(logits):
+            # The LM head's one all-gather: vocab-sharded logits → whole rows, so that
+            # sampling (sort, cumsum, argmax) runs locally instead of as many collectives.
+            return tp.constrain(logits[:, 0], ("batch", None))
+
         def prefill(state, tokens, lengths, cache, sampling):
             model = nnx.merge(graphdef, state)
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
             logits, cache = model(tokens, positions, cache, prefill=True, logits_at=lengths - 1)
-            return sample(logits[:, 0], sampling, jnp.int32(0)), cache
+            return sample(gathered(logits), sampling, jnp.int32(0)), cache
 
         def decode(state, cache, tokens, positions, sampling, step):
             model = nnx.merge(graphdef, state)
             logits, cache = model(tokens[:, None], positions[:, None], cache, prefill=False)
-            return sample(logits[:, 0], sampling, step), cache
+            return sample(gathered(logits), sampling, step), cache
 
         self._prefill = jax.jit(prefill, donate_argnums=(3,))
         self._decode = jax.jit(decode, donate_argnums=(1,))

@@ -84,9 +84,10 @@ class ModelConfig:
         if heads % kv_heads:
             raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
 
-        rope = dict(raw.get("rope_parameters") or {})
-        rope.update(raw.get("rope_scaling") or {})
-        theta = float(raw.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        # transformers 4.x files: rope_theta + rope_scaling; transformers 5: rope_parameters.
+        params = dict(raw.get("rope_parameters") or {})
+        rope = dict(raw.get("rope_scaling") or params)
+        theta = float(raw.get("rope_theta", params.get("rope_theta", 10000.0)))
         scaling = _rope_scaling(rope)
 
         generation = generation or {}

@@ -47,7 +47,8 @@ def load(model_dir: str):
 def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     """HF greedy continuation (no early stop at EOS)."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        ids = torch.tensor([prompt])  # explicit mask: HF would otherwise mask every pad-id token
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 

@@ -117,7 +117,17 @@ def test_unsupported_rope_scaling_type(gqa_config):
 
 
 def test_unsupported_rope_scaling_legacy_type_key(gqa_config):
-    raw = dict(gqa_config, rope_scaling={"type": "dynamic", "factor": 2.0})
+    # transformers 4.x spelling: rope_scaling {"type": ...} and no rope_parameters
+    raw = {k: v for k, v in gqa_config.items() if k != "rope_parameters"}
+    raw["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
+    with pytest.raises(ConfigError, match="dynamic"):
+        ModelConfig.from_dict(raw)
+
+
+def test_unsupported_rope_scaling_legacy_type_key_beside_rope_parameters(gqa_config):
+    # a transformers-5 file (rope_parameters: {"rope_type": "default"}) plus a 4.x rope_scaling
+    raw = dict(gqa_config, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+               rope_scaling={"type": "dynamic", "factor": 2.0})
     with pytest.raises(ConfigError, match="dynamic"):
         ModelConfig.from_dict(raw)
 

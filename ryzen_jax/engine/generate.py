@@ -112,6 +112,8 @@ class Generator:
     def check_fits(self, prompt_lens: Sequence[int], max_new_tokens: int) -> None:
         """Raise before any device work when a request cannot fit the model's context."""
         limit = self.cfg.max_position_embeddings
+        if not prompt_lens:
+            raise ValueError("no prompts given: pass at least one prompt")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         for n in prompt_lens:

@@ -1,0 +1,70 @@
+"""scripts/generate.py end to end, as a user runs it, checked against Hugging Face."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from ryzen_jax.demo import save_tokenizer, train_tokenizer, write_demo_hf_checkpoint
+from tests import hf_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def user_env(**extra: str) -> dict:
+    """The environment a user's shell has: without the test session's 8 simulated devices."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, **extra}
+
+
+def run_generate(*args: str, env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "scripts/generate.py", "--json", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=user_env(**(env or {})), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), proc.stderr
+
+
+def hf_greedy(model_dir: str, prompt_ids: list[int], n: int) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return hf_models.greedy(model, prompt_ids, n)
+
+
+def test_generate_on_a_converted_checkpoint_matches_hf(tmp_path):
+    """Convert with scripts/convert_hf.py, then generate a batch of text prompts at tp=2."""
+    hf_dir = tmp_path / "hf"
+    cfg = transformers.LlamaConfig(**{**hf_models.BASE, "vocab_size": 512})
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
+    save_tokenizer(train_tokenizer(), str(hf_dir))
+    conv = subprocess.run([sys.executable, "scripts/convert_hf.py", str(hf_dir), str(tmp_path / "conv")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+
+    prompts = ["The weather is", "Distributed computing across many machines"]
+    out, _ = run_generate("--model", str(tmp_path / "conv"), "--tp", "2", "--max-new-tokens", "12",
+                          *[a for p in prompts for a in ("--prompt", p)])
+    assert out["tp"] == 2 and len(out["outputs"]) == 2
+    for o in out["outputs"]:
+        assert o["generated_ids"][: len(o["generated_ids"])] == hf_greedy(str(hf_dir), o["prompt_ids"], 12)[: len(o["generated_ids"])]
+        assert len(o["generated_ids"]) == 12 or o["generated_ids"][-1] in (cfg.eos_token_id,)
+    for key in ("load_s", "compile_s", "time_to_first_token_s", "decode_tokens_per_s"):
+        assert out["timings"][key] >= 0
+
+
+def test_default_demo_model_on_four_cpu_devices(tmp_path):
+    """No --model: the demo checkpoint is built on first use and runs at tp=4; its tokens
+    are HF's greedy tokens for the same seeded weights."""
+    out, err = run_generate("--max-new-tokens", "8", env={"RYZEN_JAX_CACHE": str(tmp_path / "cache")})
+    assert "RANDOM weights" in err and "4 simulated CPU devices" in err
+    assert out["tp"] == 4 and out["dtype"] == "float32"
+    hf_dir = write_demo_hf_checkpoint(str(tmp_path / "demo_hf"))
+    for o in out["outputs"]:
+        assert o["generated_ids"] == hf_greedy(hf_dir, o["prompt_ids"], len(o["generated_ids"]))
+        assert isinstance(o["text"], str)
+    assert os.path.isfile(tmp_path / "cache" / "demo-llama-v1" / "ryzen_jax.json")

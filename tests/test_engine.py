@@ -1,0 +1,67 @@
+"""The public tensor-parallel layers, prompt-length buckets and seeded sampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import ryzen_jax as rj
+from ryzen_jax.engine.generate import bucket
+from tests.test_structure import collectives
+
+
+def test_column_then_row_parallel_is_one_all_reduce():
+    """A user-built MLP from the public layers: matches numpy, and XLA ends it with one all-reduce."""
+    tp = rj.create_tensor_parallel_config(4, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    class MLP(nnx.Module):
+        def __init__(self):
+            self.col = rj.ColumnParallelLinear(32, (64,), ("mlp",), rngs=nnx.Rngs(0))
+            self.row = rj.RowParallelLinear((64,), 32, ("mlp",), use_bias=True, rngs=nnx.Rngs(1))
+
+    graphdef, state = nnx.split(MLP())
+    w1, w2 = (np.asarray(state[k]["kernel"].get_value()) for k in ("col", "row"))
+    for _, var in nnx.to_flat_state(state):  # place each parameter by its logical axes
+        var.set_value(jax.device_put(var.get_value(), tp.sharding(var.get_metadata()["out_sharding"])))
+    assert state["col"]["kernel"].get_value().addressable_shards[0].data.shape == (32, 16)
+
+    def mlp(state, x):
+        m = nnx.merge(graphdef, state)
+        return tp.constrain(m.row(jax.nn.relu(m.col(x))), ("batch", "embed"))
+
+    x = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
+    f = jax.jit(mlp)
+    np.testing.assert_allclose(np.asarray(f(state, x)), np.maximum(x @ w1, 0) @ w2, rtol=1e-5, atol=1e-5)
+    kinds = [k for k, _ in collectives(f.lower(state, x).compile().as_text())]
+    assert kinds == ["all-reduce"]
+
+
+def test_bucket_is_the_next_power_of_two():
+    assert [bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+
+
+def test_prompts_in_one_bucket_share_one_prefill_program(hf_model_dir):
+    lm = rj.load_model(hf_model_dir("llama_gqa"), tp=2, progress=False)
+    gen = lm.generator
+    gen.generate([[1, 2, 3]], 4, stop_ids=[])
+    compiled = gen.compile_count
+    for n in (5, 9, 16):
+        gen.generate([list(range(1, n + 1))], 4, stop_ids=[])
+    assert gen.compile_count == compiled  # same bucket (16), same decode shape: nothing new
+    gen.generate([list(range(1, 20))], 4, stop_ids=[])
+    assert gen.compile_count == compiled + 1  # bucket 32: one new prefill program
+
+
+def test_seeded_sampling_is_reproducible_on_any_tp(hf_model_dir):
+    prompt = [1, 5, 9, 33]
+    params = rj.SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    runs = []
+    for tp in (1, 4):
+        lm = rj.load_model(hf_model_dir("llama_gqa"), tp=tp, progress=False)
+        runs.append(lm.generator.generate([prompt], 16, params, stop_ids=[]).generated_ids[0])
+        again = lm.generator.generate([prompt], 16, params, stop_ids=[]).generated_ids[0]
+        assert again == runs[-1]
+    assert runs[0] == runs[1]
+    other = lm.generator.generate([prompt], 16, rj.SamplingParams(temperature=1.0, seed=4), stop_ids=[])
+    assert other.generated_ids[0] != runs[0]

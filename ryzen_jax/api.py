@@ -70,6 +70,7 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
 
     ``tp`` defaults to the largest split of the visible devices that the model allows.
     """
+    tokenizer = load_tokenizer(path)  # before the clock: load_s measures the weights
     t0 = time.perf_counter()
     loader = DistributedCheckpointLoader(path, progress=progress)
     cfg = loader.config
@@ -80,7 +81,6 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     tp_cfg.validate(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
     tp_cfg.mesh  # fail on too few devices before reading any weights
     model = loader.load(tp_cfg, jnp.dtype(dtype or default_dtype()))
-    tokenizer = load_tokenizer(path)
     generator = Generator(model, tp_cfg)
     return LoadedModel(config=cfg, tp=tp_cfg, generator=generator, tokenizer=tokenizer,
                        load_s=time.perf_counter() - t0, path=path)

@@ -30,3 +30,24 @@ def setup_logging(level: int = logging.INFO) -> None:
                         format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache so a second start skips compiling.
+
+    Default directory: ``$RYZEN_JAX_CACHE/xla`` (``~/.cache/ryzen_jax/xla``);
+    ``RYZEN_JAX_COMPILE_CACHE=off`` disables it. Returns the directory in use.
+    """
+    import jax
+
+    from ryzen_jax.demo import cache_root
+
+    setting = directory or os.environ.get("RYZEN_JAX_COMPILE_CACHE")
+    if setting == "off":
+        return None
+    path = setting or os.path.join(cache_root(), "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

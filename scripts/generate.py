@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     import ryzen_jax as rj
-    from ryzen_jax.runtime import setup_logging
+    from ryzen_jax.runtime import enable_compilation_cache, setup_logging
 
     setup_logging()
+    enable_compilation_cache()
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     try:
         sampling = rj.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -48,7 +48,8 @@ def test_generate_on_a_converted_checkpoint_matches_hf(tmp_path):
 
     prompts = ["The weather is", "Distributed computing across many machines"]
     out, _ = run_generate("--model", str(tmp_path / "conv"), "--tp", "2", "--max-new-tokens", "12",
-                          *[a for p in prompts for a in ("--prompt", p)])
+                          *[a for p in prompts for a in ("--prompt", p)], env={"RYZEN_JAX_CACHE": str(tmp_path / "c")})
+    assert os.listdir(tmp_path / "c" / "xla")  # the persistent compilation cache was written
     assert out["tp"] == 2 and len(out["outputs"]) == 2
     for o in out["outputs"]:
         assert o["generated_ids"][: len(o["generated_ids"])] == hf_greedy(str(hf_dir), o["prompt_ids"], 12)[: len(o["generated_ids"])]

@@ -65,3 +65,16 @@ def test_seeded_sampling_is_reproducible_on_any_tp(hf_model_dir):
     assert runs[0] == runs[1]
     other = lm.generator.generate([prompt], 16, rj.SamplingParams(temperature=1.0, seed=4), stop_ids=[])
     assert other.generated_ids[0] != runs[0]
+
+
+def test_bfloat16_runs_close_to_float32(hf_model_dir):
+    """bfloat16 weights and cache (the GPU default): same program, logits near float32's."""
+    from tests.test_parity import PROMPT, full_logits
+
+    f32 = rj.load_model(hf_model_dir("llama_gqa"), tp=4, dtype="float32", progress=False)
+    bf16 = rj.load_model(hf_model_dir("llama_gqa"), tp=4, dtype="bfloat16", progress=False)
+    assert {leaf.dtype for leaf in jax.tree.leaves(bf16.generator.state)} == {jnp.dtype("bfloat16")}
+    a, b = full_logits(f32, PROMPT), full_logits(bf16, PROMPT)
+    assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
+    assert len(bf16.generator.generate([PROMPT], 8, stop_ids=[]).generated_ids[0]) == 8

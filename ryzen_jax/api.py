@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
 from typing import Any, Sequence
@@ -22,9 +21,6 @@ from ryzen_jax.config import ModelConfig
 from ryzen_jax.engine.generate import GenerationResult, Generator
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.sharding import ShardingError, TensorParallelConfig
-
-log = logging.getLogger(__name__)
-
 
 @dataclasses.dataclass
 class LoadedModel:
@@ -49,9 +45,9 @@ def choose_tp(cfg: ModelConfig, n_devices: int) -> int:
         try:
             TensorParallelConfig(tp_size=tp).validate(
                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
-            return tp
         except ShardingError:
             continue
+        return tp
     return 1
 
 
@@ -78,8 +74,9 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     if tp is None:
         tp = choose_tp(cfg, max(1, n // dp))
     tp_cfg = TensorParallelConfig(tp_size=tp, dp_size=dp)
+    # An unsplittable model or too few devices fails here, before the loader reads a weight.
     tp_cfg.validate(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
-    tp_cfg.mesh  # fail on too few devices before reading any weights
+    _ = tp_cfg.mesh
     model = loader.load(tp_cfg, jnp.dtype(dtype or default_dtype()))
     generator = Generator(model, tp_cfg)
     return LoadedModel(config=cfg, tp=tp_cfg, generator=generator, tokenizer=tokenizer,

@@ -23,23 +23,11 @@ class KVCache:
     k: list[jax.Array]
     v: list[jax.Array]
 
-    @property
-    def batch(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[1]
-
-
-def cache_shape(batch: int, max_len: int, kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
-    return (batch, max_len, kv_heads, head_dim)
-
 
 def init_cache(num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
                tp: TensorParallelConfig, dtype=jnp.float32) -> KVCache:
     """Zeros, created directly in their target sharding (never whole on one device)."""
-    shape = cache_shape(batch, max_len, kv_heads, head_dim)
+    shape = (batch, max_len, kv_heads, head_dim)
     sharding = tp.sharding(CACHE_AXES)
 
     @jax.jit

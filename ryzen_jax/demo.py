@@ -220,16 +220,12 @@ def _publish(tmp: str, out_dir: str) -> None:
 DEMO_NAME = "demo-llama-v1"
 
 
-def cache_root() -> str:
-    """Where ryzen_jax keeps generated artefacts: $RYZEN_JAX_CACHE or ~/.cache/ryzen_jax."""
-    return os.environ.get("RYZEN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ryzen_jax")
-
-
 def ensure_demo_model(root: str | None = None) -> str:
     """The converted demo checkpoint, built on first use through the same HF → Orbax
     path a user's checkpoint takes, then reused."""
     from ryzen_jax.checkpoint import orbax_io
     from ryzen_jax.checkpoint.convert import convert_hf
+    from ryzen_jax.runtime import cache_root
 
     root = root or cache_root()
     out = os.path.join(root, DEMO_NAME)

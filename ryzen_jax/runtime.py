@@ -15,6 +15,11 @@ import sys
 CPU_DEVICES = 4
 
 
+def cache_root() -> str:
+    """Where ryzen_jax keeps generated artefacts: $RYZEN_JAX_CACHE or ~/.cache/ryzen_jax."""
+    return os.environ.get("RYZEN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ryzen_jax")
+
+
 def setup_host_devices(n: int = CPU_DEVICES) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
@@ -39,8 +44,6 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
     ``RYZEN_JAX_COMPILE_CACHE=off`` disables it. Returns the directory in use.
     """
     import jax
-
-    from ryzen_jax.demo import cache_root
 
     setting = directory or os.environ.get("RYZEN_JAX_COMPILE_CACHE")
     if setting == "off":

@@ -11,7 +11,6 @@ o and down row-parallel (one all-reduce each), embedding and LM head vocab-paral
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -140,6 +139,8 @@ def create_tensor_parallel_config(
 
     ``tp_size`` defaults to ``world_size // dp_size``. The model sizes, when given, are
     checked against it so a bad split fails here rather than deep inside XLA.
+    ``hidden_size`` is accepted for the guide's signature: the hidden dimension is
+    replicated, so any size splits.
     """
     if tp_size is None:
         world_size = world_size or len(jax.devices())
@@ -151,9 +152,9 @@ def create_tensor_parallel_config(
             num_kv_heads=num_key_value_heads or num_attention_heads,
             intermediate_size=intermediate_size or cfg.tp_size,
         )
-    del hidden_size  # replicated: any size splits
     return cfg
 
 
 def pad_to_multiple(n: int, k: int) -> int:
-    return int(math.ceil(n / k) * k)
+    """``n`` rounded up to a multiple of ``k``."""
+    return -(-n // k) * k

@@ -73,22 +73,15 @@ def _run_script(*args: str) -> subprocess.CompletedProcess:
 
 # -- 1-4: config.json ---------------------------------------------------------------------
 
-def test_unknown_model_type(gqa_config):
-    raw = dict(gqa_config, model_type="gptj")
-    with pytest.raises(ConfigError) as e:
-        ModelConfig.from_dict(raw)
-    msg = str(e.value)
-    assert "gptj" in msg
-    for t in SUPPORTED_MODEL_TYPES:
-        assert t in msg
-
-
-def test_missing_model_type(gqa_config):
+@pytest.mark.parametrize("model_type,named", [("gptj", "gptj"), (None, "model_type")], ids=["unknown", "missing"])
+def test_unknown_or_missing_model_type(gqa_config, model_type, named):
     raw = {k: v for k, v in gqa_config.items() if k != "model_type"}
+    if model_type is not None:
+        raw["model_type"] = model_type
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_dict(raw)
     msg = str(e.value)
-    assert "model_type" in msg
+    assert named in msg
     for t in SUPPORTED_MODEL_TYPES:
         assert t in msg
 

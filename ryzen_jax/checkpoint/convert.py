@@ -52,11 +52,10 @@ def convert_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, overwrite
         with tqdm(total=len(views), desc="converting", unit="tensor", disable=not progress) as bar:
             for group, members in groups.items():
                 arrays = {}
-                for inner, view in members.items():
+                for path, view in members.items():
                     arr = np.ascontiguousarray(view)
-                    arrays[inner] = arr if cast is None else arr.astype(cast)
-                axes = {inner: specs[f"{group}.{inner}" if inner != group else group].axes for inner in members}
-                orbax_io.save_group(params_dir, group, arrays, axes)
+                    arrays[path] = arr if cast is None else arr.astype(cast)
+                orbax_io.save_group(params_dir, group, arrays, {path: specs[path].axes for path in members})
                 bar.update(len(members))
                 del arrays
         for pattern in SIDE_FILES:

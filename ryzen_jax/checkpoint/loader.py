@@ -53,18 +53,15 @@ def abstract_model(cfg: ModelConfig, tp: TensorParallelConfig, dtype) -> tuple[n
     graphdef, state = nnx.split(abstract)
     specs: dict[str, ParamSpec] = {}
     for path, var in nnx.to_flat_state(state):
-        axes = tuple(var.get_metadata().get("sharding_names") or var.get_metadata().get("out_sharding"))
-        value = var.get_value() if hasattr(var, "get_value") else var.value
+        axes = tuple(var.get_metadata()["out_sharding"])
+        value = var.get_value()
         specs[_path_str(path)] = ParamSpec(tuple(value.shape), value.dtype, axes, tp.sharding(axes))
     return graphdef, state, specs
 
 
 def merge(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict[str, jax.Array]) -> nnx.Module:
     """Put loaded arrays into the abstract state and build the module."""
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        var = var.replace(arrays[_path_str(path)]) if hasattr(var, "replace") else var
-        flat.append((path, var))
+    flat = [(path, var.replace(arrays[_path_str(path)])) for path, var in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -116,39 +113,37 @@ def load_hf_arrays(model_dir: str, cfg: ModelConfig, specs: dict[str, ParamSpec]
     return arrays
 
 
-def load_orbax_arrays(model_dir: str, specs: dict[str, ParamSpec], *, prefetch: bool = True,
-                      progress: bool = True) -> dict[str, jax.Array]:
+def load_orbax_arrays(model_dir: str, specs: dict[str, ParamSpec], stored: dict[str, ParamSpec], *,
+                      prefetch: bool = True, progress: bool = True) -> dict[str, jax.Array]:
     """Every parameter from a converted checkpoint, restored group by group into its sharding.
 
-    KV projections whose heads are replicated (kv heads < tp) are restored at their
-    stored size, split over ``embed``-free axes, and repeated on the devices."""
+    ``stored`` are the specs of the checkpoint's own (tp = 1) layout. A padded vocabulary
+    is zero-filled by Orbax; KV projections whose heads are replicated (kv heads < tp)
+    are restored at their stored size, replicated, and repeated on the devices."""
     params_dir = os.path.join(model_dir, "params")
     groups = orbax_io.grouped(specs)
 
     def restore(group: str) -> dict[str, jax.Array]:
-        stored = orbax_io.stored_shapes(params_dir, group)
         targets, repeat = {}, {}
-        for inner, spec in groups[group].items():
-            shape = stored[inner]
+        for path, spec in groups[group].items():
+            shape = stored[path].shape
             if "kv_heads" in spec.axes and shape != spec.shape:
                 ax = spec.axes.index("kv_heads")
-                repeat[inner] = (ax, spec.shape[ax] // shape[ax])
+                repeat[path] = (ax, spec.shape[ax] // shape[ax])
                 replicated = jax.sharding.NamedSharding(spec.sharding.mesh, jax.sharding.PartitionSpec())
-                targets[inner] = jax.ShapeDtypeStruct(shape, spec.dtype, sharding=replicated)
+                targets[path] = jax.ShapeDtypeStruct(shape, spec.dtype, sharding=replicated)
             else:
-                targets[inner] = spec.target
+                targets[path] = spec.target
         out = orbax_io.restore_group(params_dir, group, targets)
-        for inner, (ax, r) in repeat.items():
-            spec = groups[group][inner]
-            out[inner] = jax.jit(lambda w, ax=ax, r=r: jnp.repeat(w, r, axis=ax), out_shardings=spec.sharding)(out[inner])
+        for path, (ax, r) in repeat.items():
+            out[path] = jax.jit(lambda w, ax=ax, r=r: jnp.repeat(w, r, axis=ax),
+                                out_shardings=specs[path].sharding)(out[path])
         return out
 
     arrays = {}
-    names = list(groups)
     with _progress(len(specs), "restoring orbax", progress) as bar:
-        for group, out in _prefetched(names, restore, prefetch):
-            for inner, arr in out.items():
-                arrays[f"{group}.{inner}" if inner != group else group] = arr
+        for _, out in _prefetched(list(groups), restore, prefetch):
+            arrays.update(out)
             bar.update(len(out))
     return arrays
 
@@ -190,7 +185,9 @@ class DistributedCheckpointLoader:
         graphdef, state, specs = abstract_model(self.config, tp, dtype)
         if self.is_converted:
             orbax_io.read_marker(self.checkpoint_dir)
-            arrays = load_orbax_arrays(self.checkpoint_dir, specs, prefetch=self.enable_prefetch, progress=self.progress)
+            _, _, stored = abstract_model(self.config, TensorParallelConfig(tp_size=1), dtype)
+            arrays = load_orbax_arrays(self.checkpoint_dir, specs, stored, prefetch=self.enable_prefetch,
+                                       progress=self.progress)
         else:
             arrays = load_hf_arrays(self.checkpoint_dir, self.config, specs, prefetch=self.enable_prefetch,
                                     progress=self.progress)

@@ -29,41 +29,41 @@ MARKER = "ryzen_jax.json"
 CHUNK_BYTES = 4 << 20
 
 
-def group_of(path: str) -> tuple[str, str]:
-    """``layers.3.attn.wq.kernel`` → (``layers.3``, ``attn.wq.kernel``); ``embed.embedding`` → (``embed``, ``embedding``)."""
+def group_of(path: str) -> str:
+    """``layers.3.attn.wq.kernel`` → ``layers.3``; ``embed.embedding`` → ``embed``; ``lm_head`` → ``lm_head``."""
     parts = path.split(".")
-    n = 2 if parts[0] == "layers" else 1
-    return ".".join(parts[:n]), ".".join(parts[n:]) or parts[0]
+    return ".".join(parts[: 2 if parts[0] == "layers" else 1])
 
 
 def grouped(flat: Mapping[str, object]) -> dict[str, dict[str, object]]:
-    """Flat ``path -> leaf`` split into ``group -> {inner path -> leaf}``, in model order."""
+    """Flat ``path -> leaf`` split into ``group -> {path -> leaf}``, in model order."""
     out: dict[str, dict[str, object]] = {}
     for path, leaf in flat.items():
-        g, inner = group_of(path)
-        out.setdefault(g, {})[inner] = leaf
+        out.setdefault(group_of(path), {})[path] = leaf
     return out
 
 
-def _nest(flat: Mapping[str, object]) -> dict:
+def _nest(group: str, flat: Mapping[str, object]) -> dict:
+    """Full paths of one group → the nested tree stored in its checkpoint (paths relative to the group)."""
     tree: dict = {}
     for path, leaf in flat.items():
         node = tree
-        *heads, last = path.split(".")
+        *heads, last = (path[len(group) + 1:] or path).split(".")
         for h in heads:
             node = node.setdefault(h, {})
         node[last] = leaf
     return tree
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+def _flatten(group: str, tree: Mapping, prefix: str = "") -> dict[str, object]:
+    """Inverse of ``_nest``: the checkpoint's tree → full paths."""
     out: dict[str, object] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
+            out.update(_flatten(group, v, key + "."))
         else:
-            out[key] = v
+            out[key if key == group else f"{group}.{key}"] = v
     return out
 
 
@@ -82,20 +82,14 @@ def read_marker(model_dir: str) -> dict:
 def save_group(params_dir: str, group: str, arrays: Mapping[str, np.ndarray],
                axes: Mapping[str, Sequence[str | None]], sharded_axes: Sequence[str] = ("vocab", "heads", "kv_heads", "mlp")) -> None:
     """Write one group as an Orbax checkpoint, chunked along its tensor-parallel axis."""
-    save_args = {}
-    for name, arr in arrays.items():
-        split = tuple(i for i, a in enumerate(axes[name]) if a in sharded_axes)
-        save_args[name] = ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=split)
+    save_args = {
+        path: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES,
+                           shard_axes=tuple(i for i, a in enumerate(axes[path]) if a in sharded_axes))
+        for path in arrays
+    }
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(os.path.join(params_dir, group),
-                   args=ocp.args.PyTreeSave(_nest(arrays), save_args=_nest(save_args)))
-
-
-def stored_shapes(params_dir: str, group: str) -> dict[str, tuple[int, ...]]:
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(os.path.join(params_dir, group))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-    return {k: tuple(v.shape) for k, v in _flatten(tree).items()}
+                   args=ocp.args.PyTreeSave(_nest(group, arrays), save_args=_nest(group, save_args)))
 
 
 def restore_group(params_dir: str, group: str, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
@@ -105,8 +99,8 @@ def restore_group(params_dir: str, group: str, targets: Mapping[str, jax.ShapeDt
         name: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype, strict=False)
         for name, t in targets.items()
     }
-    item = {name: t for name, t in targets.items()}
     with ocp.PyTreeCheckpointer() as ckptr:
         out = ckptr.restore(os.path.join(params_dir, group),
-                            args=ocp.args.PyTreeRestore(item=_nest(item), restore_args=_nest(restore_args)))
-    return _flatten(out)
+                            args=ocp.args.PyTreeRestore(item=_nest(group, targets),
+                                                        restore_args=_nest(group, restore_args)))
+    return _flatten(group, out)

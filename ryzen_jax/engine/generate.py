@@ -28,6 +28,9 @@ from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, sample
 from ryzen_jax.sharding import TensorParallelConfig
 
 MIN_BUCKET = 16
+#: decode steps dispatched between two looks at the tokens (for stop ids): the host
+#: fetches the tokens of these steps in one transfer instead of one round trip per token
+SYNC_EVERY = 8
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -78,7 +81,7 @@ class Generator:
         def decode(state, cache, tokens, positions, sampling, step):
             model = nnx.merge(graphdef, state)
             logits, cache = model(tokens[:, None], positions[:, None], cache, prefill=False)
-            return sample(gathered(logits), sampling, step), cache
+            return sample(gathered(logits), sampling, step), cache, positions + 1
 
         self._prefill = jax.jit(prefill, donate_argnums=(3,))
         self._decode = jax.jit(decode, donate_argnums=(1,))
@@ -164,20 +167,22 @@ class Generator:
 
         out = [[int(t)] for t in first]
         done = np.array([t in stop for t in first])
-        positions = lengths_d  # stays on the device: host buffers may be aliased, never mutate them
+        positions = lengths_d  # advanced on the device by each decode step
         t1 = time.perf_counter()
-        steps = 0
+        steps, pending = 0, []
         for step in range(1, max_new_tokens):
             if done.all():
                 break
-            nxt, cache = decode(self.state, cache, nxt, positions, s, jnp.int32(step))
-            positions = positions + 1
+            nxt, cache, positions = decode(self.state, cache, nxt, positions, s, jnp.int32(step))
             steps += 1
-            host = np.asarray(nxt)
-            for i, t in enumerate(host):
-                if not done[i]:
-                    out[i].append(int(t))
-                    done[i] = int(t) in stop
+            pending.append(nxt)
+            if len(pending) == SYNC_EVERY or step == max_new_tokens - 1:
+                for host in jax.device_get(pending):
+                    for i, t in enumerate(host):
+                        if not done[i]:
+                            out[i].append(int(t))
+                            done[i] = int(t) in stop
+                pending = []
         decode_s = time.perf_counter() - t1
         return GenerationResult(
             prompt_ids=prompts, generated_ids=out[:n], compile_s=self.compile_s - compile_before,

@@ -57,14 +57,14 @@ class SamplingArrays:
 def _sample_row(logits: jax.Array, temperature, top_k, top_p, key) -> jax.Array:
     greedy = jnp.argmax(logits).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.sort(scaled)[::-1]
-    vocab = logits.shape[-1]
-    kth = order[jnp.clip(top_k - 1, 0, vocab - 1)]
-    scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
-    probs = jax.nn.softmax(jnp.sort(scaled)[::-1])
-    # keep the smallest prefix of the sorted distribution whose mass reaches top_p
-    keep_sorted = (jnp.cumsum(probs) - probs) < top_p
-    cutoff = jnp.min(jnp.where(keep_sorted, jnp.sort(scaled)[::-1], jnp.inf))
+    desc = jnp.sort(scaled)[::-1]
+    # top-k: drop everything below the k-th largest (the same cut keeps `desc` sorted)
+    kth = desc[jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)]
+    cut_k = lambda x: jnp.where((top_k > 0) & (x < kth), -jnp.inf, x)
+    scaled, desc = cut_k(scaled), cut_k(desc)
+    # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p
+    probs = jax.nn.softmax(desc)
+    cutoff = jnp.min(jnp.where(jnp.cumsum(probs) - probs < top_p, desc, jnp.inf))
     scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
     drawn = jax.random.categorical(key, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)

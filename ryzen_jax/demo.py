@@ -217,7 +217,7 @@ def _publish(tmp: str, out_dir: str) -> None:
         ) from err
 
 
-DEMO_NAME = "demo-llama-v1"
+DEMO_NAME = "demo-llama-v2"  # bump with the checkpoint format
 
 
 def ensure_demo_model(root: str | None = None) -> str:

@@ -10,7 +10,7 @@ import sys
 import torch
 import transformers
 
-from ryzen_jax.demo import save_tokenizer, train_tokenizer, write_demo_hf_checkpoint
+from ryzen_jax.demo import DEMO_NAME, save_tokenizer, train_tokenizer, write_demo_hf_checkpoint
 from tests import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,4 +67,4 @@ def test_default_demo_model_on_four_cpu_devices(tmp_path):
     for o in out["outputs"]:
         assert o["generated_ids"] == hf_greedy(hf_dir, o["prompt_ids"], len(o["generated_ids"]))
         assert isinstance(o["text"], str)
-    assert os.path.isfile(tmp_path / "cache" / "demo-llama-v1" / "ryzen_jax.json")
+    assert os.path.isfile(tmp_path / "cache" / DEMO_NAME / "ryzen_jax.json")

@@ -1,7 +1,7 @@
 """Convert a Hugging Face model directory into a sharded ryzen_jax Orbax checkpoint.
 
-Tensors are read from memory-mapped safetensors and written one group (one layer) at
-a time, so the converter's memory is about one layer, never the model. Everything
+Tensors are read from memory-mapped safetensors and written one at a time, so the
+converter's memory is about the largest tensor, never the model. Everything
 is written into a hidden temporary directory beside the destination and renamed at
 the end: an interrupted conversion leaves nothing that looks like a checkpoint.
 """
@@ -48,22 +48,16 @@ def convert_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, overwrite
     try:
         params_dir = os.path.join(tmp, "params")
         os.makedirs(params_dir)
-        groups = orbax_io.grouped(views)
-        with tqdm(total=len(views), desc="converting", unit="tensor", disable=not progress) as bar:
-            for group, members in groups.items():
-                arrays = {}
-                for path, view in members.items():
-                    arr = np.ascontiguousarray(view)
-                    arrays[path] = arr if cast is None else arr.astype(cast)
-                orbax_io.save_group(params_dir, group, arrays, {path: specs[path].axes for path in members})
-                bar.update(len(members))
-                del arrays
+        for path, view in tqdm(views.items(), desc="converting", unit="tensor", disable=not progress):
+            arr = np.ascontiguousarray(view)
+            orbax_io.save_tensor(params_dir, path, arr if cast is None else arr.astype(cast), specs[path].axes)
+            del arr
         for pattern in SIDE_FILES:
             for path in glob.glob(os.path.join(hf_dir, pattern)):
                 if os.path.basename(path) not in SKIP_FILES:
                     shutil.copy2(path, tmp)
         marker = {"format": orbax_io.FORMAT, "version": orbax_io.FORMAT_VERSION, "model_type": cfg.model_type,
-                  "groups": list(groups), "dtype": str(cast) if cast is not None else "as stored",
+                  "tensors": list(views), "dtype": str(cast) if cast is not None else "as stored",
                   "source": os.path.abspath(hf_dir)}
         with open(os.path.join(tmp, orbax_io.MARKER), "w") as f:
             json.dump(marker, f, indent=2)

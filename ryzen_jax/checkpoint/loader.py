@@ -115,36 +115,28 @@ def load_hf_arrays(model_dir: str, cfg: ModelConfig, specs: dict[str, ParamSpec]
 
 def load_orbax_arrays(model_dir: str, specs: dict[str, ParamSpec], stored: dict[str, ParamSpec], *,
                       prefetch: bool = True, progress: bool = True) -> dict[str, jax.Array]:
-    """Every parameter from a converted checkpoint, restored group by group into its sharding.
+    """Every parameter from a converted checkpoint, restored tensor by tensor into its sharding.
 
     ``stored`` are the specs of the checkpoint's own (tp = 1) layout. A padded vocabulary
     is zero-filled by Orbax; KV projections whose heads are replicated (kv heads < tp)
     are restored at their stored size, replicated, and repeated on the devices."""
     params_dir = os.path.join(model_dir, "params")
-    groups = orbax_io.grouped(specs)
 
-    def restore(group: str) -> dict[str, jax.Array]:
-        targets, repeat = {}, {}
-        for path, spec in groups[group].items():
-            shape = stored[path].shape
-            if "kv_heads" in spec.axes and shape != spec.shape:
-                ax = spec.axes.index("kv_heads")
-                repeat[path] = (ax, spec.shape[ax] // shape[ax])
-                replicated = jax.sharding.NamedSharding(spec.sharding.mesh, jax.sharding.PartitionSpec())
-                targets[path] = jax.ShapeDtypeStruct(shape, spec.dtype, sharding=replicated)
-            else:
-                targets[path] = spec.target
-        out = orbax_io.restore_group(params_dir, group, targets)
-        for path, (ax, r) in repeat.items():
-            out[path] = jax.jit(lambda w, ax=ax, r=r: jnp.repeat(w, r, axis=ax),
-                                out_shardings=specs[path].sharding)(out[path])
-        return out
+    def restore(path: str) -> jax.Array:
+        spec, shape = specs[path], stored[path].shape
+        if "kv_heads" not in spec.axes or shape == spec.shape:
+            return orbax_io.restore_tensor(params_dir, path, spec.target)
+        ax = spec.axes.index("kv_heads")
+        replicated = jax.sharding.NamedSharding(spec.sharding.mesh, jax.sharding.PartitionSpec())
+        small = orbax_io.restore_tensor(params_dir, path, jax.ShapeDtypeStruct(shape, spec.dtype, sharding=replicated))
+        repeat = jax.jit(lambda w: jnp.repeat(w, spec.shape[ax] // shape[ax], axis=ax), out_shardings=spec.sharding)
+        return repeat(small)
 
     arrays = {}
     with _progress(len(specs), "restoring orbax", progress) as bar:
-        for _, out in _prefetched(list(groups), restore, prefetch):
-            arrays.update(out)
-            bar.update(len(out))
+        for path, arr in _prefetched(list(specs), restore, prefetch):
+            arrays[path] = arr
+            bar.update(1)
     return arrays
 
 

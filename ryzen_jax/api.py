@@ -32,6 +32,7 @@ class LoadedModel:
     tokenizer: Any
     load_s: float
     path: str
+    bytes_read: int  # checkpoint bytes this process read (its own slices only)
 
 
 def default_dtype() -> str:
@@ -80,7 +81,7 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     model = loader.load(tp_cfg, jnp.dtype(dtype or default_dtype()))
     generator = Generator(model, tp_cfg)
     return LoadedModel(config=cfg, tp=tp_cfg, generator=generator, tokenizer=tokenizer,
-                       load_s=time.perf_counter() - t0, path=path)
+                       load_s=time.perf_counter() - t0, path=path, bytes_read=loader.bytes_read)
 
 
 def encode(lm: LoadedModel, text: str) -> list[int]:

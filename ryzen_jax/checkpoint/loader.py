@@ -65,15 +65,24 @@ def merge(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict[str, jax.Array]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _read_local(view: np.ndarray, spec: ParamSpec) -> dict:
-    """Host copies of the slices this process's devices hold (identical slices read once)."""
-    out, cache = {}, {}
+def _read_local(view: np.ndarray, spec: ParamSpec) -> tuple[dict, int]:
+    """Host copies of the slices this process's devices hold (identical slices read
+    once), and the bytes of source data they took."""
+    out, cache, nbytes = {}, {}, 0
     for device, index in spec.sharding.addressable_devices_indices_map(spec.shape).items():
         key = tuple((s.start, s.stop) for s in index)
         if key not in cache:
-            cache[key] = fit_slice(view, index, spec.shape, spec.axes).astype(spec.dtype)
+            piece = fit_slice(view, index, spec.shape, spec.axes)
+            nbytes += piece.nbytes
+            cache[key] = piece.astype(spec.dtype)
         out[device] = cache[key]
-    return out
+    return out, nbytes
+
+
+def local_bytes(arr: jax.Array) -> int:
+    """Bytes of the distinct slices of ``arr`` that this process's devices hold."""
+    seen = {tuple((s.start, s.stop) for s in sh.index): sh.data.nbytes for sh in arr.addressable_shards}
+    return sum(seen.values())
 
 
 def _to_devices(local: dict, spec: ParamSpec) -> jax.Array:
@@ -101,16 +110,18 @@ def _progress(total: int, desc: str, show: bool):
 
 
 def load_hf_arrays(model_dir: str, cfg: ModelConfig, specs: dict[str, ParamSpec], *,
-                   prefetch: bool = True, progress: bool = True) -> dict[str, jax.Array]:
-    """Every parameter from memory-mapped safetensors, each device's slice read on its own."""
+                   prefetch: bool = True, progress: bool = True) -> tuple[dict[str, jax.Array], int]:
+    """Every parameter from memory-mapped safetensors, each device's slice read on its
+    own; also the bytes this process read from the files."""
     views = hf_views(cfg, SafetensorsReader(model_dir))
     paths = list(specs)
-    arrays = {}
+    arrays, nbytes = {}, 0
     with _progress(len(paths), "loading safetensors", progress) as bar:
-        for path, local in _prefetched(paths, lambda p: _read_local(views[p], specs[p]), prefetch):
+        for path, (local, n) in _prefetched(paths, lambda p: _read_local(views[p], specs[p]), prefetch):
             arrays[path] = _to_devices(local, specs[path])
+            nbytes += n
             bar.update(1)
-    return arrays
+    return arrays, nbytes
 
 
 def load_orbax_arrays(model_dir: str, specs: dict[str, ParamSpec], stored: dict[str, ParamSpec], *,
@@ -147,8 +158,9 @@ class DistributedCheckpointLoader:
     JAX process) and calls :meth:`load`; each reads only the slices of the devices it
     owns. ``use_memory_map``: read safetensors through a memory map (the only way we
     read them: there is no eager path to turn off). ``enable_prefetch``: read the next
-    tensor (or Orbax group) on a background thread while the current one goes to the
-    devices.
+    tensor on a background thread while the current one goes to the devices. After
+    :meth:`load`, ``bytes_read`` is what this process took from the checkpoint: the
+    bytes of the safetensors slices it read, or of the Orbax slices it requested.
     """
 
     def __init__(self, checkpoint_dir: str, rank: int | None = None, world_size: int | None = None,
@@ -166,6 +178,7 @@ class DistributedCheckpointLoader:
         if not use_memory_map:
             log.info("use_memory_map=False is ignored: safetensors are always memory-mapped")
         self.enable_prefetch = enable_prefetch
+        self.bytes_read = 0
         self.progress = progress
         self.config = ModelConfig.from_pretrained(checkpoint_dir)
         self.is_converted = orbax_io.is_converted(checkpoint_dir)
@@ -180,7 +193,8 @@ class DistributedCheckpointLoader:
             _, _, stored = abstract_model(self.config, TensorParallelConfig(tp_size=1), dtype)
             arrays = load_orbax_arrays(self.checkpoint_dir, specs, stored, prefetch=self.enable_prefetch,
                                        progress=self.progress)
+            self.bytes_read = sum(local_bytes(a) for a in arrays.values())
         else:
-            arrays = load_hf_arrays(self.checkpoint_dir, self.config, specs, prefetch=self.enable_prefetch,
-                                    progress=self.progress)
+            arrays, self.bytes_read = load_hf_arrays(self.checkpoint_dir, self.config, specs,
+                                                     prefetch=self.enable_prefetch, progress=self.progress)
         return merge(graphdef, state, arrays)

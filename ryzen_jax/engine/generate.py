@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ryzen_jax.cache import KVCache, init_cache
@@ -31,6 +32,14 @@ MIN_BUCKET = 16
 #: decode steps dispatched between two looks at the tokens (for stop ids): the host
 #: fetches the tokens of these steps in one transfer instead of one round trip per token
 SYNC_EVERY = 8
+
+
+def fetch(arrays: list[jax.Array]) -> list[np.ndarray]:
+    """Host copies of small per-row results (tokens), on every process: arrays that
+    span other processes' devices are gathered."""
+    if all(a.is_fully_addressable for a in arrays):
+        return jax.device_get(arrays)
+    return [np.asarray(multihost_utils.process_allgather(a, tiled=True)) for a in arrays]
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -162,7 +171,7 @@ class Generator:
 
         t0 = time.perf_counter()
         nxt, cache = prefill(self.state, tokens, lengths_d, cache, s)
-        first = np.asarray(nxt)
+        (first,) = fetch([nxt])
         ttft = time.perf_counter() - t0
 
         out = [[int(t)] for t in first]
@@ -177,7 +186,7 @@ class Generator:
             steps += 1
             pending.append(nxt)
             if len(pending) == SYNC_EVERY or step == max_new_tokens - 1:
-                for host in jax.device_get(pending):
+                for host in fetch(pending):
                     for i, t in enumerate(host):
                         if not done[i]:
                             out[i].append(int(t))

@@ -1,8 +1,8 @@
 """Token selection on the device: greedy, temperature, top-k and top-p, one row at a time.
 
 Every setting is a traced array (one value per batch row), so changing it never
-recompiles. Each row draws from its own key, ``fold_in(key(seed), step)``: the same
-seed gives the same tokens whatever the batch or the mesh.
+recompiles. Each row draws from its own key, ``fold_in(key(seed), step)``, made on
+the device: the same seed gives the same tokens whatever the batch or the mesh.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,25 +33,27 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplingArrays:
-    """SamplingParams for a batch, one entry per row, as device arrays."""
+    """SamplingParams for a batch, one entry per row (host arrays until placed)."""
 
     temperature: jax.Array  # (B,) float32
     top_k: jax.Array  # (B,) int32
     top_p: jax.Array  # (B,) float32
-    key: jax.Array  # (B,) typed PRNG keys
+    seed: jax.Array  # (B,) uint32
 
     @classmethod
     def from_params(cls, params: list[SamplingParams]) -> "SamplingArrays":
         return cls(
-            temperature=jnp.asarray([p.temperature for p in params], jnp.float32),
-            top_k=jnp.asarray([p.top_k for p in params], jnp.int32),
-            top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
-            key=jnp.stack([jax.random.key(p.seed) for p in params]),
+            temperature=np.asarray([p.temperature for p in params], np.float32),
+            top_k=np.asarray([p.top_k for p in params], np.int32),
+            top_p=np.asarray([p.top_p for p in params], np.float32),
+            seed=np.asarray([p.seed for p in params], np.uint32),
         )
 
 
@@ -72,5 +75,5 @@ def _sample_row(logits: jax.Array, temperature, top_k, top_p, key) -> jax.Array:
 
 def sample(logits: jax.Array, s: SamplingArrays, step: jax.Array) -> jax.Array:
     """Next token per row from float32 ``logits`` (B, V); ``step`` keys the draw."""
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.key, step)
+    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(s.seed)
     return jax.vmap(_sample_row)(logits, s.temperature, s.top_k, s.top_p, keys)

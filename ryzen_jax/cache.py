@@ -26,16 +26,11 @@ class KVCache:
 
 def init_cache(num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
                tp: TensorParallelConfig, dtype=jnp.float32) -> KVCache:
-    """Zeros, created directly in their target sharding (never whole on one device)."""
+    """Zeros in their target sharding. Call it inside a jitted program (prefill), so
+    the cache is born sharded and never exists whole on one device."""
     shape = (batch, max_len, kv_heads, head_dim)
-    sharding = tp.sharding(CACHE_AXES)
-
-    @jax.jit
-    def make():
-        z = [jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding) for _ in range(2 * num_layers)]
-        return KVCache(k=z[:num_layers], v=z[num_layers:])
-
-    return make()
+    z = [tp.constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(2 * num_layers)]
+    return KVCache(k=z[:num_layers], v=z[num_layers:])
 
 
 def write(cache_layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from ryzen_jax.activations import UnknownActivationError, activation
+
 
 
 class ConfigError(ValueError):
@@ -63,66 +64,32 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> "ModelConfig":
-        """Build from the parsed ``config.json`` (and ``generation_config.json``, if any)."""
+        """Build from the parsed ``config.json`` (and ``generation_config.json``, if any).
+
+        The family's parser (``FAMILY_PARSERS[model_type]``) maps its own field names;
+        token ids and the activation check are common to every family.
+        """
         model_type = raw.get("model_type")
         if model_type is None:
             raise ConfigError("config.json has no 'model_type'; supported: " + ", ".join(SUPPORTED_MODEL_TYPES))
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in FAMILY_PARSERS:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; ryzen_jax runs: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-
-        def need(key: str) -> Any:
-            if key not in raw or raw[key] is None:
-                raise ConfigError(f"config.json ({model_type}) is missing the required field {key!r}")
-            return raw[key]
-
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
-        head_dim = int(raw.get("head_dim") or hidden // heads)
-        if heads % kv_heads:
-            raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-
-        # transformers 4.x files: rope_theta + rope_scaling; transformers 5: rope_parameters.
-        params = dict(raw.get("rope_parameters") or {})
-        rope = dict(raw.get("rope_scaling") or params)
-        theta = float(raw.get("rope_theta", params.get("rope_theta", 10000.0)))
-        scaling = _rope_scaling(rope)
+        fields = FAMILY_PARSERS[model_type](_Fields(raw, model_type))
 
         generation = generation or {}
         eos = generation.get("eos_token_id", raw.get("eos_token_id"))
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
         bos = generation.get("bos_token_id", raw.get("bos_token_id"))
         pad = generation.get("pad_token_id", raw.get("pad_token_id"))
-
-        is_qwen2 = model_type == "qwen2"
-        sliding = raw.get("sliding_window")
-        if is_qwen2 and not raw.get("use_sliding_window", False):
-            sliding = None
-        return cls(
-            model_type=model_type,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden,
-            num_layers=int(need("num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            intermediate_size=int(need("intermediate_size")),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=True if is_qwen2 else bool(raw.get("attention_bias", False)),
-            o_bias=False if is_qwen2 else bool(raw.get("attention_bias", False)),
-            mlp_bias=bool(raw.get("mlp_bias", False)),
-            hidden_act=str(raw.get("hidden_act", "silu")),
-            sliding_window=int(sliding) if sliding else None,
-            bos_token_id=None if bos is None else int(bos),
-            eos_token_ids=eos_ids,
-            pad_token_id=None if pad is None else int(pad),
-        )
+        cfg = cls(model_type=model_type, bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
+                  pad_token_id=None if pad is None else int(pad), **fields)
+        try:
+            activation(cfg.hidden_act)
+        except UnknownActivationError as e:
+            raise ConfigError(f"config.json ({model_type}): {e}") from None
+        return cfg
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "ModelConfig":
@@ -138,6 +105,70 @@ class ModelConfig:
             with open(gen_path) as f:
                 generation = json.load(f)
         return cls.from_dict(raw, generation)
+
+
+class _Fields:
+    """config.json fields with errors that name the model type and the missing key."""
+
+    def __init__(self, raw: Mapping[str, Any], model_type: str):
+        self.raw, self.model_type = raw, model_type
+
+    def need(self, key: str) -> Any:
+        if key not in self.raw or self.raw[key] is None:
+            raise ConfigError(f"config.json ({self.model_type}) is missing the required field {key!r}")
+        return self.raw[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.raw.get(key)
+        return default if value is None else value
+
+
+def _llama(f: _Fields) -> dict[str, Any]:
+    """Llama, Mistral, Qwen2."""
+    hidden = int(f.need("hidden_size"))
+    heads = int(f.need("num_attention_heads"))
+    kv_heads = int(f.get("num_key_value_heads", heads))
+    head_dim = int(f.get("head_dim", hidden // heads))
+    if heads % kv_heads:
+        raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+
+    # transformers 4.x files: rope_theta + rope_scaling; transformers 5: rope_parameters.
+    params = dict(f.get("rope_parameters", {}))
+    rope = dict(f.get("rope_scaling", params))
+    theta = float(f.get("rope_theta", params.get("rope_theta", 10000.0)))
+
+    is_qwen2 = f.model_type == "qwen2"
+    sliding = f.get("sliding_window")
+    if is_qwen2 and not f.get("use_sliding_window", False):
+        sliding = None
+    return dict(
+        vocab_size=int(f.need("vocab_size")),
+        hidden_size=hidden,
+        num_layers=int(f.need("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int(f.need("intermediate_size")),
+        rms_norm_eps=float(f.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=_rope_scaling(rope),
+        max_position_embeddings=int(f.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(f.get("tie_word_embeddings", False)),
+        attention_bias=True if is_qwen2 else bool(f.get("attention_bias", False)),
+        o_bias=False if is_qwen2 else bool(f.get("attention_bias", False)),
+        mlp_bias=bool(f.get("mlp_bias", False)),
+        hidden_act=str(f.get("hidden_act", "silu")),
+        sliding_window=int(sliding) if sliding else None,
+    )
+
+
+#: model_type -> parser of that family's config.json fields into ModelConfig fields
+FAMILY_PARSERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {
+    "llama": _llama,
+    "mistral": _llama,
+    "qwen2": _llama,
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_PARSERS)
 
 
 def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ryzen_jax.activations import FeedForward
 from ryzen_jax.config import RopeScaling
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -63,6 +64,26 @@ class RowParallelLinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+class MLP(nnx.Module):
+    """The position-wise feed-forward block, Megatron-split: ``up`` (and ``gate``) are
+    column-parallel over ``mlp``, ``down`` is row-parallel, so the block ends in one
+    all-reduce. Gated (SwiGLU, GeGLU): ``down(act(gate(x)) * up(x))``; plain (GPT-2,
+    BERT, T5 ReLU): ``down(act(up(x)))``."""
+
+    def __init__(self, dim: int, hidden: int, ff: FeedForward, *, use_bias: bool = False, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.gate = (ColumnParallelLinear(dim, (hidden,), ("mlp",), use_bias=use_bias, dtype=dtype, rngs=rngs)
+                     if ff.gated else None)
+        self.up = ColumnParallelLinear(dim, (hidden,), ("mlp",), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.down = RowParallelLinear((hidden,), dim, ("mlp",), use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.act = ff.fn
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.up(x)
+        h = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
+        return self.down(h)
 
 
 class Embedding(nnx.Module):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import ryzen_jax as rj
-from ryzen_jax.cache import init_cache
 from tests import hf_models
 
 PROMPT = [1, 17, 42, 99, 3, 250 - 7, 128, 64, 5, 77, 31]
@@ -30,17 +29,17 @@ def full_logits(lm: rj.LoadedModel, prompt: list[int]) -> np.ndarray:
     gen = lm.generator
     batch = lm.tp.dp_size
     tokens = jnp.asarray([prompt] * batch, jnp.int32)
-    cache = init_cache(lm.config.num_layers, batch, 64, gen.kv_heads, lm.config.head_dim, lm.tp)
 
     @jax.jit
-    def run(state, tokens, cache):
+    def run(state, tokens):
         from flax import nnx
 
         model = nnx.merge(gen.graphdef, state)
+        cache = model.new_cache(batch, 64)
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return model(tokens, pos, cache, prefill=True)[0]
 
-    out = np.asarray(run(gen.state, tokens, cache))
+    out = np.asarray(run(gen.state, tokens))
     return out[0, :, : lm.config.vocab_size]
 
 

@@ -24,7 +24,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ryzen_jax.cache import KVCache, init_cache
 from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, sample
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -79,25 +78,24 @@ class Generator:
         def gathered(logits):
             # The LM head's one all-gather: vocab-sharded logits → whole rows, so that
             # sampling (sort, cumsum, argmax) runs locally instead of as many collectives.
-            return tp.constrain(logits[:, 0], ("batch", None))
+            return tp.constrain(logits, ("batch", None))
 
-        def prefill(state, tokens, lengths, cache, sampling):
+        def prefill(state, tokens, lengths, sampling, max_len):
             model = nnx.merge(graphdef, state)
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-            logits, cache = model(tokens, positions, cache, prefill=True, logits_at=lengths - 1)
-            return sample(gathered(logits), sampling, jnp.int32(0)), cache
+            logits, cache, positions = model.prefill(tokens, lengths, max_len)
+            return sample(gathered(logits), sampling, jnp.int32(0)), cache, positions
 
         def decode(state, cache, tokens, positions, sampling, step):
             model = nnx.merge(graphdef, state)
-            logits, cache = model(tokens[:, None], positions[:, None], cache, prefill=False)
+            logits, cache = model.decode(tokens, positions, cache)
             return sample(gathered(logits), sampling, step), cache, positions + 1
 
-        self._prefill = jax.jit(prefill, donate_argnums=(3,))
+        self._prefill = jax.jit(prefill, static_argnums=(4,))
         self._decode = jax.jit(decode, donate_argnums=(1,))
 
     # -- compiled programs ------------------------------------------------------------
     def _get(self, name: str, fn: Callable, *args):
-        key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:]))
+        key = (name,) + tuple((a.shape, str(a.dtype)) if hasattr(a, "shape") else a for a in jax.tree.leaves(args[1:]))
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
@@ -110,12 +108,16 @@ class Generator:
     def _batch_sharding(self, ndim: int) -> NamedSharding:
         return NamedSharding(self.tp.mesh, P("data", *([None] * (ndim - 1))))
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return init_cache(self.cfg.num_layers, batch, max_len, self.kv_heads, self.cfg.head_dim, self.tp, self.dtype)
+    def _abstract_cache(self, batch: int, max_len: int):
+        """The cache prefill would create for this shape (shapes and shardings only)."""
+        toks = jax.ShapeDtypeStruct((batch, MIN_BUCKET), jnp.int32)
+        lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        s = SamplingArrays.from_params([SamplingParams()] * batch)
+        return self._prefill.eval_shape(self.state, toks, lens, s, max_len)[1]
 
     def decode_program(self, batch: int, max_len: int):
         """The compiled decode step for this shape (for inspection: HLO, memory, FLOPs)."""
-        cache = self.new_cache(batch, max_len)
+        cache = self._abstract_cache(batch, max_len)
         toks = jnp.zeros((batch,), jnp.int32)
         s = SamplingArrays.from_params([SamplingParams()] * batch)
         return self._get("decode", self._decode, self.state, cache, toks, toks, s, jnp.int32(1))
@@ -164,19 +166,17 @@ class Generator:
         s = jax.device_put(SamplingArrays.from_params(params), self._batch_sharding(1))
         compile_before = self.compile_s
 
-        cache = self.new_cache(batch, max_len)
-        prefill = self._get("prefill", self._prefill, self.state, tokens, lengths_d, cache, s)
-        decode = self._get("decode", self._decode, self.state, cache,
+        prefill = self._get("prefill", self._prefill, self.state, tokens, lengths_d, s, max_len)
+        decode = self._get("decode", self._decode, self.state, self._abstract_cache(batch, max_len),
                            lengths_d, lengths_d, s, jnp.int32(1))
 
         t0 = time.perf_counter()
-        nxt, cache = prefill(self.state, tokens, lengths_d, cache, s)
+        nxt, cache, positions = prefill(self.state, tokens, lengths_d, s)
         (first,) = fetch([nxt])
         ttft = time.perf_counter() - t0
 
         out = [[int(t)] for t in first]
         done = np.array([t in stop for t in first])
-        positions = lengths_d  # advanced on the device by each decode step
         t1 = time.perf_counter()
         steps, pending = 0, []
         for step in range(1, max_new_tokens):

@@ -13,9 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ryzen_jax import cache as kv
+from ryzen_jax.activations import activation
 from ryzen_jax.config import ModelConfig
-from ryzen_jax.layers import (ColumnParallelLinear, Embedding, RMSNorm, RowParallelLinear, apply_rope, attention,
+from ryzen_jax.layers import (MLP, ColumnParallelLinear, Embedding, RMSNorm, RowParallelLinear, apply_rope, attention,
                               param, rope_frequencies)
+from ryzen_jax.models.base import DecoderOnlyLM
 from ryzen_jax.sharding import TensorParallelConfig, pad_to_multiple
 
 ACT = ("batch", "length", "embed")
@@ -59,23 +61,13 @@ class Attention(nnx.Module):
         return self.wo(out), cache_k, cache_v
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        e, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate = ColumnParallelLinear(e, (i,), ("mlp",), use_bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-        self.up = ColumnParallelLinear(e, (i,), ("mlp",), use_bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-        self.down = RowParallelLinear((i,), e, ("mlp",), use_bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
-
-
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallelConfig, *, dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg, tp, dtype=dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, activation(cfg.hidden_act, gated=True),
+                       use_bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
         self.tp = tp
 
     def __call__(self, x, positions, cache_k, cache_v, prefill: bool):
@@ -85,7 +77,7 @@ class Block(nnx.Module):
         return x, cache_k, cache_v
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(DecoderOnlyLM, nnx.Module):
     """Token ids → next-token logits, reading and updating a KV cache.
 
     ``tp`` fixes the head replication (kv heads < tp) and vocab padding so that every
@@ -101,6 +93,9 @@ class LlamaForCausalLM(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (vocab, cfg.hidden_size), ("vocab", "embed"), dtype)
+
+    def cache_shape(self) -> tuple[int, int, int, jnp.dtype]:
+        return self.cfg.num_layers, self.tp.kv_heads(self.cfg.num_kv_heads), self.cfg.head_dim, self.embed.embedding.dtype
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache, *, prefill: bool,
                  logits_at: jax.Array | None = None) -> tuple[jax.Array, kv.KVCache]:

@@ -1,0 +1,43 @@
+"""What the engine asks of a generative model: two functions over a cache pytree.
+
+    prefill(tokens (B, T), lengths (B,), max_len) -> logits (B, V), cache, positions (B,)
+    decode(tokens (B,), positions (B,), cache)    -> logits (B, V), cache
+
+``prefill`` starts every row (right-padded prompts of true ``lengths``), creates the
+model's cache for ``max_len`` positions inside the program (so it is born sharded)
+and returns the logits that pick each row's first new token, plus the position the
+next token is written at. ``decode`` feeds one token per row. Logits are float32,
+vocab-sharded, with padded vocabulary entries at -inf. Every leaf of the cache has
+the batch as its first dimension, so a row can be copied into a serving slot.
+
+Decoder-only families (Llama, GPT-2) get both from :class:`DecoderOnlyLM`; an
+encoder–decoder (T5) runs its encoder in ``prefill`` and keeps the cross-attention
+keys and values in its cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ryzen_jax import cache as kv
+
+
+class DecoderOnlyLM:
+    """prefill/decode for a model whose ``__call__(tokens, positions, cache, *, prefill,
+    logits_at)`` returns (logits (B, T, V), KVCache). Needs ``self.cfg``, ``self.tp`` and
+    ``self.cache_shape()`` → (layers, kv_heads, head_dim, dtype)."""
+
+    def new_cache(self, batch: int, max_len: int) -> kv.KVCache:
+        layers, kv_heads, head_dim, dtype = self.cache_shape()
+        return kv.init_cache(layers, batch, max_len, kv_heads, head_dim, self.tp, dtype)
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int):
+        cache = self.new_cache(tokens.shape[0], max_len)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits, cache = self(tokens, positions, cache, prefill=True, logits_at=lengths - 1)
+        return logits[:, 0], cache, lengths
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache):
+        logits, cache = self(tokens[:, None], positions[:, None], cache, prefill=False)
+        return logits[:, 0], cache

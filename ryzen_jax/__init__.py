@@ -5,16 +5,18 @@ straight from its safetensors), laid over a ``(data, model)`` device mesh with h
 and MLP columns split across devices, and run as one SPMD program.
 """
 
-from ryzen_jax.api import LoadedModel, generate, load_model
+from ryzen_jax.api import LoadedModel, embed, generate, load_model, stream
 from ryzen_jax.checkpoint.convert import convert_hf
 from ryzen_jax.checkpoint.loader import DistributedCheckpointLoader
 from ryzen_jax.config import ModelConfig
-from ryzen_jax.engine.sampling import SamplingParams
+from ryzen_jax.engine.generate import Completion, GenerationResult, Generator, Request, StreamDelta
+from ryzen_jax.engine.sampling import SamplingError, SamplingParams
 from ryzen_jax.layers import ColumnParallelLinear, RowParallelLinear
 from ryzen_jax.sharding import LOGICAL_RULES, TensorParallelConfig, create_tensor_parallel_config, make_mesh
 
 __all__ = [
-    "LoadedModel", "generate", "load_model", "convert_hf", "DistributedCheckpointLoader", "ModelConfig",
+    "LoadedModel", "embed", "generate", "load_model", "stream", "Completion", "GenerationResult", "Generator", "Request",
+    "StreamDelta", "SamplingError", "convert_hf", "DistributedCheckpointLoader", "ModelConfig",
     "SamplingParams", "ColumnParallelLinear", "RowParallelLinear", "LOGICAL_RULES", "TensorParallelConfig",
     "create_tensor_parallel_config", "make_mesh",
 ]

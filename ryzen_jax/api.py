@@ -1,9 +1,11 @@
-"""The Python API: load a model onto a mesh, then generate text.
+"""The Python API: load a model onto a mesh, generate for a batch, stream a request.
 
     import ryzen_jax as rj
     lm = rj.load_model("path/to/model", tp=4)
-    for out in rj.generate(lm, ["Hello"], max_new_tokens=32):
-        print(out["text"])
+    for c in rj.generate(lm, ["Hello", "Bonjour"], max_new_tokens=32):
+        print(c.text, c.finish_reason)
+    for delta in rj.stream(lm, "Once upon a time", max_new_tokens=64, stop=["\n\n"]):
+        print(delta.text, end="", flush=True)
 """
 
 from __future__ import annotations
@@ -11,28 +13,33 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ryzen_jax.checkpoint.loader import DistributedCheckpointLoader
 from ryzen_jax.config import ModelConfig
-from ryzen_jax.engine.generate import GenerationResult, Generator
+from ryzen_jax.engine.embed import Encoder
+from ryzen_jax.engine.generate import (Completion, GenerationResult, Generator, Request, StreamDelta,
+                                      resolve_max_seq_len)
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.sharding import ShardingError, TensorParallelConfig
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model on its mesh, with its tokenizer and the generator that runs it."""
+    """A model on its mesh, with its tokenizer and what runs it: the generator of a
+    generative model, or the encoder of an encoder-only one (BERT)."""
 
     config: ModelConfig
     tp: TensorParallelConfig
-    generator: Generator
+    generator: Generator | None
     tokenizer: Any
     load_s: float
     path: str
     bytes_read: int  # checkpoint bytes this process read (its own slices only)
+    encoder: Encoder | None = None
 
 
 def default_dtype() -> str:
@@ -62,10 +69,14 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | None = None,
-               progress: bool = True) -> LoadedModel:
+               max_seq_len: int | None = None, warmup: bool = False, progress: bool = True) -> LoadedModel:
     """Load an HF directory or a converted checkpoint onto a (dp × tp) mesh.
 
-    ``tp`` defaults to the largest split of the visible devices that the model allows.
+    ``tp`` defaults to the largest split of the visible devices that the model allows;
+    ``dtype`` to bfloat16 on accelerators and float32 on CPU. ``max_seq_len`` bounds
+    prompt + generated tokens (default: the model's context, at most 2048) and fixes
+    the cache size. ``warmup`` compiles every prompt-length bucket at batch 1 now, so
+    no single request compiles later.
     """
     tokenizer = load_tokenizer(path)  # before the clock: load_s measures the weights
     t0 = time.perf_counter()
@@ -78,29 +89,72 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     # An unsplittable model or too few devices fails here, before the loader reads a weight.
     tp_cfg.validate(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
     _ = tp_cfg.mesh
+    resolve_max_seq_len(cfg, max_seq_len)
     model = loader.load(tp_cfg, jnp.dtype(dtype or default_dtype()))
-    generator = Generator(model, tp_cfg)
+    encoder = Encoder(model, tp_cfg) if cfg.is_encoder else None  # encoder-only: embeddings, no generation
+    generator = None if encoder else Generator(model, tp_cfg, tokenizer=tokenizer, max_seq_len=max_seq_len)
+    if warmup and generator is not None:
+        generator.warmup()
     return LoadedModel(config=cfg, tp=tp_cfg, generator=generator, tokenizer=tokenizer,
-                       load_s=time.perf_counter() - t0, path=path, bytes_read=loader.bytes_read)
+                       load_s=time.perf_counter() - t0, path=path, bytes_read=loader.bytes_read, encoder=encoder)
 
 
 def encode(lm: LoadedModel, text: str) -> list[int]:
+    """Token ids of ``text`` with the model's tokenizer (special tokens as the tokenizer adds them)."""
     if lm.tokenizer is None:
         raise ValueError(f"{lm.path} has no tokenizer: pass token ids instead of text")
     return list(lm.tokenizer(text)["input_ids"])
 
 
-def generate(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
-             sampling: SamplingParams = SamplingParams(), return_result: bool = False):
-    """Generate for a batch of prompts (strings, or token-id lists).
-
-    Returns one dict per prompt: ``prompt_ids``, ``generated_ids`` and ``text`` (the
-    decoded continuation). With ``return_result`` also the GenerationResult (timings).
-    """
+def requests(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+             sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), stop: Sequence[str] = (),
+             stop_token_ids: Sequence[int] | None = None) -> list[Request]:
+    """The engine Requests for prompts (strings are tokenized), as ``generate`` builds them."""
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
+        raise TypeError("prompts must be a list of strings or of token-id lists; wrap a single prompt in a list")
     ids = [encode(lm, p) if isinstance(p, str) else list(p) for p in prompts]
-    result: GenerationResult = lm.generator.generate(ids, max_new_tokens, sampling)
-    outs = []
-    for p, g in zip(result.prompt_ids, result.generated_ids):
-        text = lm.tokenizer.decode(g, skip_special_tokens=True) if lm.tokenizer is not None else None
-        outs.append({"prompt_ids": p, "generated_ids": g, "text": text})
-    return (outs, result) if return_result else outs
+    return lm.generator.requests(ids, max_new_tokens, sampling, stop_token_ids=stop_token_ids or (), stop=stop)
+
+
+def generate(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+             sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), stop: Sequence[str] = (),
+             stop_token_ids: Sequence[int] | None = None, return_result: bool = False):
+    """Generate for a batch of prompts (strings, or token-id lists), each with its own
+    SamplingParams if a list is given. Stops at the model's EOS ids, at
+    ``stop_token_ids`` (in addition to EOS) and at ``stop`` strings (text cut before).
+
+    Returns one Completion per prompt (``prompt_ids``, ``generated_ids``, ``text``,
+    ``finish_reason``); with ``return_result`` also the GenerationResult (timings).
+    """
+    result: GenerationResult = GenerationResult(completions=[])
+    batch = requests(lm, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+                     stop_token_ids=stop_token_ids)
+    for _ in lm.generator.run(batch, stats=result):
+        pass
+    return (result.completions, result) if return_result else result.completions
+
+
+def stream(lm: LoadedModel, prompt: str | Sequence[int], *, max_new_tokens: int = 32,
+           sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
+           stop_token_ids: Sequence[int] | None = None) -> Iterator[StreamDelta]:
+    """Stream one request: yields a StreamDelta (new token ids and text) per generated
+    token. The text deltas never split a character and join to the final text."""
+    one = requests(lm, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+                   stop_token_ids=stop_token_ids)
+    for deltas in lm.generator.run(one, steps_per_dispatch=1):
+        yield from deltas
+
+
+def embed(lm: LoadedModel, texts: Sequence[str] | Sequence[Sequence[int]], *, pooling: str = "mean",
+          normalize: bool = False) -> np.ndarray:
+    """One embedding per text (strings, tokenized with the model's tokenizer, or
+    token-id lists) from an encoder-only model: (N, hidden) float32. ``pooling="mean"``
+    averages the last hidden states of the real tokens, ``"cls"`` takes the first
+    token's; ``normalize`` scales each to unit length."""
+    if lm.encoder is None:
+        raise ValueError(f"{lm.config.model_type} is not an encoder-only model: embed() needs one (e.g. BERT); "
+                         "use generate() for generative models")
+    if isinstance(texts, str) or (len(texts) and isinstance(texts[0], int)):
+        raise TypeError("texts must be a list of strings or of token-id lists; wrap a single text in a list")
+    ids = [encode(lm, t) if isinstance(t, str) else list(t) for t in texts]
+    return lm.encoder.embed(ids, pooling=pooling, normalize=normalize)

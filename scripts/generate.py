@@ -3,14 +3,16 @@
 
     python scripts/generate.py                                   # the built-in demo model
     python scripts/generate.py --model DIR --prompt "Hello" --max-new-tokens 64 --tp 4 --json
+    python scripts/generate.py --model DIR --prompt "Once" --temperature 0.8 --top-p 0.95 --stop "\n" --stream
 
 DIR is a Hugging Face model directory (safetensors) or a checkpoint written by
-scripts/convert_hf.py. Greedy unless --temperature > 0.
+scripts/convert_hf.py (decoder-only or T5). Greedy unless --temperature > 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,8 +37,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="default: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    ap.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    ap.add_argument("--seed", type=int, default=None, help="default: a fresh seed per run")
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text is cut before it")
+    ap.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="prompt + new tokens per sequence; sizes the cache (default: model context, at most 2048)")
+    ap.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return ap.parse_args(argv)
 
@@ -52,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     try:
-        sampling = rj.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        sampling = rj.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -65,27 +75,54 @@ def main(argv: list[str] | None = None) -> int:
             "(Llama architecture, RANDOM weights: the text is gibberish; pass --model DIR for a real one)")
     if jax.default_backend() == "cpu":
         say(f"no accelerator found: running on {len(jax.devices())} simulated CPU devices")
+    main_process = jax.process_index() == 0
+    show = print if main_process and not args.json else (lambda *a, **k: None)
+    prompts = args.prompt or DEFAULT_PROMPTS
+    options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
+                   stop_token_ids=args.stop_token_id)
     try:
-        lm = rj.load_model(model_dir, tp=args.tp, dp=args.dp, dtype=args.dtype)
+        lm = rj.load_model(model_dir, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
         say(f"loaded {lm.config.model_type} in {lm.load_s:.1f}s on mesh data={lm.tp.dp_size} x model={lm.tp.tp_size} "
             f"({jax.default_backend()}, {lm.generator.dtype})")
-        prompts = args.prompt or DEFAULT_PROMPTS
-        outs, res = rj.generate(lm, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, return_result=True)
+        # Check every request and compile its shapes before the clock starts.
+        ids = [rj.api.encode(lm, p) for p in prompts]
+        batches = [[i] for i in ids] if args.stream else [ids]
+        for batch in batches:
+            lm.generator.check(rj.api.requests(lm, batch, **options))
+        compile_s = sum(lm.generator.warmup([len(b)], [max(len(p) for p in b)]) for b in batches)
+        if args.stream:
+            outs, results = [], []
+            for prompt, p_ids in zip(prompts, ids):
+                show(f"\n>>> {prompt}")
+                res = rj.GenerationResult(completions=[])
+                for deltas in lm.generator.run(rj.api.requests(lm, [p_ids], **options), steps_per_dispatch=1,
+                                               stats=res):
+                    for d in deltas:
+                        show(d.text, end="", flush=True)
+                show()
+                outs += res.completions
+                results.append(res)
+        else:
+            outs, res = rj.generate(lm, ids, **options, return_result=True)
+            results = [res]
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if jax.process_index() != 0:
+    if not main_process:
         return 0
-    timings = {"load_s": round(lm.load_s, 3), "compile_s": round(res.compile_s, 3),
-               "time_to_first_token_s": round(res.ttft_s, 4),
-               "decode_tokens_per_s": round(res.decode_tokens_per_s, 1)}
+    decode_s = sum(r.decode_s for r in results)
+    timings = {"load_s": round(lm.load_s, 3), "compile_s": round(compile_s, 3),
+               "time_to_first_token_s": round(results[0].ttft_s, 4),
+               "decode_tokens_per_s": round(sum(r.decode_tokens for r in results) / decode_s, 1) if decode_s else 0.0}
     if args.json:
-        print(json.dumps({"model": model_dir, "tp": lm.tp.tp_size, "dp": lm.tp.dp_size,
-                          "dtype": str(lm.generator.dtype), "outputs": [dict(o, prompt=p) for o, p in zip(outs, prompts)],
+        outputs = [dict(dataclasses.asdict(o), prompt=p) for o, p in zip(outs, prompts)]
+        print(json.dumps({"model": model_dir, "model_type": lm.config.model_type, "tp": lm.tp.tp_size,
+                          "dp": lm.tp.dp_size, "dtype": str(lm.generator.dtype), "outputs": outputs,
                           "timings": timings}))
     else:
-        for p, o in zip(prompts, outs):
-            print(f"\n>>> {p}\n{o['text']}")
+        if not args.stream:
+            for p, o in zip(prompts, outs):
+                print(f"\n>>> {p}\n{o.text}")
         print("\n" + ", ".join(f"{k}={v}" for k, v in timings.items()))
     return 0
 

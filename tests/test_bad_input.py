@@ -334,6 +334,13 @@ def test_max_new_tokens_not_positive(lm, n):
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"min_p": -0.1}, "min_p"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": -2.0}, "repetition_penalty"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**32}, "seed"),
 ])
 def test_bad_sampling_params(kwargs, name):
     with pytest.raises(ValueError) as e:
@@ -342,6 +349,34 @@ def test_bad_sampling_params(kwargs, name):
     assert name in msg
     value = next(iter(kwargs.values()))
     assert str(value) in msg
+
+
+def test_token_id_outside_vocabulary(lm):
+    before = lm.generator.compile_count
+    with pytest.raises(ValueError, match=r"token id 300 is outside the vocabulary \[0, 256\)"):
+        lm.generator.generate([[5, 300]], 4)
+    assert lm.generator.compile_count == before
+
+
+def test_stop_strings_without_tokenizer(lm):
+    assert lm.tokenizer is None
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        lm.generator.generate([[5, 6]], 4, stop=["x"])
+
+
+def test_too_many_stop_ids(lm):
+    with pytest.raises(ValueError, match="at most 16 stop token ids"):
+        lm.generator.generate([[5, 6]], 4, stop_ids=list(range(20)))
+
+
+def test_max_seq_len_beyond_context(gqa_dir):
+    with pytest.raises(ValueError, match=r"max_seq_len must be in \[2, 256\]"):
+        rj.load_model(gqa_dir, tp=2, max_seq_len=1000, progress=False)
+
+
+def test_text_prompt_not_in_a_list(lm):
+    with pytest.raises(TypeError, match="wrap a single prompt in a list"):
+        rj.generate(lm, [5, 6, 7])
 
 
 def test_generate_script_bad_temperature(gqa_dir):

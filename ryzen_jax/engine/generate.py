@@ -1,21 +1,28 @@
-"""Prefill and decode on the mesh, and the generation loop over them.
+"""The generation engine: requests in, tokens and text out, on a fixed set of
+compiled programs.
 
-Two compiled programs run on the devices:
+Two programs run on the devices, both compiled ahead of time and kept:
 
-* ``prefill`` — one per power-of-two prompt-length bucket: runs the padded prompts,
-  fills a fresh KV cache and picks each row's first new token;
-* ``decode`` — one per (batch, cache length): feeds one token per row, updates the
-  donated cache in place and picks the next token.
+* ``prefill`` — one per (batch, prompt-length bucket): runs the right-padded
+  prompts, creates the cache (``max_seq_len`` positions, born sharded) and picks each
+  row's first token;
+* ``decode`` — one per batch size: a ``while_loop`` of up to ``DECODE_CHUNK`` decode
+  steps (the count is a traced argument), each feeding one token per row into the
+  donated cache, sampling the next and applying EOS / stop ids / ``max_new_tokens``
+  on the device. The host looks at the tokens once per dispatch; streaming asks for
+  one step per dispatch, plain generation for a whole chunk.
 
-Both are compiled ahead of time (``jit(...).lower(...).compile()``) and kept, so the
-compile time is measured apart from run time and never paid twice for one shape.
+Prompt lengths are bucketed to powers of two and batches to powers of two (× dp),
+the cache length is fixed per engine, and every sampling setting is a traced array,
+so after ``warmup`` no request inside those buckets compiles anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +32,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, sample
+from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
 
 MIN_BUCKET = 16
-#: decode steps dispatched between two looks at the tokens (for stop ids): the host
-#: fetches the tokens of these steps in one transfer instead of one round trip per token
-SYNC_EVERY = 8
+#: most decode steps one dispatch runs (the non-streaming path asks for all of them)
+DECODE_CHUNK = 32
+#: most stop token ids per request (EOS ids included); the array is fixed-size so it never recompiles
+MAX_STOP_IDS = 16
 
 
 def fetch(arrays: list[jax.Array]) -> list[np.ndarray]:
@@ -46,56 +55,197 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
+def resolve_max_seq_len(cfg: Any, max_seq_len: int | None) -> int:
+    """The cache length: ``max_seq_len`` if it fits the model's context, else an error;
+    by default the context, capped at 2048."""
+    context = cfg.max_position_embeddings
+    if max_seq_len is None:
+        return min(context, 2048)
+    if not (isinstance(max_seq_len, (int, np.integer)) and 1 < max_seq_len <= context):
+        raise ValueError(f"max_seq_len must be in [2, {context}] (the model's context), got {max_seq_len}")
+    return int(max_seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt and how to continue it.
+
+    Generation stops at the first of: an EOS id of the model (unless ``ignore_eos``),
+    one of ``stop_token_ids`` (both kept in ``generated_ids``), a ``stop`` string (the
+    text is cut before it), or ``max_new_tokens``.
+    """
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int = 32
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass
+class Completion:
+    """What one request produced. ``finish_reason``: "stop" (EOS, stop id or stop
+    string) or "length" (max_new_tokens)."""
+
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str | None
+    finish_reason: str
+
+
+@dataclasses.dataclass
+class StreamDelta:
+    """New output of request ``index`` since the previous delta; ``text`` never splits
+    a character, and the deltas of a request concatenate to its final text."""
+
+    index: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None = None  # set on the request's last delta
+
+
 @dataclasses.dataclass
 class GenerationResult:
-    prompt_ids: list[list[int]]
-    generated_ids: list[list[int]]
-    compile_s: float = 0.0
+    completions: list[Completion]
+    compile_s: float = 0.0  # compiled during this call (0 after warm-up)
     ttft_s: float = 0.0  # prefill + first token, compile excluded
     decode_s: float = 0.0
-    decode_tokens: int = 0
+    decode_tokens: int = 0  # tokens produced by decode steps, over all requests
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        return [c.prompt_ids for c in self.completions]
+
+    @property
+    def generated_ids(self) -> list[list[int]]:
+        return [c.generated_ids for c in self.completions]
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
-class Generator:
-    """Runs a loaded model on its mesh: batched prefill, then token-by-token decode."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Per-row generation state, kept on the device between dispatches."""
 
-    def __init__(self, model: nnx.Module, tp: TensorParallelConfig):
+    tokens: jax.Array  # (B,) last sampled token: the input of the next step
+    positions: jax.Array  # (B,) where that token is written in the cache
+    index: jax.Array  # (B,) tokens generated so far (keys the next random draw)
+    max_new: jax.Array  # (B,)
+    done: jax.Array  # (B,) bool
+    seen: jax.Array  # (B, V) bool: tokens in the sequence, for the repetition penalty
+    stop_ids: jax.Array  # (B, MAX_STOP_IDS), -1 = unused
+
+
+def _pin(d: DecodeState, tp: TensorParallelConfig) -> DecodeState:
+    """Every field split by rows over ``data``, like the batch it describes."""
+    return jax.tree.map(lambda x: tp.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), d)
+
+
+def _advance(d: DecodeState, tok: jax.Array) -> tuple[jax.Array, DecodeState]:
+    """Take each live row's new token: count it, mark it seen, and finish rows that hit
+    a stop id or their budget. Returns the tokens to report (-1 for finished rows)."""
+    live = ~d.done
+    tok = jnp.where(live, tok, d.tokens)
+    index = d.index + live
+    stopped = jnp.any(tok[:, None] == d.stop_ids, axis=1)
+    seen = d.seen | (live[:, None] & (jnp.arange(d.seen.shape[1]) == tok[:, None]))
+    new = dataclasses.replace(d, tokens=tok, index=index, seen=seen,
+                              done=d.done | (live & (stopped | (index >= d.max_new))))
+    return jnp.where(live, tok, -1), new
+
+
+@dataclasses.dataclass
+class _Row:
+    """Host-side bookkeeping of one request while it runs."""
+
+    request: Request
+    stop_ids: set[int]
+    text: TextTracker | None
+    generated: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    stop_device: bool = False  # ended by a stop string: the device still thinks it is live
+
+
+class Generator:
+    """Runs a loaded model on its mesh: batched prefill, then chunks of decode steps.
+
+    ``max_seq_len`` (prompt + generated tokens per row; default: the model's context,
+    capped at 2048) fixes the cache length, so decode compiles once per batch size.
+    ``tokenizer`` (optional) enables text output and stop strings.
+    """
+
+    def __init__(self, model: nnx.Module, tp: TensorParallelConfig, *, tokenizer: Any = None,
+                 max_seq_len: int | None = None, seed: int | None = None):
         self.cfg = model.cfg
         self.tp = tp
+        self.tokenizer = tokenizer
         self.graphdef, self.state = nnx.split(model)
         self.dtype = jax.tree.leaves(self.state)[0].dtype
         self.kv_heads = tp.kv_heads(self.cfg.num_kv_heads)
+        self.encoder_decoder = bool(getattr(self.cfg, "is_encoder_decoder", False))
+        self.max_seq_len = resolve_max_seq_len(self.cfg, max_seq_len)
         self._compiled: dict[tuple, Any] = {}
         self.compile_count = 0
         self.compile_s = 0.0
+        # Seeds for requests that give none: identical on every process (SPMD), fresh per run.
+        if seed is None:
+            seed = 0 if jax.process_count() > 1 else int.from_bytes(os.urandom(4), "little")
+        self._seeds = np.random.default_rng(seed)
 
-        graphdef = self.graphdef
+        graphdef, max_len, enc_dec = self.graphdef, self.max_seq_len, self.encoder_decoder
+        start_token = getattr(self.cfg, "decoder_start_token_id", None) or 0
 
         def gathered(logits):
             # The LM head's one all-gather: vocab-sharded logits → whole rows, so that
             # sampling (sort, cumsum, argmax) runs locally instead of as many collectives.
             return tp.constrain(logits, ("batch", None))
 
-        def prefill(state, tokens, lengths, sampling, max_len):
+        def prefill(state, tokens, lengths, s, max_new, stop_ids):
             model = nnx.merge(graphdef, state)
             logits, cache, positions = model.prefill(tokens, lengths, max_len)
-            return sample(gathered(logits), sampling, jnp.int32(0)), cache, positions
+            logits = gathered(logits)
+            b, v = logits.shape
+            if enc_dec:  # the decoder's sequence so far is its start token
+                seen = jnp.arange(v)[None, :] == start_token
+            else:
+                valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+                seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.where(valid, tokens, v)].set(
+                    True, mode="drop")
+            seen = tp.constrain(jnp.broadcast_to(seen, (b, v)), ("batch", None))
+            d = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=positions, index=jnp.zeros((b,), jnp.int32),
+                            max_new=max_new, done=jnp.zeros((b,), bool), seen=seen, stop_ids=stop_ids)
+            first, d = _advance(_pin(d, tp), sample(logits, s, seen, d.index))
+            return first, _pin(d, tp), cache
 
-        def decode(state, cache, tokens, positions, sampling, step):
+        def decode(state, cache, d, s, n_steps):
             model = nnx.merge(graphdef, state)
-            logits, cache = model.decode(tokens, positions, cache)
-            return sample(gathered(logits), sampling, step), cache, positions + 1
+            out = jnp.full((d.tokens.shape[0], DECODE_CHUNK), -1, jnp.int32)
 
-        self._prefill = jax.jit(prefill, static_argnums=(4,))
-        self._decode = jax.jit(decode, donate_argnums=(1,))
+            def cond(carry):
+                i, d, _, _ = carry
+                return (i < n_steps) & ~jnp.all(d.done)
+
+            def body(carry):
+                i, d, cache, out = carry
+                logits, cache = model.decode(d.tokens, d.positions, cache)
+                # finished rows stay put (they rewrite their last slot, harmlessly)
+                d = dataclasses.replace(d, positions=d.positions + ~d.done)
+                tok, d = _advance(d, sample(gathered(logits), s, d.seen, d.index))
+                return i + 1, _pin(d, tp), cache, out.at[:, i].set(tok)
+
+            _, d, cache, out = jax.lax.while_loop(cond, body, (jnp.int32(0), d, cache, out))
+            return out, d, cache
+
+        self._prefill = jax.jit(prefill)
+        self._decode_fn = decode
 
     # -- compiled programs ------------------------------------------------------------
     def _get(self, name: str, fn: Callable, *args):
-        key = (name,) + tuple((a.shape, str(a.dtype)) if hasattr(a, "shape") else a for a in jax.tree.leaves(args[1:]))
+        key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:]))
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
@@ -105,95 +255,192 @@ class Generator:
             self._compiled[key] = exe
         return exe
 
-    def _batch_sharding(self, ndim: int) -> NamedSharding:
+    def _put(self, x: np.ndarray) -> jax.Array:
+        """A host array of per-row values, placed with its rows split over ``data``."""
+        return jax.device_put(x, self._rows(x.ndim))
+
+    def _rows(self, ndim: int) -> NamedSharding:
         return NamedSharding(self.tp.mesh, P("data", *([None] * (ndim - 1))))
 
-    def _abstract_cache(self, batch: int, max_len: int):
-        """The cache prefill would create for this shape (shapes and shardings only)."""
-        toks = jax.ShapeDtypeStruct((batch, MIN_BUCKET), jnp.int32)
-        lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
-        s = SamplingArrays.from_params([SamplingParams()] * batch)
-        return self._prefill.eval_shape(self.state, toks, lens, s, max_len)[1]
+    def _abstract_prefill_inputs(self, batch: int, length: int):
+        def rows(shape, dtype=jnp.int32):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=self._rows(len(shape)))
 
-    def decode_program(self, batch: int, max_len: int):
-        """The compiled decode step for this shape (for inspection: HLO, memory, FLOPs)."""
-        cache = self._abstract_cache(batch, max_len)
-        toks = jnp.zeros((batch,), jnp.int32)
-        s = SamplingArrays.from_params([SamplingParams()] * batch)
-        return self._get("decode", self._decode, self.state, cache, toks, toks, s, jnp.int32(1))
+        s = SamplingArrays.from_params([SamplingParams()] * batch, [0] * batch)
+        s = jax.tree.map(lambda a: rows(a.shape, a.dtype), s)
+        return (self.state, rows((batch, length)), rows((batch,)), s, rows((batch,)), rows((batch, MAX_STOP_IDS)))
 
-    # -- generation -------------------------------------------------------------------
-    def check_fits(self, prompt_lens: Sequence[int], max_new_tokens: int) -> None:
-        """Raise before any device work when a request cannot fit the model's context."""
-        limit = self.cfg.max_position_embeddings
-        if not prompt_lens:
+    def prefill_program(self, batch: int, length: int):
+        """The compiled prefill for (batch, prompt bucket) — compiled on first use."""
+        return self._get("prefill", self._prefill, *self._abstract_prefill_inputs(batch, length))
+
+    def decode_program(self, batch: int):
+        """The compiled decode chunk for this batch size (also for inspection: HLO text,
+        memory and cost analyses)."""
+        args = self._abstract_prefill_inputs(batch, MIN_BUCKET)
+        # the decode state and cache exactly as prefill leaves them (shapes and placements)
+        shapes = self._prefill.eval_shape(*args)
+        placed = self.prefill_program(batch, MIN_BUCKET).output_shardings
+        _, d, cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, placed)
+        # state and cache leave each chunk placed as they came in, ready for the next
+        fn = jax.jit(self._decode_fn, donate_argnums=(1, 2), out_shardings=(self._rows(2), placed[1], placed[2]))
+        return self._get("decode", fn, self.state, cache, d, args[3], jax.ShapeDtypeStruct((), jnp.int32))
+
+    def batch_size(self, n: int) -> int:
+        """Rows a batch of n requests runs with: a power of two, a multiple of dp."""
+        dp = self.tp.dp_size
+        return dp * bucket(-(-n // dp), 1)
+
+    def prompt_buckets(self) -> list[int]:
+        """Every prompt-length bucket up to the cache length."""
+        out, b = [], MIN_BUCKET
+        while b < self.max_seq_len:
+            out.append(b)
+            b *= 2
+        return out + [bucket(self.max_seq_len)]
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_buckets: Sequence[int] | None = None) -> float:
+        """Compile prefill for every (batch, prompt bucket) and decode for every batch,
+        so that requests inside them never compile. Returns the seconds spent."""
+        before = self.compile_s
+        for n in batch_sizes:
+            b = self.batch_size(n)
+            for length in prompt_buckets or self.prompt_buckets():
+                self.prefill_program(b, bucket(length))
+            self.decode_program(b)
+        return self.compile_s - before
+
+    # -- requests -----------------------------------------------------------------
+    def check(self, requests: Sequence[Request]) -> None:
+        """Raise before any device work when a request cannot run."""
+        if not requests:
             raise ValueError("no prompts given: pass at least one prompt")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        for n in prompt_lens:
+        limit = self.max_seq_len
+        for r in requests:
+            n, new = len(r.prompt_ids), r.max_new_tokens
+            if not isinstance(new, (int, np.integer)) or new < 1:
+                raise ValueError(f"max_new_tokens must be an integer >= 1, got {new!r}")
             if n < 1:
                 raise ValueError("empty prompt: give at least one token")
-            if n + max_new_tokens > limit:
+            total = max(n, new + 1) if self.encoder_decoder else n + new
+            if total > limit:
                 raise ValueError(
-                    f"prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of "
-                    f"{limit} positions; shorten the prompt or lower max_new_tokens"
-                )
+                    f"prompt of {n} tokens + max_new_tokens={new} exceeds the {limit} positions this engine holds "
+                    f"(model context {self.cfg.max_position_embeddings}); shorten the prompt or lower max_new_tokens")
+            bad = [t for t in r.prompt_ids if not 0 <= int(t) < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            stops = self._stop_ids(r)
+            if len(stops) > MAX_STOP_IDS:
+                raise ValueError(f"at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(stops)}")
+            if r.stop and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer: the model directory has none; use stop_token_ids")
+
+    def _stop_ids(self, r: Request) -> list[int]:
+        eos = () if r.ignore_eos else self.cfg.eos_token_ids
+        return sorted({int(t) for t in (*eos, *r.stop_token_ids)})
+
+    def run(self, requests: Sequence[Request], *, steps_per_dispatch: int = DECODE_CHUNK,
+            stats: GenerationResult | None = None) -> Iterator[list[StreamDelta]]:
+        """Run a batch of requests to completion, yielding after every dispatch the
+        deltas of the requests that produced something. ``stats`` (optional) receives
+        the completions and timings."""
+        self.check(requests)
+        if not 1 <= steps_per_dispatch <= DECODE_CHUNK:
+            raise ValueError(f"steps_per_dispatch must be in [1, {DECODE_CHUNK}], got {steps_per_dispatch}")
+        n = len(requests)
+        batch = self.batch_size(n)
+        padded = list(requests) + [dataclasses.replace(requests[0], max_new_tokens=1)] * (batch - n)
+        length = bucket(max(len(r.prompt_ids) for r in padded))
+        tokens = np.zeros((batch, length), np.int32)
+        stop_ids = np.full((batch, MAX_STOP_IDS), -1, np.int32)
+        for i, r in enumerate(padded):
+            tokens[i, : len(r.prompt_ids)] = r.prompt_ids
+            ids = self._stop_ids(r)
+            stop_ids[i, : len(ids)] = ids
+        seeds = [r.sampling.seed if r.sampling.seed is not None else int(self._seeds.integers(2**32)) for r in padded]
+        s = jax.tree.map(self._put, SamplingArrays.from_params([r.sampling for r in padded], seeds))
+        args = (self.state, self._put(tokens), self._put(np.asarray([len(r.prompt_ids) for r in padded], np.int32)), s,
+                self._put(np.asarray([r.max_new_tokens for r in padded], np.int32)), self._put(stop_ids))
+        rows = [_Row(r, set(self._stop_ids(r)), TextTracker(self.tokenizer, r.prompt_ids, r.stop)
+                     if self.tokenizer is not None else None) for r in requests]
+        compile_before = self.compile_s
+        prefill = self.prefill_program(batch, length)
+        decode = self.decode_program(batch)
+
+        t0 = time.perf_counter()
+        first, d, cache = prefill(*args)
+        (first,) = fetch([first])
+        ttft = time.perf_counter() - t0
+        yield self._take(rows, first[:, None])
+
+        t1, decoded = time.perf_counter(), 0
+        n_steps = jnp.int32(steps_per_dispatch)
+        pending = None
+        while not all(row.finish_reason for row in rows):
+            if any(row.stop_device for row in rows):  # rows ended by a stop string: stop them on the device too
+                (done,) = fetch([d.done])
+                for i, row in enumerate(rows):
+                    if row.stop_device:
+                        done[i], row.stop_device = True, False
+                d = dataclasses.replace(d, done=jax.device_put(done, d.done.sharding))
+            out, d, cache = decode(self.state, cache, d, s, n_steps)
+            if steps_per_dispatch == DECODE_CHUNK and pending is None:
+                pending = out  # run one chunk ahead: the host reads chunk k while the device runs k + 1
+                continue
+            if pending is not None:
+                out, pending = pending, out
+            (host,) = fetch([out])
+            decoded += int((host[:n] >= 0).sum())
+            yield self._take(rows, host)
+        if stats is not None:
+            stats.completions = [Completion(list(map(int, r.request.prompt_ids)), r.generated,
+                                            r.text.text if r.text else None, r.finish_reason) for r in rows]
+            stats.compile_s = self.compile_s - compile_before
+            stats.ttft_s, stats.decode_s, stats.decode_tokens = ttft, time.perf_counter() - t1, decoded
+
+    def _take(self, rows: list[_Row], tokens: np.ndarray) -> list[StreamDelta]:
+        """Fold a dispatch's tokens (B, steps; -1 = none) into the rows, token by token
+        (a stop string may end a row mid-chunk); return the deltas."""
+        deltas = []
+        for i, row in enumerate(rows):
+            new, text = [], ""
+            for t in map(int, tokens[i]):
+                if row.finish_reason or t < 0:
+                    break
+                new.append(t)
+                row.generated.append(t)
+                ended = t in row.stop_ids or len(row.generated) >= row.request.max_new_tokens
+                if row.text is not None:
+                    text += row.text.push([t], final=ended)
+                if row.text is not None and row.text.stopped:
+                    row.finish_reason, row.stop_device = "stop", True
+                elif ended:
+                    row.finish_reason = "stop" if t in row.stop_ids else "length"
+            if new:
+                deltas.append(StreamDelta(i, new, text if row.text is not None else None, row.finish_reason))
+        return deltas
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                  sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-                 stop_ids: Sequence[int] | None = None) -> GenerationResult:
-        """Generate for a batch of token-id prompts; a row stops at a stop id (kept) or
-        after ``max_new_tokens``."""
-        prompts = [list(map(int, p)) for p in prompts]
-        self.check_fits([len(p) for p in prompts], max_new_tokens)
-        params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-        stop = set(self.cfg.eos_token_ids if stop_ids is None else stop_ids)
+                 stop_ids: Sequence[int] | None = None, stop: Sequence[str] = ()) -> GenerationResult:
+        """Generate for a batch of token-id prompts, many decode steps per dispatch.
+        ``stop_ids=None`` stops at the model's EOS ids; a list replaces them."""
+        requests = self.requests(prompts, max_new_tokens, sampling, stop_token_ids=stop_ids or (), stop=stop,
+                                 ignore_eos=stop_ids is not None)
+        result = GenerationResult(completions=[])
+        for _ in self.run(requests, stats=result):
+            pass
+        return result
 
-        n = len(prompts)
-        dp = self.tp.dp_size
-        batch = -(-n // dp) * dp  # pad the batch to a multiple of dp with copies of row 0
-        rows = prompts + [prompts[0]] * (batch - n)
-        params = params + [params[0]] * (batch - n)
-        t_len = bucket(max(len(p) for p in rows))
-        max_len = min(bucket(t_len + max_new_tokens, 64), max(self.cfg.max_position_embeddings, t_len))
-
-        tokens = np.zeros((batch, t_len), np.int32)
-        for i, p in enumerate(rows):
-            tokens[i, : len(p)] = p
-        lengths = np.array([len(p) for p in rows], np.int32)
-        put = lambda x: jax.device_put(x, self._batch_sharding(x.ndim))
-        tokens, lengths_d = put(tokens), put(lengths)
-        s = jax.device_put(SamplingArrays.from_params(params), self._batch_sharding(1))
-        compile_before = self.compile_s
-
-        prefill = self._get("prefill", self._prefill, self.state, tokens, lengths_d, s, max_len)
-        decode = self._get("decode", self._decode, self.state, self._abstract_cache(batch, max_len),
-                           lengths_d, lengths_d, s, jnp.int32(1))
-
-        t0 = time.perf_counter()
-        nxt, cache, positions = prefill(self.state, tokens, lengths_d, s)
-        (first,) = fetch([nxt])
-        ttft = time.perf_counter() - t0
-
-        out = [[int(t)] for t in first]
-        done = np.array([t in stop for t in first])
-        t1 = time.perf_counter()
-        steps, pending = 0, []
-        for step in range(1, max_new_tokens):
-            if done.all():
-                break
-            nxt, cache, positions = decode(self.state, cache, nxt, positions, s, jnp.int32(step))
-            steps += 1
-            pending.append(nxt)
-            if len(pending) == SYNC_EVERY or step == max_new_tokens - 1:
-                for host in fetch(pending):
-                    for i, t in enumerate(host):
-                        if not done[i]:
-                            out[i].append(int(t))
-                            done[i] = int(t) in stop
-                pending = []
-        decode_s = time.perf_counter() - t1
-        return GenerationResult(
-            prompt_ids=prompts, generated_ids=out[:n], compile_s=self.compile_s - compile_before,
-            ttft_s=ttft, decode_s=decode_s, decode_tokens=steps * n,
-        )
+    @staticmethod
+    def requests(prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
+                 stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), ignore_eos: bool = False) -> list[Request]:
+        """One Request per prompt, sharing the settings (or one SamplingParams each)."""
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"got {len(sampling)} SamplingParams for {len(prompts)} prompts")
+        return [Request(list(map(int, p)), max_new_tokens, sp, tuple(stop_token_ids), tuple(stop), ignore_eos)
+                for p, sp in zip(prompts, sampling)]

@@ -1,8 +1,10 @@
-"""Token selection on the device: greedy, temperature, top-k and top-p, one row at a time.
+"""Token selection on the device: repetition penalty, temperature, top-k, top-p and
+min-p, applied in Hugging Face's order, one row at a time.
 
 Every setting is a traced array (one value per batch row), so changing it never
-recompiles. Each row draws from its own key, ``fold_in(key(seed), step)``, made on
-the device: the same seed gives the same tokens whatever the batch or the mesh.
+recompiles and each request in a batch keeps its own settings. Each row draws from
+its own key, ``fold_in(key(seed), i)`` for its i-th generated token, made on the
+device: the same seed gives the same tokens whatever the batch, the slot or the mesh.
 """
 
 from __future__ import annotations
@@ -14,27 +16,46 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class SamplingError(ValueError):
+    """A sampling setting out of its range."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. ``temperature == 0`` is greedy (argmax).
+    """How to pick each next token (the knobs of transformers' ``generate`` / vLLM).
 
-    ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    ``temperature == 0`` is greedy (argmax, after the repetition penalty).
+    ``top_k == 0``, ``top_p == 1``, ``min_p == 0`` and ``repetition_penalty == 1``
+    switch those off. ``seed=None`` draws a fresh seed per request.
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        def bad(name: str, rng: str):
+            raise SamplingError(f"{name} must be {rng}, got {getattr(self, name)!r}")
+
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+            bad("temperature", "a finite number >= 0 (0 = greedy)")
+        if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
+            bad("top_k", "an integer >= 0 (0 = off)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad("top_p", "in (0, 1] (1 = off)")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            bad("min_p", "in [0, 1] (0 = off)")
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty < float("inf")):
+            bad("repetition_penalty", "a finite number > 0 (1 = off)")
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**32):
+            bad("seed", "an integer in [0, 2**32) or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 @jax.tree_util.register_dataclass
@@ -45,35 +66,57 @@ class SamplingArrays:
     temperature: jax.Array  # (B,) float32
     top_k: jax.Array  # (B,) int32
     top_p: jax.Array  # (B,) float32
+    min_p: jax.Array  # (B,) float32
+    penalty: jax.Array  # (B,) float32
     seed: jax.Array  # (B,) uint32
 
     @classmethod
-    def from_params(cls, params: list[SamplingParams]) -> "SamplingArrays":
-        return cls(
-            temperature=np.asarray([p.temperature for p in params], np.float32),
-            top_k=np.asarray([p.top_k for p in params], np.int32),
-            top_p=np.asarray([p.top_p for p in params], np.float32),
-            seed=np.asarray([p.seed for p in params], np.uint32),
-        )
+    def from_params(cls, params: list[SamplingParams], seeds: list[int]) -> "SamplingArrays":
+        """``seeds``: the resolved seed of every row (``params[i].seed`` or a drawn one)."""
+        f32 = lambda name: np.asarray([getattr(p, name) for p in params], np.float32)  # noqa: E731
+        return cls(temperature=f32("temperature"), top_k=np.asarray([p.top_k for p in params], np.int32),
+                   top_p=f32("top_p"), min_p=f32("min_p"), penalty=f32("repetition_penalty"),
+                   seed=np.asarray(seeds, np.uint32))
 
 
-def _sample_row(logits: jax.Array, temperature, top_k, top_p, key) -> jax.Array:
-    greedy = jnp.argmax(logits).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
+def penalize(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """Repetition penalty (CTRL; transformers' rule): a token already in the sequence
+    has a positive logit divided by ``penalty`` and a negative one multiplied by it.
+    ``seen`` (B, V) bool; ``penalty`` (B,)."""
+    p = penalty[:, None]
+    return jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+
+
+def _filter_row(scaled: jax.Array, top_k, top_p, min_p) -> jax.Array:
+    """Logits (already divided by the temperature) with everything outside the top-k,
+    the top-p nucleus and the min-p floor set to -inf (at least one token survives)."""
     desc = jnp.sort(scaled)[::-1]
     # top-k: drop everything below the k-th largest (the same cut keeps `desc` sorted)
-    kth = desc[jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)]
-    cut_k = lambda x: jnp.where((top_k > 0) & (x < kth), -jnp.inf, x)
+    kth = desc[jnp.clip(top_k - 1, 0, scaled.shape[-1] - 1)]
+    cut_k = lambda x: jnp.where((top_k > 0) & (x < kth), -jnp.inf, x)  # noqa: E731
     scaled, desc = cut_k(scaled), cut_k(desc)
     # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p
     probs = jax.nn.softmax(desc)
     cutoff = jnp.min(jnp.where(jnp.cumsum(probs) - probs < top_p, desc, jnp.inf))
     scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
-    drawn = jax.random.categorical(key, scaled).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+    # min-p: drop tokens whose probability is below min_p × the top token's
+    floor = jnp.max(scaled) + jnp.log(jnp.maximum(min_p, 1e-30))
+    return jnp.where((min_p > 0) & (scaled < floor), -jnp.inf, scaled)
 
 
-def sample(logits: jax.Array, s: SamplingArrays, step: jax.Array) -> jax.Array:
-    """Next token per row from float32 ``logits`` (B, V); ``step`` keys the draw."""
-    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(s.seed)
-    return jax.vmap(_sample_row)(logits, s.temperature, s.top_k, s.top_p, keys)
+def filtered_logits(logits: jax.Array, s: SamplingArrays, seen: jax.Array) -> jax.Array:
+    """The logits a sampled row draws from (penalty, temperature and filters applied);
+    exposed so tests can compare the distribution with transformers' processors."""
+    logits = penalize(logits, seen, s.penalty)
+    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+    return jax.vmap(_filter_row)(scaled, s.top_k, s.top_p, s.min_p)
+
+
+def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, index: jax.Array) -> jax.Array:
+    """Next token per row from float32 ``logits`` (B, V). ``seen`` (B, V): tokens
+    already in each sequence (for the penalty); ``index`` (B,): which generated token
+    of its request each row is drawing (keys the random draw)."""
+    greedy = jnp.argmax(penalize(logits, seen, s.penalty), axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seed, index)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, s, seen)).astype(jnp.int32)
+    return jnp.where(s.temperature > 0, drawn, greedy)

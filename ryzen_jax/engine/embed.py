@@ -1,0 +1,115 @@
+"""Running an encoder-only model (BERT) on its mesh: hidden states and pooled embeddings.
+
+One program per (batch, length) shape, compiled ahead of time and kept: a batch is
+padded to a power of two rows (a multiple of dp; extra rows copy the first) and its
+token lists, right-padded, to a power-of-two length bucket. The program returns the
+last hidden states and both poolings (mean over real tokens, first token), so an
+embedding needs only (N, E) floats from the devices.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ryzen_jax.engine.generate import bucket, fetch
+from ryzen_jax.sharding import TensorParallelConfig
+
+POOLINGS = ("mean", "cls")
+
+
+class Encoder:
+    """Runs an encoder model ``model(tokens, attention_mask, token_type_ids) -> (B, T, E)``."""
+
+    def __init__(self, model: nnx.Module, tp: TensorParallelConfig):
+        self.cfg = model.cfg
+        self.tp = tp
+        self.graphdef, self.state = nnx.split(model)
+        self.dtype = jax.tree.leaves(self.state)[0].dtype
+        self._compiled: dict[tuple[int, int], Any] = {}
+        self.compile_count = 0
+        self.compile_s = 0.0
+        graphdef = self.graphdef
+
+        def encode(state, tokens, mask, types):
+            hidden = nnx.merge(graphdef, state)(tokens, mask, types)
+            real = mask.astype(jnp.float32)[:, :, None]
+            mean = jnp.sum(hidden * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
+            return hidden, mean, hidden[:, 0]
+
+        self._encode = jax.jit(encode)
+
+    def _rows(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.tp.mesh, P("data", *([None] * (ndim - 1))))
+
+    def encode_program(self, batch: int, length: int):
+        """The compiled program for (batch rows, length) — compiled on first use; also
+        for inspection (HLO text, memory and cost analyses)."""
+        key = (batch, length)
+        if key not in self._compiled:
+            arg = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=self._rows(2))
+            t0 = time.perf_counter()
+            self._compiled[key] = self._encode.lower(self.state, arg, arg, arg).compile()
+            self.compile_s += time.perf_counter() - t0
+            self.compile_count += 1
+        return self._compiled[key]
+
+    def check(self, token_id_lists: Sequence[Sequence[int]]) -> None:
+        """Raise before any device work on input the model cannot encode."""
+        limit = self.cfg.max_position_embeddings
+        if not token_id_lists:
+            raise ValueError("no inputs given: pass at least one text or token-id list")
+        for ids in token_id_lists:
+            if not len(ids):
+                raise ValueError("empty input: give at least one token")
+            if len(ids) > limit:
+                raise ValueError(f"input of {len(ids)} tokens exceeds the model's {limit} positions; shorten it")
+            bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def _run(self, token_id_lists: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]] | None):
+        """(hidden (B, T, E), mean (B, E), cls (B, E)) on the devices for the padded batch."""
+        self.check(token_id_lists)
+        n, dp = len(token_id_lists), self.tp.dp_size
+        if token_type_ids is not None and [len(t) for t in token_type_ids] != [len(t) for t in token_id_lists]:
+            raise ValueError("token_type_ids must give one id per token of each input")
+        rows = dp * bucket(-(-n // dp), 1)
+        length = min(bucket(max(len(t) for t in token_id_lists)), self.cfg.max_position_embeddings)
+        tokens, mask, types = (np.zeros((rows, length), np.int32) for _ in range(3))
+        for i in range(rows):
+            src = i if i < n else 0
+            ids = token_id_lists[src]
+            tokens[i, : len(ids)] = ids
+            mask[i, : len(ids)] = 1
+            if token_type_ids is not None:
+                types[i, : len(ids)] = token_type_ids[src]
+        program = self.encode_program(rows, length)
+        return program(self.state, *(jax.device_put(a, self._rows(2)) for a in (tokens, mask, types)))
+
+    def hidden_states(self, token_id_lists: Sequence[Sequence[int]],
+                      token_type_ids: Sequence[Sequence[int]] | None = None) -> list[np.ndarray]:
+        """The last hidden states of each input: one (len_i, E) float32 array per input."""
+        hidden, _, _ = self._run(token_id_lists, token_type_ids)
+        (host,) = fetch([hidden])
+        return [host[i, : len(ids)] for i, ids in enumerate(token_id_lists)]
+
+    def embed(self, token_id_lists: Sequence[Sequence[int]], pooling: str = "mean", normalize: bool = False,
+              token_type_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        """One vector per input, (N, E) float32: ``pooling="mean"`` averages the hidden
+        states of the real tokens, ``"cls"`` takes the first token's; ``normalize``
+        scales each to unit L2 norm."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        _, mean, cls = self._run(token_id_lists, token_type_ids)
+        (host,) = fetch([mean if pooling == "mean" else cls])
+        out = np.asarray(host[: len(token_id_lists)], np.float32)
+        if normalize:
+            out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+        return out

@@ -1,0 +1,245 @@
+"""The generation engine against Hugging Face transformers: per-request sampling with
+transformers' logits processors as the oracle, stop rules, streaming text and the
+compile discipline (no compilation after warm-up)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers import LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, \
+    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+import ryzen_jax as rj
+from ryzen_jax.engine.sampling import SamplingArrays, filtered_logits
+from ryzen_jax.engine.text import Detokenizer
+from tests import hf_models
+
+PROMPT = [1, 17, 42, 99, 3, 243, 128, 64, 5, 77, 31, 17, 42]
+# every knob on at once, in the range where each one changes the distribution
+KNOBS = rj.SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3)
+
+
+@pytest.fixture(scope="module")
+def llama(hf_model_dir):
+    return rj.load_model(hf_model_dir("llama_gqa"), tp=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(hf_model_dir):
+    return hf_models.load(hf_model_dir("llama_gqa"))
+
+
+def hf_processed(hf_model, prompt: list[int], p: rj.SamplingParams) -> np.ndarray:
+    """transformers' scores for the next token after its processors, in generate's order."""
+    procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(p.repetition_penalty),
+                                 TemperatureLogitsWarper(p.temperature)])
+    if p.top_k:
+        procs.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1:
+        procs.append(TopPLogitsWarper(p.top_p))
+    if p.min_p:
+        procs.append(MinPLogitsWarper(p.min_p))
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        scores = hf_model(ids).logits[:, -1].float()
+    return procs(ids, scores)[0].numpy()
+
+
+def our_filtered(logits: np.ndarray, prompt: list[int], p: rj.SamplingParams) -> np.ndarray:
+    seen = np.zeros((1, logits.shape[-1]), bool)
+    seen[0, prompt] = True
+    s = SamplingArrays.from_params([p], [0])
+    return np.asarray(filtered_logits(logits[None].astype(np.float32), s, seen))[0]
+
+
+def test_processors_match_transformers(hf_llama):
+    """Penalty, temperature, top-k, top-p and min-p keep exactly transformers' tokens,
+    with the same probabilities, for several settings."""
+    with torch.no_grad():
+        logits = hf_llama(torch.tensor([PROMPT])).logits[0, -1].numpy()
+    for p in (KNOBS, rj.SamplingParams(temperature=1.3, top_p=0.5), rj.SamplingParams(temperature=1.0, min_p=0.1),
+              rj.SamplingParams(temperature=0.5, top_k=5, repetition_penalty=0.8)):
+        ours, theirs = our_filtered(logits, PROMPT, p), hf_processed(hf_llama, PROMPT, p)
+        np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs), err_msg=str(p))
+        kept = np.isfinite(theirs)
+        assert 1 < kept.sum() < len(kept)
+        prob = lambda x: np.exp(x[kept] - x[kept].max()) / np.exp(x[kept] - x[kept].max()).sum()  # noqa: E731
+        np.testing.assert_allclose(prob(ours), prob(theirs), atol=1e-5)
+
+
+def test_sampled_frequencies_follow_the_transformers_distribution(llama, hf_llama):
+    """2048 seeded draws of the first token: a chi-square test against transformers'
+    processed distribution (p-value > 1e-3; the test fails by chance 1 run in 1000)."""
+    n = 2048
+    requests = [rj.Request(PROMPT, 1, rj.SamplingParams(**{**KNOBS.__dict__, "seed": i}), ignore_eos=True)
+                for i in range(n)]
+    result = rj.GenerationResult(completions=[])
+    for _ in llama.generator.run(requests, stats=result):
+        pass
+    drawn = np.array([c.generated_ids[0] for c in result.completions])
+    scores = hf_processed(hf_llama, PROMPT, KNOBS)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    support = np.flatnonzero(probs > 0)
+    assert set(drawn) <= set(support)
+    counts = np.array([(drawn == t).sum() for t in support])
+    expected = probs[support] * n
+    # pool tokens expected fewer than 5 times into one cell, as the chi-square test requires
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    statistic = ((obs - exp) ** 2 / exp).sum()
+    p_value = float(jax.scipy.special.gammaincc((len(obs) - 1) / 2, statistic / 2))  # chi-square survival
+    print(f"\nchi-square over {len(obs)} cells: p = {p_value:.3f}")
+    assert p_value > 1e-3
+
+
+def test_seeded_sampling_is_reproducible_across_meshes_and_batches(hf_model_dir, llama):
+    """Same seed → same tokens at tp 1, tp 4 and dp 2 × tp 2, alone or inside a batch
+    with other requests' settings; another seed → other tokens."""
+    p = rj.SamplingParams(**{**KNOBS.__dict__, "seed": 11})
+    alone = llama.generator.generate([PROMPT], 24, p, stop_ids=[]).generated_ids[0]
+    mixed = llama.generator.generate([PROMPT[:4], PROMPT, [9, 8, 7]], 24,
+                                     [rj.SamplingParams(temperature=1.0, seed=1), p, rj.SamplingParams()],
+                                     stop_ids=[]).generated_ids
+    assert mixed[1] == alone
+    for tp, dp in ((1, 1), (2, 2)):
+        other = rj.load_model(hf_model_dir("llama_gqa"), tp=tp, dp=dp, progress=False)
+        assert other.generator.generate([PROMPT], 24, p, stop_ids=[]).generated_ids[0] == alone
+    different = llama.generator.generate([PROMPT], 24, rj.SamplingParams(**{**KNOBS.__dict__, "seed": 12}),
+                                         stop_ids=[]).generated_ids[0]
+    assert different != alone
+    unseeded = [llama.generator.generate([PROMPT], 24, rj.SamplingParams(temperature=1.0), stop_ids=[])
+                .generated_ids[0] for _ in range(2)]
+    assert unseeded[0] != unseeded[1]  # no seed: a fresh one per request
+
+
+def test_greedy_repetition_penalty_matches_transformers(llama, hf_llama):
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = hf_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                                do_sample=False, repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
+    ours = llama.generator.generate([PROMPT], 24, rj.SamplingParams(repetition_penalty=1.5), stop_ids=[])
+    assert ours.generated_ids[0] == ref[0, len(PROMPT):].tolist()
+
+
+# -- stop rules -------------------------------------------------------------------------
+
+def test_eos_from_generation_config_and_stop_token_ids(hf_model_dir, hf_llama, tmp_path):
+    """EOS ids come from generation_config.json (as transformers reads them) and end a
+    row with the EOS kept; extra stop ids do the same; the other rows go on."""
+    greedy = hf_models.greedy(hf_llama, PROMPT, 24)
+    eos = greedy[6]
+    model_dir = hf_model_dir("llama_gqa")
+    local = tmp_path / "m"
+    local.mkdir()
+    for f in os.listdir(model_dir):
+        os.symlink(os.path.join(model_dir, f), local / f)
+    (local / "generation_config.json").unlink(missing_ok=True)
+    transformers.GenerationConfig(eos_token_id=[eos, 250]).save_pretrained(local)
+    lm = rj.load_model(str(local), tp=2, progress=False)
+    assert lm.config.eos_token_ids == (eos, 250)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = hf_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                eos_token_id=[eos, 250], pad_token_id=0)[0, len(PROMPT):].tolist()
+    outs = rj.generate(lm, [PROMPT, [5, 6]], max_new_tokens=24)
+    assert outs[0].generated_ids == ref == greedy[: greedy.index(eos) + 1]
+    assert outs[0].finish_reason == "stop"
+    assert outs[1].finish_reason in ("stop", "length")
+    stop_at = greedy[3]
+    out = rj.generate(lm, [PROMPT], max_new_tokens=24, stop_token_ids=[stop_at])[0]
+    assert out.generated_ids == greedy[: greedy.index(stop_at) + 1] and out.finish_reason == "stop"
+    out = lm.generator.generate([PROMPT], 5, stop_ids=[]).completions[0]
+    assert out.generated_ids == greedy[:5] and out.finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo model: a byte-level BPE tokenizer trained here, so multi-byte
+    characters are split across tokens."""
+    from ryzen_jax.demo import write_demo_hf_checkpoint
+
+    return rj.load_model(write_demo_hf_checkpoint(str(tmp_path_factory.mktemp("demo") / "m")), tp=2,
+                         progress=False)
+
+
+def test_stop_strings_cut_across_token_boundaries(demo):
+    prompt = "The weather in the mountains"
+    full = rj.generate(demo, [prompt], max_new_tokens=24, stop_token_ids=[])[0]
+    tok = demo.tokenizer
+    pieces = [tok.decode(full.generated_ids[: i + 1], skip_special_tokens=True) for i in range(len(full.generated_ids))]
+    # a stop string made of the last character of token k's text and the first of token k+1's
+    for k in range(1, len(pieces) - 1):
+        a, b = pieces[k], pieces[k + 1]
+        if (len(a) > len(pieces[k - 1]) and len(b) > len(a) and "\ufffd" not in b[len(a) - 1:] + a[-1:]
+                and b.find(b[len(a) - 1: len(a) + 1]) == len(a) - 1):
+            break
+    else:
+        pytest.fail(f"no usable token boundary in {pieces[-1]!r}")
+    stop, cut = b[len(a) - 1: len(a) + 1], len(a) - 1
+    out = rj.generate(demo, [prompt], max_new_tokens=24, stop=[stop, "never-appears"])[0]
+    assert out.text == full.text[:cut]
+    assert out.finish_reason == "stop"
+    assert out.generated_ids == full.generated_ids[: k + 2]  # up to the token that completed the stop string
+    streamed = list(rj.stream(demo, prompt, max_new_tokens=24, stop=[stop]))
+    assert "".join(d.text for d in streamed) == out.text
+    assert [t for d in streamed for t in d.token_ids] == out.generated_ids
+
+
+def test_streaming_deltas_never_split_a_character(demo):
+    """Byte-level tokens split 'é', '世' and '✓' across tokens: no delta holds half a
+    character, and the deltas join to the decoded text."""
+    text = "héllo 世界 ✓ naïve café — 日本語"
+    ids = demo.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) // 2  # really split into byte-level pieces
+    detok = Detokenizer(demo.tokenizer, [0])
+    deltas = [detok.push([t]) for t in ids] + [detok.flush()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+    assert sum(1 for d in deltas if d) < len(ids)  # some tokens had to wait for the rest of a character
+
+
+def test_stream_matches_generate(demo):
+    prompt = "Distributed computing is"
+    p = rj.SamplingParams(temperature=0.9, top_p=0.95, seed=7)
+    whole = rj.generate(demo, [prompt], max_new_tokens=20, sampling=p)[0]
+    deltas = list(rj.stream(demo, prompt, max_new_tokens=20, sampling=p))
+    assert [t for d in deltas for t in d.token_ids] == whole.generated_ids
+    assert "".join(d.text for d in deltas) == whole.text == demo.tokenizer.decode(whole.generated_ids,
+                                                                                 skip_special_tokens=True)
+    assert all(d.finish_reason is None for d in deltas[:-1]) and deltas[-1].finish_reason == whole.finish_reason
+    assert len(deltas) == len(whole.generated_ids)  # one delta per token: a dispatch per step
+
+
+# -- compile discipline -------------------------------------------------------------------
+
+def test_no_compilation_after_warmup(llama):
+    """Warm the prompt buckets once; then 20 prompts of varied lengths (each alone),
+    varied sampling settings and a streamed request compile nothing: counted by
+    JAX's own compile events, not by our cache."""
+    gen = llama.generator
+    gen.warmup(batch_sizes=(1,))
+    events = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *_a, **_k: events.append(name) if "backend_compile" in name else None)
+    before = gen.compile_count
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, gen.max_seq_len - 40, size=20)
+    for i, n in enumerate(lengths):
+        prompt = rng.integers(3, llama.config.vocab_size, size=int(n)).tolist()
+        p = rj.SamplingParams(temperature=float(i % 3) / 2, top_k=int(i % 4) * 10, top_p=0.5 + (i % 5) / 10,
+                              min_p=(i % 2) / 10, repetition_penalty=1 + (i % 3) / 10, seed=i)
+        out = gen.generate([prompt], 1 + int(rng.integers(1, 30)), p)
+        assert out.compile_s == 0.0
+    list(rj.stream(llama, PROMPT, max_new_tokens=8))
+    print(f"\n20 prompts of lengths {sorted(lengths.tolist())}: {len(events)} compilations after warm-up")
+    assert gen.compile_count == before
+    assert events == []

@@ -1,9 +1,13 @@
-"""Process start-up for the command-line tools: simulated CPU devices and logging.
+"""Process start-up for the command-line tools: simulated CPU devices, the process
+group, logging.
 
 ``setup_host_devices`` must run before jax initialises its backends (the first
 ``jax.devices()`` or computation): XLA reads its flags once.
 On a machine with no accelerator it gives the CPU ``n`` simulated devices so the
 tensor-parallel path is exercised everywhere; on GPU machines the flag is inert.
+Under ``scripts/launch.py``, torchrun, ``srun`` or ``mpirun`` it also joins the
+process group (``init_distributed``), so every script runs there unchanged; scripts
+print results only where ``is_main_process()``.
 """
 
 from __future__ import annotations
@@ -11,8 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ryzen_jax.distributed import MultiGPUOrchestrator
 
 CPU_DEVICES = 4
+
+_HEARTBEAT = None  # the launcher heartbeat thread, once started
+_ORCHESTRATOR = None  # this process's MultiGPUOrchestrator, once the group is formed
 
 
 def cache_root() -> str:
@@ -20,19 +31,60 @@ def cache_root() -> str:
     return os.environ.get("RYZEN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ryzen_jax")
 
 
-def setup_host_devices(n: int = CPU_DEVICES) -> None:
+def setup_host_devices(n: int = CPU_DEVICES, *, distributed: bool = True) -> None:
+    """Give the CPU ``n`` simulated devices (unless XLA_FLAGS, e.g. the launcher's
+    ``--devices-per-proc``, already says how many), then, with ``distributed``, join
+    the process group if this process is one of several (``init_distributed``)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    from ryzen_jax.launcher import start_heartbeat
+
+    global _HEARTBEAT
+    if _HEARTBEAT is None:
+        _HEARTBEAT = start_heartbeat()  # no-op outside scripts/launch.py
+    if distributed:
+        init_distributed()
+
+
+def init_distributed() -> MultiGPUOrchestrator | None:
+    """Join the process group described by the environment (launcher/torchrun variables,
+    SLURM, Open MPI) and return the ``MultiGPUOrchestrator``; None for a lone process.
+    Idempotent; must run before the first JAX computation."""
+    global _ORCHESTRATOR
+    from ryzen_jax.distributed import MultiGPUOrchestrator, detect_cluster
+
+    if _ORCHESTRATOR is None and detect_cluster().multi_process:
+        orchestrator = MultiGPUOrchestrator()
+        orchestrator.initialize()
+        _ORCHESTRATOR = orchestrator
+    return _ORCHESTRATOR
+
+
+def process_index() -> int:
+    """This process's rank: JAX's once the group is formed, else the launcher's/cluster's."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return jax.process_index()
+    from ryzen_jax.distributed import detect_cluster
+
+    return detect_cluster().process_id or 0
+
+
+def is_main_process() -> bool:
+    """True in process 0 (and in a lone process): the one that prints results."""
+    return process_index() == 0
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Log lines carry the JAX process index so multi-process output says who wrote it."""
-    import jax
+    """Log lines carry the process rank so multi-process output says who wrote it
+    (under scripts/launch.py the launcher prefixes every line with it already)."""
+    from ryzen_jax.launcher import ENV_LAUNCHED
 
-    rank = jax.process_index()
+    tag = "" if os.environ.get(ENV_LAUNCHED) == "1" else f"[rank {process_index()}] "
     logging.basicConfig(level=level, stream=sys.stderr,
-                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+                        format=f"{tag}%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

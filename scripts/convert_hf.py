@@ -14,7 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ryzen_jax.runtime import setup_host_devices  # noqa: E402
 
-setup_host_devices(1)
+# Conversion is one process's job (it reads each tensor once and writes files; no
+# collectives): under scripts/launch.py or srun, process 0 converts, the others exit.
+setup_host_devices(1, distributed=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from ryzen_jax.checkpoint.convert import convert_hf
-    from ryzen_jax.runtime import setup_logging
+    from ryzen_jax.runtime import is_main_process, setup_logging
 
     setup_logging()
+    if not is_main_process():
+        print("conversion runs on process 0 only: nothing to do here", file=sys.stderr)
+        return 0
     try:
         out = convert_hf(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     except (ValueError, FileExistsError, FileNotFoundError, KeyError) as e:

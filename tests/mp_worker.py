@@ -1,34 +1,56 @@
-"""One process of a multi-process run on CPU (gloo), started by tests/test_multiprocess.py.
+"""One process of a multi-process run on CPU (gloo), started by scripts/launch.py:
 
-    python tests/mp_worker.py PROCESS_ID NUM_PROCESSES PORT MODEL_DIR TP DP DEVICES_PER_PROCESS
+    python scripts/launch.py --nproc 2 --devices-per-proc 2 -- python tests/mp_worker.py MODEL_DIR TP DP [--die-rank R]
 
-Loads MODEL_DIR onto a mesh spanning every process's devices, generates greedily for
-a fixed prompt and prints one JSON line: the tokens, and the checkpoint bytes this
-process read.
+It joins the group the way every script does (``setup_host_devices``), loads MODEL_DIR
+onto a mesh spanning every process's devices, generates greedily for two fixed prompts
+and prints one JSON line: the tokens, the checkpoint bytes this process read, and wall
+times. ``--die-rank R``: on the launcher's first attempt, process R SIGKILLs itself
+after the first token (printing the time first), to test the launcher's group restart.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import sys
+import time
 
-pid, nproc, port, model_dir, tp, dp, ndev = sys.argv[1:8]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ryzen_jax.runtime import enable_compilation_cache, setup_host_devices  # noqa: E402
+
+setup_host_devices()
 
 import jax  # noqa: E402
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"127.0.0.1:{port}", int(nproc), int(pid), initialization_timeout=60)
-
 import ryzen_jax as rj  # noqa: E402
+from ryzen_jax.launcher import ENV_RESTART_COUNT  # noqa: E402
 
-PROMPT = [1, 17, 42, 99, 3, 243, 128, 64, 5, 77, 31]
+PROMPTS = [[1, 17, 42, 99, 3, 243, 128, 64, 5, 77, 31], [1, 17, 42, 99, 3]]
 
-lm = rj.load_model(model_dir, tp=int(tp), dp=int(dp), progress=False)
+ap = argparse.ArgumentParser()
+ap.add_argument("model_dir")
+ap.add_argument("tp", type=int)
+ap.add_argument("dp", type=int)
+ap.add_argument("--die-rank", type=int, default=None)
+ap.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache directory")
+args = ap.parse_args()
+attempt = int(os.environ.get(ENV_RESTART_COUNT, "0"))
+if args.compile_cache:
+    enable_compilation_cache(args.compile_cache)
+
+lm = rj.load_model(args.model_dir, tp=args.tp, dp=args.dp, progress=False)
+lm.generator.generate(PROMPTS, 1, stop_ids=[])  # the group's first token (prefill, compile included)
+first_token_at = time.time()
+if attempt == 0 and args.die_rank == jax.process_index():
+    print(json.dumps({"event": "dying", "t": time.time()}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+out = lm.generator.generate(PROMPTS, 16, stop_ids=[])
 total = sum(leaf.nbytes for leaf in jax.tree.leaves(lm.generator.state))
-out = lm.generator.generate([PROMPT, PROMPT[:5]], 16, stop_ids=[])
-print(json.dumps({"process": jax.process_index(), "devices": len(jax.devices()), "tokens": out.generated_ids,
-                  "bytes_read": lm.bytes_read, "param_bytes": total}), flush=True)
-jax.distributed.shutdown()
+print(json.dumps({"process": jax.process_index(), "devices": len(jax.devices()), "attempt": attempt,
+                  "tokens": out.generated_ids, "bytes_read": lm.bytes_read, "param_bytes": total,
+                  "first_token_at": first_token_at, "load_s": lm.load_s, "ttft_s": out.ttft_s,
+                  "decode_tokens_per_s": out.decode_tokens_per_s}), flush=True)

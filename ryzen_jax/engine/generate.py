@@ -352,18 +352,8 @@ class Generator:
         batch = self.batch_size(n)
         padded = list(requests) + [dataclasses.replace(requests[0], max_new_tokens=1)] * (batch - n)
         length = bucket(max(len(r.prompt_ids) for r in padded))
-        tokens = np.zeros((batch, length), np.int32)
-        stop_ids = np.full((batch, MAX_STOP_IDS), -1, np.int32)
-        for i, r in enumerate(padded):
-            tokens[i, : len(r.prompt_ids)] = r.prompt_ids
-            ids = self._stop_ids(r)
-            stop_ids[i, : len(ids)] = ids
-        seeds = [r.sampling.seed if r.sampling.seed is not None else int(self._seeds.integers(2**32)) for r in padded]
-        s = jax.tree.map(self._put, SamplingArrays.from_params([r.sampling for r in padded], seeds))
-        args = (self.state, self._put(tokens), self._put(np.asarray([len(r.prompt_ids) for r in padded], np.int32)), s,
-                self._put(np.asarray([r.max_new_tokens for r in padded], np.int32)), self._put(stop_ids))
-        rows = [_Row(r, set(self._stop_ids(r)), TextTracker(self.tokenizer, r.prompt_ids, r.stop)
-                     if self.tokenizer is not None else None) for r in requests]
+        args = self.prefill_inputs(padded, length)
+        rows = [self.new_row(r) for r in requests]
         compile_before = self.compile_s
         prefill = self.prefill_program(batch, length)
         decode = self.decode_program(batch)
@@ -372,19 +362,17 @@ class Generator:
         first, d, cache = prefill(*args)
         (first,) = fetch([first])
         ttft = time.perf_counter() - t0
-        yield self._take(rows, first[:, None])
+        yield self.take(rows, first[:, None])
 
         t1, decoded = time.perf_counter(), 0
         n_steps = jnp.int32(steps_per_dispatch)
         pending = None
         while not all(row.finish_reason for row in rows):
             if any(row.stop_device for row in rows):  # rows ended by a stop string: stop them on the device too
-                (done,) = fetch([d.done])
-                for i, row in enumerate(rows):
-                    if row.stop_device:
-                        done[i], row.stop_device = True, False
-                d = dataclasses.replace(d, done=jax.device_put(done, d.done.sharding))
-            out, d, cache = decode(self.state, cache, d, s, n_steps)
+                d = self.stop_rows(d, [i for i, row in enumerate(rows) if row.stop_device])
+                for row in rows:
+                    row.stop_device = False
+            out, d, cache = decode(self.state, cache, d, args[3], n_steps)
             if steps_per_dispatch == DECODE_CHUNK and pending is None:
                 pending = out  # run one chunk ahead: the host reads chunk k while the device runs k + 1
                 continue
@@ -392,18 +380,48 @@ class Generator:
                 out, pending = pending, out
             (host,) = fetch([out])
             decoded += int((host[:n] >= 0).sum())
-            yield self._take(rows, host)
+            yield self.take(rows, host)
         if stats is not None:
             stats.completions = [Completion(list(map(int, r.request.prompt_ids)), r.generated,
                                             r.text.text if r.text else None, r.finish_reason) for r in rows]
             stats.compile_s = self.compile_s - compile_before
             stats.ttft_s, stats.decode_s, stats.decode_tokens = ttft, time.perf_counter() - t1, decoded
 
-    def _take(self, rows: list[_Row], tokens: np.ndarray) -> list[StreamDelta]:
-        """Fold a dispatch's tokens (B, steps; -1 = none) into the rows, token by token
-        (a stop string may end a row mid-chunk); return the deltas."""
+    def prefill_inputs(self, requests: Sequence[Request], length: int) -> tuple:
+        """The prefill program's arguments for these requests (one per row), placed:
+        (state, tokens, lengths, sampling, max_new, stop_ids). A request without a
+        seed gets a fresh one here."""
+        tokens = np.zeros((len(requests), length), np.int32)
+        stop_ids = np.full((len(requests), MAX_STOP_IDS), -1, np.int32)
+        for i, r in enumerate(requests):
+            tokens[i, : len(r.prompt_ids)] = r.prompt_ids
+            ids = self._stop_ids(r)
+            stop_ids[i, : len(ids)] = ids
+        seeds = [r.sampling.seed if r.sampling.seed is not None else int(self._seeds.integers(2**32)) for r in requests]
+        s = jax.tree.map(self._put, SamplingArrays.from_params([r.sampling for r in requests], seeds))
+        return (self.state, self._put(tokens), self._put(np.asarray([len(r.prompt_ids) for r in requests], np.int32)),
+                s, self._put(np.asarray([r.max_new_tokens for r in requests], np.int32)), self._put(stop_ids))
+
+    def new_row(self, request: Request) -> _Row:
+        """Host-side bookkeeping for a request that starts now."""
+        text = TextTracker(self.tokenizer, request.prompt_ids, request.stop) if self.tokenizer is not None else None
+        return _Row(request, set(self._stop_ids(request)), text)
+
+    @staticmethod
+    def stop_rows(d: DecodeState, rows: Sequence[int]) -> DecodeState:
+        """Mark rows finished on the device (stop strings, cancelled requests)."""
+        done = np.array(fetch([d.done])[0])  # a private copy: it becomes the device buffer
+        done[list(rows)] = True
+        return dataclasses.replace(d, done=jax.device_put(done, d.done.sharding))
+
+    def take(self, rows: Sequence[_Row | None], tokens: np.ndarray) -> list[StreamDelta]:
+        """Fold a dispatch's tokens (B, steps; -1 = none) into the rows (None = an
+        empty slot), token by token (a stop string may end a row mid-chunk); return
+        the deltas."""
         deltas = []
         for i, row in enumerate(rows):
+            if row is None:
+                continue
             new, text = [], ""
             for t in map(int, tokens[i]):
                 if row.finish_reason or t < 0:

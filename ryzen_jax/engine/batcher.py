@@ -1,0 +1,150 @@
+"""Continuous batching: a fixed set of decode slots that requests join and leave.
+
+The device holds one cache and one decode state for ``slots`` rows. A new request
+is prefilled alone (the engine's prefill program at batch 1) and its row is copied
+into a free slot while the other slots keep their place; one decode program steps
+every slot at once; a finished or cancelled request frees its slot immediately.
+
+Every change is described by a :class:`Plan` (admit these requests into these
+slots, cancel those, then run k decode steps). ``SlotBatcher.apply`` carries a plan
+out. In a multi-process group the leader decides each plan and every process
+applies the same plan, so all of them run the same programs in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ryzen_jax.engine.generate import Generator, Request, StreamDelta, _Row, bucket, fetch
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    slot: int
+    request: Request
+    seed: int  # resolved by the leader, so every process samples alike
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One scheduler step: admissions, cancellations, then ``steps`` decode steps."""
+
+    admit: tuple[Admission, ...] = ()
+    cancel: tuple[int, ...] = ()
+    steps: int = 1
+
+
+@dataclasses.dataclass
+class StepOutput:
+    deltas: list[StreamDelta]  # StreamDelta.index is the slot
+    finished: list[int]  # slots freed in this step
+    ttft_s: dict[int, float]  # slot -> prefill time of a request admitted in this step
+
+
+class SlotBatcher:
+    """Device-side slots over a Generator's programs (``slots`` rows of cache)."""
+
+    def __init__(self, generator: Generator, slots: int):
+        self.gen = generator
+        self.slots = generator.batch_size(slots)
+        self.rows: list[_Row | None] = [None] * self.slots
+        self.one = generator.batch_size(1)  # prefill rows (dp of them: a request plus padding)
+        decode = generator.decode_program(self.slots)
+        _, cache_sh, d_sh, s_sh, _ = decode.input_shardings[0]
+        self._shardings = (cache_sh, d_sh, s_sh)
+
+        def insert(big, small, slot):
+            """Copy row 0 of every leaf of ``small`` into row ``slot`` of ``big``."""
+            def put(b, s):
+                return jax.lax.dynamic_update_slice_in_dim(b, s[:1].astype(b.dtype), slot, axis=0)
+
+            return jax.tree.map(put, big, small)
+
+        self._insert = jax.jit(insert, donate_argnums=(0,), out_shardings=self._shardings)
+        self.cache, self.d, self.s = self._empty()
+
+    def _empty(self):
+        """All slots free: zeros everywhere, every row marked done."""
+        args = self.gen._abstract_prefill_inputs(self.slots, 16)
+        _, d, cache = self.gen._prefill.eval_shape(*args)
+        shapes = (cache, d, args[3])
+
+        def make():
+            cache, d, s = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            return cache, dataclasses.replace(d, done=jnp.ones_like(d.done)), s
+
+        return jax.jit(make, out_shardings=self._shardings)()
+
+    # -- programs ---------------------------------------------------------------------
+    def warmup(self) -> float:
+        """Compile everything a server needs: prefill for every prompt bucket, the
+        insert and the decode step. Returns the seconds spent."""
+        t = self.gen.warmup(batch_sizes=(1,))
+        t0 = time.perf_counter()
+        self._insert_program(self.gen.prompt_buckets()[0])
+        return t + self.gen.warmup(batch_sizes=(self.slots,), prompt_buckets=[16]) + time.perf_counter() - t0
+
+    def _insert_program(self, length: int):
+        prefill = self.gen.prefill_program(self.one, length)
+        _, small_d, small_cache = prefill.out_info
+        small_s = self.gen._abstract_prefill_inputs(self.one, length)[3]
+        big = (self.cache, self.d, self.s)
+        return self.gen._get("insert", self._insert, big, (small_cache, small_d, small_s),
+                             jax.ShapeDtypeStruct((), jnp.int32))
+
+    # -- steps ------------------------------------------------------------------------
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is None]
+
+    def apply(self, plan: Plan) -> StepOutput:
+        """Carry out one plan; returns the new tokens and text per slot."""
+        out = StepOutput([], [], {})
+        for a in plan.admit:
+            if self.rows[a.slot] is not None:
+                raise RuntimeError(f"slot {a.slot} is busy")
+            self.gen.check([a.request])
+            t0 = time.perf_counter()
+            request = dataclasses.replace(a.request, sampling=dataclasses.replace(a.request.sampling, seed=a.seed))
+            padded = [request] + [dataclasses.replace(request, max_new_tokens=1)] * (self.one - 1)
+            length = bucket(len(request.prompt_ids))
+            args = self.gen.prefill_inputs(padded, length)
+            first, d, cache = self.gen.prefill_program(self.one, length)(*args)
+            insert = self._insert_program(length)
+            self.cache, self.d, self.s = insert((self.cache, self.d, self.s), (cache, d, args[3]), jnp.int32(a.slot))
+            (first,) = fetch([first])
+            out.ttft_s[a.slot] = time.perf_counter() - t0
+            self.rows[a.slot] = self.gen.new_row(request)
+            self._collect(self._one_row(a.slot, first[0]), out)
+        cancel = [i for i in plan.cancel if self.rows[i] is not None]
+        for i in cancel:
+            self.rows[i] = None
+            out.finished.append(i)
+        ended = [i for i, r in enumerate(self.rows) if r is not None and r.stop_device]  # by a stop string
+        if cancel or ended:
+            self.d = self.gen.stop_rows(self.d, cancel + ended)
+            for i in ended:
+                self.rows[i] = None
+        if plan.steps and any(r is not None for r in self.rows):
+            decode = self.gen.decode_program(self.slots)
+            tokens, self.d, self.cache = decode(self.gen.state, self.cache, self.d, self.s, jnp.int32(plan.steps))
+            (tokens,) = fetch([tokens])
+            self._collect(tokens, out)
+        return out
+
+    def _one_row(self, slot: int, token: int) -> np.ndarray:
+        tokens = np.full((self.slots, 1), -1, np.int32)
+        tokens[slot, 0] = token
+        return tokens
+
+    def _collect(self, tokens: np.ndarray, out: StepOutput) -> None:
+        for delta in self.gen.take(self.rows, tokens):
+            out.deltas.append(delta)
+            if delta.finish_reason is not None:
+                out.finished.append(delta.index)
+                # a row ended by a stop string keeps its slot until the device row is stopped (next apply)
+                if not self.rows[delta.index].stop_device:
+                    self.rows[delta.index] = None

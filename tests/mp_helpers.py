@@ -13,7 +13,7 @@ import ryzen_jax as rj
 from ryzen_jax.checkpoint.loader import abstract_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = [[1, 17, 42, 99, 3, 243, 128, 64, 5, 77, 31], [1, 17, 42, 99, 3]]  # as in tests/mp_worker.py
+PROMPTS = [[1, 17, 42, 99, 3, 243, 128, 64, 5, 77, 31], [1, 17, 42, 99, 3]]  # what tests/mp_worker.py generates for
 _RANK_LINE = re.compile(r"^\[rank (\d+)\] (\{.*\})$")
 
 

@@ -18,18 +18,19 @@ import signal
 import sys
 import time
 
+started_at = time.time()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ryzen_jax.runtime import enable_compilation_cache, setup_host_devices  # noqa: E402
 
 setup_host_devices()
+joined_at = time.time()
 
 import jax  # noqa: E402
 
 import ryzen_jax as rj  # noqa: E402
 from ryzen_jax.launcher import ENV_RESTART_COUNT  # noqa: E402
-
-PROMPTS = [[1, 17, 42, 99, 3, 243, 128, 64, 5, 77, 31], [1, 17, 42, 99, 3]]
+from tests.mp_helpers import PROMPTS  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model_dir")
@@ -43,6 +44,7 @@ if args.compile_cache:
     enable_compilation_cache(args.compile_cache)
 
 lm = rj.load_model(args.model_dir, tp=args.tp, dp=args.dp, progress=False)
+loaded_at = time.time()
 lm.generator.generate(PROMPTS, 1, stop_ids=[])  # the group's first token (prefill, compile included)
 first_token_at = time.time()
 if attempt == 0 and args.die_rank == jax.process_index():
@@ -52,5 +54,6 @@ out = lm.generator.generate(PROMPTS, 16, stop_ids=[])
 total = sum(leaf.nbytes for leaf in jax.tree.leaves(lm.generator.state))
 print(json.dumps({"process": jax.process_index(), "devices": len(jax.devices()), "attempt": attempt,
                   "tokens": out.generated_ids, "bytes_read": lm.bytes_read, "param_bytes": total,
+                  "started_at": started_at, "joined_at": joined_at, "loaded_at": loaded_at,
                   "first_token_at": first_token_at, "load_s": lm.load_s, "ttft_s": out.ttft_s,
                   "decode_tokens_per_s": out.decode_tokens_per_s}), flush=True)

@@ -14,12 +14,14 @@ applies the same plan, so all of them run the same programs in the same order.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ryzen_jax.engine.generate import Generator, Request, StreamDelta, _Row, bucket, fetch
+from ryzen_jax.engine.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,21 @@ class Plan:
     admit: tuple[Admission, ...] = ()
     cancel: tuple[int, ...] = ()
     steps: int = 1
+    probe: bool = False  # run the health probe (a reduction over every device of the mesh)
+
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        raw = json.loads(text)
+        def request(r: dict) -> Request:
+            return Request(r["prompt_ids"], r["max_new_tokens"], SamplingParams(**r["sampling"]),
+                           tuple(r["stop_token_ids"]), tuple(r["stop"]), r["ignore_eos"])
+
+        admit = tuple(Admission(a["slot"], request(a["request"]), a["seed"]) for a in raw["admit"])
+        return cls(admit=admit, cancel=tuple(raw["cancel"]), steps=raw["steps"], probe=raw["probe"])
 
 
 @dataclasses.dataclass
@@ -43,6 +60,7 @@ class StepOutput:
     deltas: list[StreamDelta]  # StreamDelta.index is the slot
     finished: list[int]  # slots freed in this step
     ttft_s: dict[int, float]  # slot -> prefill time of a request admitted in this step
+    healthy: bool | None = None  # the probe's answer, when the plan asked for it
 
 
 class SlotBatcher:
@@ -66,6 +84,11 @@ class SlotBatcher:
 
         self._insert = jax.jit(insert, donate_argnums=(0,), out_shardings=self._shardings)
         self.cache, self.d, self.s = self._empty()
+        # one value per device, summed over the whole mesh: answers only if every device (and process) does
+        mesh = generator.tp.mesh
+        self._probe_in = jax.device_put(np.ones(mesh.devices.size, np.float32),
+                                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names)))
+        self._probe = jax.jit(jnp.sum)
 
     def _empty(self):
         """All slots free: zeros everywhere, every row marked done."""
@@ -86,6 +109,7 @@ class SlotBatcher:
         t = self.gen.warmup(batch_sizes=(1,))
         t0 = time.perf_counter()
         self._insert_program(self.gen.prompt_buckets()[0])
+        self.probe()
         return t + self.gen.warmup(batch_sizes=(self.slots,), prompt_buckets=[16]) + time.perf_counter() - t0
 
     def _insert_program(self, length: int):
@@ -93,16 +117,31 @@ class SlotBatcher:
         _, small_d, small_cache = prefill.out_info
         small_s = self.gen._abstract_prefill_inputs(self.one, length)[3]
         big = (self.cache, self.d, self.s)
-        return self.gen._get("insert", self._insert, big, (small_cache, small_d, small_s),
+        return self.gen._get(f"insert-{self.slots}", self._insert, big, (small_cache, small_d, small_s),
                              jax.ShapeDtypeStruct((), jnp.int32))
 
     # -- steps ------------------------------------------------------------------------
+    def probe(self) -> bool:
+        """The health probe: True once every device has contributed to a reduction."""
+        return float(self.gen._get("probe", self._probe, self._probe_in)(self._probe_in)) == self._probe_in.size
+
     def free_slots(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r is None]
 
     def apply(self, plan: Plan) -> StepOutput:
-        """Carry out one plan; returns the new tokens and text per slot."""
+        """Carry out one plan — cancellations (freeing slots), admissions, decode
+        steps — and return the new tokens and text per slot."""
         out = StepOutput([], [], {})
+        if plan.probe:
+            out.healthy = self.probe()
+        cancel = [i for i in plan.cancel if self.rows[i] is not None]
+        for i in cancel:  # not reported as finished: whoever cancelled knows
+            self.rows[i] = None
+        ended = [i for i, r in enumerate(self.rows) if r is not None and r.stop_device]  # by a stop string
+        if cancel or ended:
+            self.d = self.gen.stop_rows(self.d, cancel + ended)
+            for i in ended:
+                self.rows[i] = None
         for a in plan.admit:
             if self.rows[a.slot] is not None:
                 raise RuntimeError(f"slot {a.slot} is busy")
@@ -119,15 +158,6 @@ class SlotBatcher:
             out.ttft_s[a.slot] = time.perf_counter() - t0
             self.rows[a.slot] = self.gen.new_row(request)
             self._collect(self._one_row(a.slot, first[0]), out)
-        cancel = [i for i in plan.cancel if self.rows[i] is not None]
-        for i in cancel:
-            self.rows[i] = None
-            out.finished.append(i)
-        ended = [i for i, r in enumerate(self.rows) if r is not None and r.stop_device]  # by a stop string
-        if cancel or ended:
-            self.d = self.gen.stop_rows(self.d, cancel + ended)
-            for i in ended:
-                self.rows[i] = None
         if plan.steps and any(r is not None for r in self.rows):
             decode = self.gen.decode_program(self.slots)
             tokens, self.d, self.cache = decode(self.gen.state, self.cache, self.d, self.s, jnp.int32(plan.steps))

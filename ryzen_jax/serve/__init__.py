@@ -1,0 +1,71 @@
+"""The OpenAI-compatible server: continuous batching behind FastAPI.
+
+    lm = ryzen_jax.load_model(path, tp=4)
+    server = ryzen_jax.serve.Server(lm, max_batch=16)
+    server.run(host="127.0.0.1", port=8000)       # process 0; followers call server.follow()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+
+from ryzen_jax.api import LoadedModel
+from ryzen_jax.engine.batcher import SlotBatcher
+from ryzen_jax.serve.app import create_app
+from ryzen_jax.serve.metrics import ServerMetrics
+from ryzen_jax.serve.scheduler import PlanChannel, Scheduler, follow
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """A loaded model, its decode slots and the scheduler, ready to serve.
+
+    Compiles every program a request can need before it answers (prompt buckets,
+    insert, decode), so no request ever waits for a compilation.
+    """
+
+    def __init__(self, lm: LoadedModel, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
+                 model_name: str | None = None, steps_per_dispatch: int = 1, step_timeout_s: float = 60.0,
+                 max_body_bytes: int = 1 << 20):
+        if lm.generator is None:
+            raise ValueError(f"{lm.config.model_type} is not a generative model: the server needs one")
+        if lm.tokenizer is None:
+            raise ValueError(f"{lm.path} has no tokenizer (tokenizer.json / tokenizer_config.json): the server "
+                             "needs one to read prompts and write text")
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch} and {max_queue}")
+        self.lm = lm
+        self.model_name = model_name or os.path.basename(os.path.normpath(lm.path))
+        self.batcher = SlotBatcher(lm.generator, max_batch)
+        t0 = time.perf_counter()
+        self.warmup_s = self.batcher.warmup()
+        log.info("compiled the serving programs in %.1fs (%.1fs wall): %d slots, prompts up to %d tokens",
+                 self.warmup_s, time.perf_counter() - t0, self.batcher.slots, lm.generator.max_seq_len)
+        multi = jax.process_count() > 1
+        self.leader = jax.process_index() == 0
+        self.channel = PlanChannel() if multi else None
+        self.scheduler = Scheduler(self.batcher, max_queue=max_queue, steps_per_dispatch=steps_per_dispatch,
+                                   channel=self.channel, step_timeout_s=step_timeout_s, metrics=ServerMetrics())
+        self.app = create_app(self.scheduler, lm.tokenizer, self.model_name, api_key=api_key,
+                              max_body_bytes=max_body_bytes)
+
+    def run(self, host: str = "127.0.0.1", port: int = 8000) -> None:
+        """Serve HTTP until interrupted (the leader); a follower applies the leader's plans."""
+        if not self.leader:
+            self.follow()
+            return
+        import uvicorn
+
+        self.scheduler.start()
+        try:
+            uvicorn.run(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        finally:
+            self.scheduler.shutdown()
+
+    def follow(self) -> None:
+        follow(self.batcher, self.channel)

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Serve a model over the OpenAI API (completions, chat completions, streaming).
+
+    python scripts/serve.py --model DIR [--tp N] [--dp N] [--host 127.0.0.1] [--port 8000]
+                            [--max-batch N] [--max-queue N] [--api-key KEY]
+    python scripts/launch.py --nproc 2 -- python scripts/serve.py --model DIR     # across processes
+
+Binds 127.0.0.1 unless --host says otherwise. With --api-key (or $RYZEN_JAX_API_KEY),
+requests to /v1/* need 'Authorization: Bearer KEY'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ryzen_jax.runtime import setup_host_devices  # noqa: E402
+
+setup_host_devices()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model dir or converted checkpoint (with a tokenizer)")
+    ap.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: dir name)")
+    ap.add_argument("--tp", type=int, default=None)
+    ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    ap.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated tokens per request")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--max-batch", type=int, default=8, help="decode slots (requests generating at once)")
+    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    ap.add_argument("--api-key", default=os.environ.get("RYZEN_JAX_API_KEY"))
+    ap.add_argument("--steps-per-dispatch", type=int, default=1, help="decode steps between scheduling decisions")
+    ap.add_argument("--step-timeout", type=float, default=60.0,
+                    help="seconds a decode step may take before the group is declared dead")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import ryzen_jax as rj
+    from ryzen_jax.runtime import enable_compilation_cache, setup_logging
+    from ryzen_jax.serve import Server
+
+    setup_logging()
+    enable_compilation_cache()
+    try:
+        lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
+        server = Server(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+                        model_name=args.served_model_name, steps_per_dispatch=args.steps_per_dispatch,
+                        step_timeout_s=args.step_timeout)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import logging
+
+    logging.getLogger("ryzen_jax").info("serving %s on http://%s:%d (mesh data=%d x model=%d)", server.model_name,
+                                        args.host, args.port, lm.tp.dp_size, lm.tp.tp_size)
+    server.run(args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The OpenAI-compatible server, as clients see it: a real uvicorn server on a
+loopback port, many concurrent clients, streaming, cancellation, bad input and
+metrics; offline generation (itself checked against transformers) is the oracle."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import transformers
+
+import ryzen_jax as rj
+from ryzen_jax.demo import save_tokenizer, train_tokenizer
+from ryzen_jax.serve import Server
+from tests import hf_models
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+PROMPTS = ["The weather in the mountains", "Distributed computing is", "Once upon a time", "Tensor parallel",
+           "A B C D E F G", "hello", "The quick brown fox jumps over the lazy dog", "JAX and XLA",
+           "1 2 3 4 5 6 7 8 9 10 11 12", "What is a mesh?", "x", "Many small requests", "Streaming text",
+           "Continuous batching keeps every slot busy", "The end", "ryzen"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_chat_model(out_dir: str) -> str:
+    """A tiny Llama with a locally trained byte-level tokenizer and a chat template."""
+    cfg = transformers.LlamaConfig(**{**hf_models.BASE, "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 1,
+                                      "pad_token_id": 1})
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    save_tokenizer(train_tokenizer(), out_dir)
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path) as f:
+        tok_cfg = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**tok_cfg, "chat_template": CHAT_TEMPLATE}, f)
+    return out_dir
+
+
+class Running:
+    """A Server under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, server: Server):
+        import uvicorn
+
+        self.server = server
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        server.scheduler.start()
+        self.uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uv.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.uv.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(timeout=10)
+        self.server.scheduler.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_chat_model(str(tmp_path_factory.mktemp("chat") / "m"))
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return rj.load_model(model_dir, tp=4, max_seq_len=128, progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    running = Running(Server(lm, max_batch=4, max_queue=32, model_name="tiny"))
+    yield running
+    running.stop()
+
+
+def complete(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": "tiny", **body}, timeout=120)
+
+
+def stream_events(url: str, route: str = "/v1/completions", **body) -> list:
+    events = []
+    with httpx.stream("POST", f"{url}{route}", json={"model": "tiny", "stream": True, **body}, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_sixteen_concurrent_clients_get_offline_outputs(server, lm):
+    offline = rj.generate(lm, PROMPTS, max_new_tokens=12, sampling=rj.SamplingParams())
+    before = metric(server.url, 'ryzen_jax_requests_total{outcome="ok"}')
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        answers = list(pool.map(lambda p: complete(server.url, prompt=p, max_tokens=12, temperature=0), PROMPTS))
+    for answer, want in zip(answers, offline):
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["object"] == "text_completion" and body["model"] == "tiny"
+        assert body["choices"][0]["text"] == want.text
+        assert body["choices"][0]["finish_reason"] == want.finish_reason
+        assert body["usage"]["completion_tokens"] == len(want.generated_ids)
+        assert body["usage"]["prompt_tokens"] == len(want.prompt_ids)
+    assert metric(server.url, 'ryzen_jax_requests_total{outcome="ok"}') == before + len(PROMPTS)
+    assert metric(server.url, "ryzen_jax_generation_tokens_total") >= sum(len(w.generated_ids) for w in offline)
+    assert metric(server.url, "ryzen_jax_time_to_first_token_seconds_count") >= len(PROMPTS)
+    assert metric(server.url, "ryzen_jax_busy_slots") == 0
+
+
+def test_streamed_deltas_join_to_the_full_text(server):
+    body = dict(prompt="Once upon a time", max_tokens=24, temperature=0.8, seed=5, stop=["zz"])
+    whole = complete(server.url, **body).json()["choices"][0]
+    events = stream_events(server.url, **body, stream_options={"include_usage": True})
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text == whole["text"]
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == whole["finish_reason"]
+    assert events[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_chat_completions(server, lm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny", "messages": messages,
+                                                               "max_tokens": 10, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert choice["message"] == {"role": "assistant", "content": rj.generate(lm, [ids], max_new_tokens=10)[0].text}
+    events = stream_events(server.url, "/v1/chat/completions", messages=messages, max_tokens=10, temperature=0)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == choice["message"]["content"]
+
+
+def test_models_health_and_metrics(server):
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("ryzen_jax_requests_total", "ryzen_jax_prompt_tokens_total", "ryzen_jax_inter_token_latency_seconds",
+                 "ryzen_jax_e2e_request_latency_seconds", "ryzen_jax_queue_depth", "ryzen_jax_busy_slots"):
+        assert name in text
+
+
+def test_a_disconnected_client_frees_its_slot(server):
+    before = metric(server.url, 'ryzen_jax_requests_total{outcome="cancelled"}')
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "long", "max_tokens": 100, "ignore_eos": True,
+                            "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break  # leave mid-stream
+    deadline = time.time() + 30
+    while metric(server.url, 'ryzen_jax_requests_total{outcome="cancelled"}') == before:
+        assert time.time() < deadline, "the cancelled request never freed its slot"
+        time.sleep(0.1)
+    while metric(server.url, "ryzen_jax_busy_slots") != 0:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert complete(server.url, prompt="still serving", max_tokens=3).status_code == 200
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "word " * 200}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 500}, 400, "max_tokens"),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": [1, 2, 99999]}, 400, "prompt"),
+    ({"max_tokens": 3}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"] or param == "model", err
+    assert err["type"]
+
+
+def test_malformed_oversized_and_chat_errors(server, lm):
+    r = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/completions", content=b"x" * (2 << 20))
+    assert r.status_code == 413
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny", "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert complete(server.url, prompt="still serving", max_tokens=3).status_code == 200
+
+
+def test_queue_bound_and_api_key(lm):
+    """One slot and a queue of one: the third concurrent request gets 429; with an API
+    key, requests without it get 401."""
+    running = Running(Server(lm, max_batch=1, max_queue=1, api_key="s3cret", model_name="tiny"))
+    auth = {"Authorization": "Bearer s3cret"}
+    try:
+        url = running.url
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}).status_code == 401
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi"},
+                          headers={"Authorization": "Bearer wrong"}).status_code == 401
+        long = {"prompt": "long", "max_tokens": 100, "ignore_eos": True}
+        with cf.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/completions", json=long, headers=auth, timeout=120)
+            deadline = time.time() + 30
+            while metric(url, "ryzen_jax_busy_slots") < 1:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            second = pool.submit(httpx.post, f"{url}/v1/completions", json=long, headers=auth, timeout=120)
+            while metric(url, "ryzen_jax_queue_depth") < 1:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            third = httpx.post(f"{url}/v1/completions", json=long, headers=auth, timeout=30)
+            assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+            assert first.result().status_code == second.result().status_code == 200
+    finally:
+        running.stop()

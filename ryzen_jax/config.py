@@ -56,6 +56,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # encoder–decoder (T5): num_layers counts the encoder's layers
+    is_encoder_decoder: bool = False
+    num_decoder_layers: int | None = None
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    decoder_start_token_id: int | None = None  # the decoder's first input token
 
     @property
     def q_per_kv(self) -> int:
@@ -83,6 +89,13 @@ class ModelConfig:
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
         bos = generation.get("bos_token_id", raw.get("bos_token_id"))
         pad = generation.get("pad_token_id", raw.get("pad_token_id"))
+        if fields.get("is_encoder_decoder"):
+            start = next((s for s in (generation.get("decoder_start_token_id"), raw.get("decoder_start_token_id"), pad)
+                          if s is not None), None)
+            if start is None:
+                raise ConfigError(f"config.json ({model_type}) has neither 'decoder_start_token_id' nor "
+                                  "'pad_token_id': set decoder_start_token_id (T5 uses the pad id, 0)")
+            fields["decoder_start_token_id"] = int(start)
         cfg = cls(model_type=model_type, bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
                   pad_token_id=None if pad is None else int(pad), **fields)
         try:
@@ -162,11 +175,47 @@ def _llama(f: _Fields) -> dict[str, Any]:
     )
 
 
+def _t5(f: _Fields) -> dict[str, Any]:
+    """T5 (original: feed_forward_proj "relu"; v1.1 / flan-t5: "gated-gelu").
+
+    A tied T5 reads its LM head from the shared embedding *and* scales the decoder
+    output by d_model**-0.5. transformers 4 files say so with ``tie_word_embeddings``
+    (default true); transformers 5 files always write ``tie_word_embeddings: true``
+    and keep the distinction in ``scale_decoder_outputs``. Untied: a separate lm_head,
+    no scaling. ``tie_word_embeddings`` here means the tied, scaled form.
+    """
+    proj = str(f.get("feed_forward_proj", "relu"))
+    try:
+        activation(proj)
+    except UnknownActivationError as e:
+        raise ConfigError(f"config.json (t5): unsupported feed_forward_proj {proj!r}: {e}") from None
+    heads = int(f.need("num_heads"))
+    layers = int(f.need("num_layers"))
+    return dict(
+        vocab_size=int(f.need("vocab_size")),
+        hidden_size=int(f.need("d_model")),
+        num_layers=layers,
+        num_decoder_layers=int(f.get("num_decoder_layers", layers)),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=int(f.need("d_kv")),  # need not be d_model / num_heads
+        intermediate_size=int(f.need("d_ff")),
+        rms_norm_eps=float(f.get("layer_norm_epsilon", 1e-6)),
+        max_position_embeddings=int(f.get("n_positions", 512)),  # relative positions: no hard limit
+        tie_word_embeddings=bool(f.get("scale_decoder_outputs", f.get("tie_word_embeddings", True))),
+        hidden_act=proj,
+        is_encoder_decoder=True,
+        relative_attention_num_buckets=int(f.get("relative_attention_num_buckets", 32)),
+        relative_attention_max_distance=int(f.get("relative_attention_max_distance", 128)),
+    )
+
+
 #: model_type -> parser of that family's config.json fields into ModelConfig fields
 FAMILY_PARSERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _llama,
+    "t5": _t5,
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_PARSERS)
 

@@ -101,6 +101,16 @@ class Embedding(nnx.Module):
         return jnp.einsum("...e,ve->...v", x, self.embedding[...])
 
 
+def vocab_logits(x: jax.Array, head: jax.Array, vocab_size: int, tp: TensorParallelConfig) -> jax.Array:
+    """The LM head: hidden states (B, T, E) against a vocab-sharded ``head`` (V, E),
+    V padded to a multiple of tp. Float32 logits (B, T, V), still vocab-sharded, with
+    the padded entries at -inf so that no sampler ever picks one."""
+    logits = jnp.einsum("bte,ve->btv", x, head).astype(jnp.float32)
+    if logits.shape[-1] != vocab_size:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+    return tp.constrain(logits, ("batch", "length", "vocab"))
+
+
 class RMSNorm(nnx.Module):
     """``x / rms(x) * scale``, normalised in float32 as Hugging Face does."""
 
@@ -145,17 +155,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-              tp: TensorParallelConfig) -> jax.Array:
+              tp: TensorParallelConfig, bias: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention: q (B, T, H, D) against k, v (B, S, KV, D).
 
     ``mask`` (B, T, S) is True where a query may see a key. Query head h reads KV head
     h // (H // KV), so with heads split over ``model`` each device needs only its own
-    KV heads. Scores and softmax are float32.
+    KV heads. Scores and softmax are float32. ``bias`` (B or 1, H, T, S), if given, is
+    added to the scaled scores before masking (T5's relative position bias).
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], kv, h // kv, t, bias.shape[-1])
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)

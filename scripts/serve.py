@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import logging
 
-    logging.getLogger("ryzen_jax").info("serving %s on http://%s:%d (mesh data=%d x model=%d)", server.model_name,
-                                        args.host, args.port, lm.tp.dp_size, lm.tp.tp_size)
+    if server.leader:
+        logging.getLogger("ryzen_jax").info("serving %s on http://%s:%d (mesh data=%d x model=%d, pid %d)",
+                                            server.model_name, args.host, args.port, lm.tp.dp_size, lm.tp.tp_size,
+                                            os.getpid())
     server.run(args.host, args.port)
     return 0
 

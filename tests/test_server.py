@@ -243,3 +243,81 @@ def test_queue_bound_and_api_key(lm):
             assert first.result().status_code == second.result().status_code == 200
     finally:
         running.stop()
+
+
+def test_a_stuck_step_fails_requests_explicitly(lm):
+    """When a decode step stops returning (a dead or stopped process), in-flight
+    requests end with an explicit error and /health says 503, instead of hanging."""
+    server = Server(lm, max_batch=2, model_name="tiny", step_timeout_s=2.0)
+    real_apply, release = server.batcher.apply, threading.Event()
+
+    def apply(plan):
+        if plan.admit and plan.admit[0].request.prompt_ids[-1] == server.lm.tokenizer("stuck")["input_ids"][-1]:
+            release.wait(60)  # a step that never returns, as when a peer process is gone
+        return real_apply(plan)
+
+    server.batcher.apply = apply
+    running = Running(server)
+    try:
+        t0 = time.time()
+        r = complete(running.url, prompt="stuck", max_tokens=4)
+        assert r.status_code == 503 and "dead or stuck" in r.json()["error"]["message"], r.text
+        assert time.time() - t0 < 30
+        assert httpx.get(f"{running.url}/health").status_code == 503
+        assert complete(running.url, prompt="hi", max_tokens=2).status_code == 503  # refused at once, no hang
+    finally:
+        release.set()
+        running.stop()
+
+
+def test_two_process_server_answers_like_one(model_dir, server):
+    """scripts/serve.py under scripts/launch.py: 2 processes × 2 devices (tp 4 across
+    them) answer exactly like the 1-process server; killing the worker ends the run
+    instead of leaving clients hanging."""
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["RYZEN_JAX_COMPILE_CACHE"] = "off"
+    proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--nproc", "2", "--devices-per-proc", "2",
+                             "--max-restarts", "0", "--", sys.executable, "scripts/serve.py", "--model", model_dir,
+                             "--tp", "4", "--max-seq-len", "128", "--port", str(port), "--served-model-name", "tiny",
+                             "--step-timeout", "10"],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.time() < deadline, "".join(lines)[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        prompts = PROMPTS[:6]
+        with cf.ThreadPoolExecutor(len(prompts)) as pool:
+            two = list(pool.map(lambda p: complete(url, prompt=p, max_tokens=10, temperature=0), prompts))
+            one = list(pool.map(lambda p: complete(server.url, prompt=p, max_tokens=10, temperature=0), prompts))
+        assert [r.json()["choices"][0]["text"] for r in two] == [r.json()["choices"][0]["text"] for r in one]
+        follower = next(int(line.rsplit("pid ", 1)[1].strip(" )\n")) for line in lines
+                        if "[rank 1]" in line and "following the leader" in line)
+        os.kill(follower, signal.SIGKILL)
+        t0 = time.time()
+        try:
+            r = complete(url, prompt="after the worker died", max_tokens=50, ignore_eos=True)
+            assert r.status_code >= 500
+        except httpx.TransportError:
+            pass  # the launcher took the group down: the connection closes, nobody hangs
+        assert time.time() - t0 < 60
+        assert proc.wait(timeout=60) != 0  # the launcher reports the failed rank
+        assert any("rank 1" in line and "SIGKILL" in line for line in lines), "".join(lines)[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -17,7 +17,8 @@ from ryzen_jax.checkpoint.safetensors_io import SafetensorsReader
 from ryzen_jax.config import ModelConfig
 
 Transform = Callable[[np.ndarray], np.ndarray]
-Source = tuple[str, Transform]
+#: (HF tensor name, transform); a tuple of names reads the first one the checkpoint has
+Source = tuple[str | tuple[str, ...], Transform]
 
 
 def _same(w: np.ndarray) -> np.ndarray:
@@ -62,20 +63,62 @@ def llama_sources(cfg: ModelConfig) -> dict[str, Source]:
     return out
 
 
+def t5_sources(cfg: ModelConfig) -> dict[str, Source]:
+    """T5 (``T5ForConditionalGeneration``): one shared embedding; per stack, block 0's
+    self-attention holds the relative-position bias table every layer uses. Decoder
+    blocks are [self-attention, cross-attention (EncDecAttention), feed-forward],
+    encoder blocks lack the cross-attention. Feed-forward: ``wi`` (ReLU) or ``wi_0``
+    (gate) and ``wi_1`` (up), then ``wo``."""
+    e, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    gated = cfg.hidden_act.startswith("gated-")
+
+    def q_k_v(w: np.ndarray) -> np.ndarray:
+        return w.T.reshape(e, h, d)
+
+    def o(w: np.ndarray) -> np.ndarray:
+        return w.T.reshape(h, d, e)
+
+    out: dict[str, Source] = {"shared.embedding": ("shared.weight", _same)}
+    if not cfg.tie_word_embeddings:
+        # transformers 5 may write an unscaled T5 without lm_head.weight: it then reuses shared.weight
+        out["lm_head"] = (("lm_head.weight", "shared.weight"), _same)
+    stacks = (("encoder", cfg.num_layers, ()), ("decoder", cfg.num_decoder_layers, (("cross", "EncDecAttention"),)))
+    for stack, layers, cross in stacks:
+        out[f"{stack}.rel_bias"] = (f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", _same)
+        out[f"{stack}.norm.scale"] = (f"{stack}.final_layer_norm.weight", _same)
+        for i in range(layers):
+            ours, hf = f"{stack}.layers.{i}.", f"{stack}.block.{i}.layer."
+            sublayers = (("attn", "SelfAttention"), *cross)
+            for j, (name, hf_name) in enumerate(sublayers):
+                out[ours + f"{name}_norm.scale"] = (hf + f"{j}.layer_norm.weight", _same)
+                for w in ("q", "k", "v"):
+                    out[ours + f"{name}.w{w}.kernel"] = (hf + f"{j}.{hf_name}.{w}.weight", q_k_v)
+                out[ours + f"{name}.wo.kernel"] = (hf + f"{j}.{hf_name}.o.weight", o)
+            ff = hf + f"{len(sublayers)}."
+            out[ours + "mlp_norm.scale"] = (ff + "layer_norm.weight", _same)
+            mlp = (("gate", "wi_0"), ("up", "wi_1")) if gated else (("up", "wi"),)
+            for name, hf_name in (*mlp, ("down", "wo")):
+                out[ours + f"mlp.{name}.kernel"] = (ff + f"DenseReluDense.{hf_name}.weight", _t)
+    return out
+
+
 FAMILIES: Mapping[str, Callable[[ModelConfig], dict[str, Source]]] = {
     "llama": llama_sources,
     "mistral": llama_sources,
     "qwen2": llama_sources,
+    "t5": t5_sources,
 }
 
 
 def hf_views(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, np.ndarray]:
     """Every parameter of the tp = 1 layout as a lazy view into the memory-mapped files."""
     table = FAMILIES[cfg.model_type](cfg)
-    missing = [hf for hf, _ in table.values() if hf not in reader]
+    names = {path: next((n for n in ((hf,) if isinstance(hf, str) else hf) if n in reader), None)
+             for path, (hf, _) in table.items()}
+    missing = [table[path][0] for path, name in names.items() if name is None]
     if missing:
         raise KeyError(f"the checkpoint lacks {len(missing)} tensor(s) that {cfg.model_type} needs, e.g. {missing[:3]}")
-    return {path: fn(reader.get(hf)) for path, (hf, fn) in table.items()}
+    return {path: fn(reader.get(names[path])) for path, (_, fn) in table.items()}
 
 
 def fit_slice(stored: np.ndarray, index: Sequence[slice], target_shape: Sequence[int],

@@ -68,4 +68,5 @@ class Server:
             self.scheduler.shutdown()
 
     def follow(self) -> None:
+        log.info("following the leader's plans (pid %d)", os.getpid())
         follow(self.batcher, self.channel)

@@ -53,6 +53,12 @@ class ModelConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None
+    # GPT-2 / BERT: LayerNorm (with bias) instead of RMSNorm
+    layer_norm_eps: float = 1e-5
+    scale_attn_weights: bool = True  # GPT-2: attention scores scaled by head_dim**-0.5 ...
+    scale_attn_by_inverse_layer_idx: bool = False  # ... and by 1 / (layer index + 1)
+    type_vocab_size: int = 0  # BERT token-type (segment) embeddings
+    is_encoder: bool = False  # encoder-only (BERT): hidden states out, no LM head, no generation
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -210,11 +216,67 @@ def _t5(f: _Fields) -> dict[str, Any]:
     )
 
 
+def _biased_mha(f: _Fields, hidden_key: str, layers_key: str, heads_key: str) -> dict[str, Any]:
+    """The fields GPT-2 and BERT share: multi-head attention (head size hidden / heads)
+    with a bias on every projection and MLP layer, under each family's key names."""
+    hidden, heads = int(f.need(hidden_key)), int(f.need(heads_key))
+    if hidden % heads:
+        raise ConfigError(f"config.json ({f.model_type}): hidden size {hidden} is not divisible by "
+                          f"{heads_key}={heads}; the checkpoint is inconsistent")
+    return dict(vocab_size=int(f.need("vocab_size")), hidden_size=hidden, num_layers=int(f.need(layers_key)),
+                num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, attention_bias=True, o_bias=True,
+                mlp_bias=True)
+
+
+def _refuse(f: _Fields, key: str, supported: Any, why: str) -> None:
+    """ConfigError when ``key`` is set to anything but its ``supported`` value."""
+    value = f.get(key, supported)
+    if value != supported:
+        raise ConfigError(f"config.json ({f.model_type}): {key}={value!r} is not supported ({why}); "
+                          f"ryzen_jax runs {key}={supported!r} only")
+
+
+def _gpt2(f: _Fields) -> dict[str, Any]:
+    """GPT-2: learned positions, pre-LayerNorm, biased projections, tanh-GELU MLP."""
+    fields = _biased_mha(f, "n_embd", "n_layer", "n_head")
+    _refuse(f, "add_cross_attention", False, "GPT-2 as the decoder of an encoder-decoder model")
+    # reorder_and_upcast_attn only upcasts the scores to float32, which attention() always does.
+    return dict(
+        fields,
+        intermediate_size=int(f.get("n_inner", 4 * fields["hidden_size"])),
+        layer_norm_eps=float(f.get("layer_norm_epsilon", 1e-5)),
+        max_position_embeddings=int(f.get("n_positions", 1024)),
+        tie_word_embeddings=bool(f.get("tie_word_embeddings", True)),
+        hidden_act=str(f.get("activation_function", "gelu_new")),
+        scale_attn_weights=bool(f.get("scale_attn_weights", True)),
+        scale_attn_by_inverse_layer_idx=bool(f.get("scale_attn_by_inverse_layer_idx", False)),
+    )
+
+
+def _bert(f: _Fields) -> dict[str, Any]:
+    """BERT encoder: absolute learned positions, token types, post-LayerNorm, GELU MLP."""
+    fields = _biased_mha(f, "hidden_size", "num_hidden_layers", "num_attention_heads")
+    _refuse(f, "position_embedding_type", "absolute", "relative position embeddings")
+    _refuse(f, "is_decoder", False, "BERT used as a causal decoder")
+    _refuse(f, "add_cross_attention", False, "BERT as the decoder of an encoder-decoder model")
+    return dict(
+        fields,
+        intermediate_size=int(f.need("intermediate_size")),
+        layer_norm_eps=float(f.get("layer_norm_eps", 1e-12)),
+        max_position_embeddings=int(f.get("max_position_embeddings", 512)),
+        type_vocab_size=int(f.get("type_vocab_size", 2)),
+        hidden_act=str(f.get("hidden_act", "gelu")),
+        is_encoder=True,
+    )
+
+
 #: model_type -> parser of that family's config.json fields into ModelConfig fields
 FAMILY_PARSERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _llama,
+    "gpt2": _gpt2,
+    "bert": _bert,
     "t5": _t5,
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_PARSERS)

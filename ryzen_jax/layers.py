@@ -8,13 +8,14 @@ each name lands on is decided only in ``ryzen_jax.sharding``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ryzen_jax import cache as kv
 from ryzen_jax.activations import FeedForward
 from ryzen_jax.config import RopeScaling
 from ryzen_jax.sharding import TensorParallelConfig
@@ -124,6 +125,23 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * xf.astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """``(x - mean) / std * scale + bias`` over the last axis, computed in float32 as
+    Hugging Face (``torch.nn.LayerNorm``) does, and cast back to the input's dtype."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("norm",), dtype, nnx.initializers.ones)
+        self.bias = param(rngs, (dim,), ("norm",), dtype, nnx.initializers.zeros)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        centred = xf - mean
+        xf = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
     """Inverse frequencies ``theta^(-2i/d)``, adjusted for linear or llama3 scaling."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
@@ -173,3 +191,73 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
     return tp.constrain(out, ("batch", "length", "heads", "head_dim"))
+
+
+#: logical axes of the hidden states between layers
+HIDDEN = ("batch", "length", "embed")
+
+
+class MultiHeadAttention(nnx.Module):
+    """The four projections of multi-head attention (grouped- and multi-query too): q, k,
+    v column-parallel over heads, o row-parallel, so the block ends in one all-reduce.
+    Each family adds its position encoding and mask around :meth:`qkv` and ``wo``."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
+                 o_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        def column(n: int, axis: str) -> ColumnParallelLinear:
+            return ColumnParallelLinear(dim, (n, head_dim), (axis, "head_dim"), use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+
+        self.wq, self.wk, self.wv = column(num_heads, "heads"), column(num_kv_heads, "kv_heads"), column(num_kv_heads, "kv_heads")
+        self.wo = RowParallelLinear((num_heads, head_dim), dim, ("heads", "head_dim"), use_bias=o_bias, dtype=dtype,
+                                    rngs=rngs)
+
+    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q (B, T, H, D), k and v (B, T, KV, D)."""
+        return self.wq(x), self.wk(x), self.wv(x)
+
+
+def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache_k: jax.Array,
+                          cache_v: jax.Array, *, prefill: bool, scale: float, tp: TensorParallelConfig,
+                          window: int | None = None, bias: Callable[[jax.Array], jax.Array] | None = None
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Causal attention of new tokens at ``positions`` (B, T), after writing their keys
+    and values into one layer's cache (B, S, KV, D) at those positions.
+
+    ``prefill``: the tokens start their sequences, so they attend among themselves and
+    the cache is not read back. ``window``: a query sees only the last ``window``
+    positions (sliding-window attention). ``bias(key_positions (B, S))`` → (B or 1, H,
+    T, S): an additive score bias (T5's relative positions). Returns (out (B, T, H, D),
+    cache_k, cache_v).
+    """
+    q = tp.constrain(q, ("batch", "length", "heads", "head_dim"))
+    start = positions[:, 0]
+    cache_k, cache_v = kv.write(cache_k, k, start), kv.write(cache_v, v, start)
+    if prefill:
+        keys, values, key_pos = k, v, positions
+    else:
+        keys, values = cache_k, cache_v
+        key_pos = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (q.shape[0], cache_k.shape[1]))
+    mask = key_pos[:, None, :] <= positions[:, :, None]
+    if window is not None:
+        mask &= key_pos[:, None, :] > positions[:, :, None] - window
+    out = attention(q, keys, values, mask, scale, tp, None if bias is None else bias(key_pos))
+    return out, cache_k, cache_v
+
+
+class PreNormBlock(nnx.Module):
+    """A pre-norm decoder layer (Llama, GPT-2):
+
+        h = x + attn(attn_norm(x)),    y = h + mlp(mlp_norm(h))
+
+    ``attn(x, positions, cache_k, cache_v, prefill)`` returns (out, cache_k, cache_v)."""
+
+    def __init__(self, attn_norm: nnx.Module, attn: nnx.Module, mlp_norm: nnx.Module, mlp: MLP,
+                 tp: TensorParallelConfig):
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+        self.tp = tp
+
+    def __call__(self, x, positions, cache_k, cache_v, prefill: bool):
+        a, cache_k, cache_v = self.attn(self.attn_norm(x), positions, cache_k, cache_v, prefill)
+        x = self.tp.constrain(x + a, HIDDEN)
+        x = self.tp.constrain(x + self.mlp(self.mlp_norm(x)), HIDDEN)
+        return x, cache_k, cache_v

@@ -102,11 +102,87 @@ def t5_sources(cfg: ModelConfig) -> dict[str, Source]:
     return out
 
 
+def _layer_norm(ours: str, hf: Callable[[str], tuple[str, ...]], theirs: str) -> dict[str, Source]:
+    """A LayerNorm's scale and bias (HF ``weight``, ``bias``)."""
+    return {f"{ours}.scale": (hf(f"{theirs}.weight"), _same), f"{ours}.bias": (hf(f"{theirs}.bias"), _same)}
+
+
+def gpt2_sources(cfg: ModelConfig) -> dict[str, Source]:
+    """GPT-2. Its Conv1D weights are already (in, out). The fused ``c_attn`` (E, 3E) is
+    [q | k | v] along the columns; each third becomes its own (embed, heads, head_dim)
+    kernel, so tp splits whole heads of q, k and v rather than columns of the fused
+    matrix. ``GPT2LMHeadModel`` files prefix ``transformer.``; bare ``GPT2Model`` ones do not."""
+    e, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+
+    def hf(name: str) -> tuple[str, ...]:
+        return f"transformer.{name}", name
+
+    def third(k: int) -> Transform:
+        return lambda w: w[:, k * e:(k + 1) * e].reshape(e, h, d)
+
+    def third_bias(k: int) -> Transform:
+        return lambda b: b[k * e:(k + 1) * e].reshape(h, d)
+
+    out: dict[str, Source] = {
+        "embed.embedding": (hf("wte.weight"), _same),
+        "pos_embed": (hf("wpe.weight"), _same),
+        **_layer_norm("norm", hf, "ln_f"),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = ("lm_head.weight", _same)
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"h.{i}."
+        out.update(_layer_norm(ours + "attn_norm", hf, theirs + "ln_1"))
+        out.update(_layer_norm(ours + "mlp_norm", hf, theirs + "ln_2"))
+        for k, name in enumerate(("wq", "wk", "wv")):
+            out[ours + f"attn.{name}.kernel"] = (hf(theirs + "attn.c_attn.weight"), third(k))
+            out[ours + f"attn.{name}.bias"] = (hf(theirs + "attn.c_attn.bias"), third_bias(k))
+        out[ours + "attn.wo.kernel"] = (hf(theirs + "attn.c_proj.weight"), lambda w: w.reshape(h, d, e))
+        out[ours + "attn.wo.bias"] = (hf(theirs + "attn.c_proj.bias"), _same)
+        for name, proj in (("up", "c_fc"), ("down", "c_proj")):
+            out[ours + f"mlp.{name}.kernel"] = (hf(theirs + f"mlp.{proj}.weight"), _same)
+            out[ours + f"mlp.{name}.bias"] = (hf(theirs + f"mlp.{proj}.bias"), _same)
+    return out
+
+
+def bert_sources(cfg: ModelConfig) -> dict[str, Source]:
+    """BERT encoder: nn.Linear weights (out, in) → (in, out), q/k/v split per head. The
+    pooler is not read. ``BertModel`` files have no prefix; task models (``BertForMaskedLM``
+    ...) prefix ``bert.``."""
+    e, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+
+    def hf(name: str) -> tuple[str, ...]:
+        return name, f"bert.{name}"
+
+    out: dict[str, Source] = {
+        "embed.embedding": (hf("embeddings.word_embeddings.weight"), _same),
+        "pos_embed": (hf("embeddings.position_embeddings.weight"), _same),
+        "type_embed": (hf("embeddings.token_type_embeddings.weight"), _same),
+        **_layer_norm("embed_norm", hf, "embeddings.LayerNorm"),
+    }
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"encoder.layer.{i}."
+        for name, proj in (("wq", "query"), ("wk", "key"), ("wv", "value")):
+            out[ours + f"attn.{name}.kernel"] = (hf(theirs + f"attention.self.{proj}.weight"),
+                                                 lambda w: w.T.reshape(e, h, d))
+            out[ours + f"attn.{name}.bias"] = (hf(theirs + f"attention.self.{proj}.bias"), lambda b: b.reshape(h, d))
+        out[ours + "attn.wo.kernel"] = (hf(theirs + "attention.output.dense.weight"), lambda w: w.T.reshape(h, d, e))
+        out[ours + "attn.wo.bias"] = (hf(theirs + "attention.output.dense.bias"), _same)
+        out.update(_layer_norm(ours + "attn_norm", hf, theirs + "attention.output.LayerNorm"))
+        for name, dense in (("up", "intermediate.dense"), ("down", "output.dense")):
+            out[ours + f"mlp.{name}.kernel"] = (hf(theirs + f"{dense}.weight"), _t)
+            out[ours + f"mlp.{name}.bias"] = (hf(theirs + f"{dense}.bias"), _same)
+        out.update(_layer_norm(ours + "mlp_norm", hf, theirs + "output.LayerNorm"))
+    return out
+
+
 FAMILIES: Mapping[str, Callable[[ModelConfig], dict[str, Source]]] = {
     "llama": llama_sources,
     "mistral": llama_sources,
     "qwen2": llama_sources,
     "t5": t5_sources,
+    "gpt2": gpt2_sources,
+    "bert": bert_sources,
 }
 
 

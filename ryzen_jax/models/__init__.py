@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from ryzen_jax.config import ModelConfig
+from ryzen_jax.models.bert import BertModel
+from ryzen_jax.models.gpt2 import GPT2LMHeadModel
 from ryzen_jax.models.llama import LlamaForCausalLM
+from ryzen_jax.models.t5 import T5ForConditionalGeneration
 
-MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
+                 "t5": T5ForConditionalGeneration, "gpt2": GPT2LMHeadModel, "bert": BertModel}
 
 
 def model_class(cfg: ModelConfig):

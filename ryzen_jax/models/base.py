@@ -21,12 +21,17 @@ import jax
 import jax.numpy as jnp
 
 from ryzen_jax import cache as kv
+from ryzen_jax.layers import vocab_logits
 
 
 class DecoderOnlyLM:
     """prefill/decode for a model whose ``__call__(tokens, positions, cache, *, prefill,
     logits_at)`` returns (logits (B, T, V), KVCache). Needs ``self.cfg``, ``self.tp`` and
-    ``self.cache_shape()`` → (layers, kv_heads, head_dim, dtype)."""
+    ``self.embed`` (an ``Embedding``)."""
+
+    def cache_shape(self) -> tuple[int, int, int, jnp.dtype]:
+        """(layers, KV heads held (replicated up to tp), head_dim, dtype) of the KV cache."""
+        return self.cfg.num_layers, self.tp.kv_heads(self.cfg.num_kv_heads), self.cfg.head_dim, self.embed.embedding.dtype
 
     def new_cache(self, batch: int, max_len: int) -> kv.KVCache:
         layers, kv_heads, head_dim, dtype = self.cache_shape()
@@ -41,3 +46,20 @@ class DecoderOnlyLM:
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache):
         logits, cache = self(tokens[:, None], positions[:, None], cache, prefill=False)
         return logits[:, 0], cache
+
+    def decoder_stack(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache, *, prefill: bool,
+                      logits_at: jax.Array | None) -> tuple[jax.Array, kv.KVCache]:
+        """What every decoder-only family does after its embedding: the layers, each
+        reading and writing its cache slice; the final norm; the LM head (tied: the
+        embedding table), at ``logits_at`` only when given. Needs ``self.layers``,
+        ``self.norm``, ``self.embed`` and, untied, ``self.lm_head`` (vocab, embed).
+        Returns float32 vocab-sharded logits with padded vocabulary entries at -inf."""
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, ck, cv = layer(x, positions, cache.k[i], cache.v[i], prefill)
+            new_k.append(ck)
+            new_v.append(cv)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+        head = self.embed.embedding[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return vocab_logits(self.norm(x), head, self.cfg.vocab_size, self.tp), kv.KVCache(k=new_k, v=new_v)

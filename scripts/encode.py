@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Embed texts with a tensor-parallel encoder-only model (BERT).
+
+    python scripts/encode.py --model DIR --text "Hello world" --text "Bonjour" [--pooling mean|cls]
+                             [--normalize] [--tp 4] [--dtype float32] --json
+
+DIR is a Hugging Face BERT directory (safetensors and a tokenizer) or a checkpoint
+written by scripts/convert_hf.py. Prints one vector per text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ryzen_jax.runtime import setup_host_devices  # noqa: E402
+
+setup_host_devices()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model dir or converted checkpoint of an encoder-only model")
+    ap.add_argument("--text", action="append", required=True, help="text to embed; repeat for a batch")
+    ap.add_argument("--pooling", choices=["mean", "cls"], default="mean",
+                    help="mean of the real tokens' last hidden states, or the first token's")
+    ap.add_argument("--normalize", action="store_true", help="scale each vector to unit length")
+    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices the model allows)")
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="default: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    import ryzen_jax as rj
+    from ryzen_jax.runtime import enable_compilation_cache, setup_logging
+
+    setup_logging()
+    enable_compilation_cache()
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    try:
+        lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, progress=False)
+        if lm.encoder is None:
+            raise ValueError(f"{args.model} is a {lm.config.model_type} model, not an encoder-only one: "
+                             "use scripts/generate.py for it")
+        say(f"loaded {lm.config.model_type} in {lm.load_s:.1f}s on mesh data={lm.tp.dp_size} x model={lm.tp.tp_size} "
+            f"({jax.default_backend()}, {lm.encoder.dtype})")
+        vectors = rj.embed(lm, args.text, pooling=args.pooling, normalize=args.normalize)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() != 0:
+        return 0
+    if args.json:
+        print(json.dumps({"model": args.model, "model_type": lm.config.model_type, "tp": lm.tp.tp_size,
+                          "dp": lm.tp.dp_size, "dtype": str(lm.encoder.dtype), "pooling": args.pooling,
+                          "normalize": args.normalize, "texts": args.text, "embeddings": vectors.tolist(),
+                          "timings": {"load_s": round(lm.load_s, 3), "compile_s": round(lm.encoder.compile_s, 3)}}))
+    else:
+        for text, v in zip(args.text, vectors):
+            print(f"{text!r}: [{', '.join(f'{x:.4f}' for x in v[:8])}{', ...' if len(v) > 8 else ''}] (dim {len(v)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""BERT (encoder only) against Hugging Face transformers (PyTorch, float32 eager) on a
+tiny random model: last hidden states at tp 1 and 4 for a padded batch, pooled
+embeddings, Orbax conversion, the collectives of the compiled encoder, config and
+input errors, and scripts/encode.py end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import ryzen_jax as rj
+from ryzen_jax.config import ConfigError, ModelConfig
+from ryzen_jax.demo import save_tokenizer, train_tokenizer
+from tests import hf_models
+from tests.test_cli import ROOT, user_env
+from tests.test_structure import collectives
+
+# 8, 18, 45 and 3 tokens: one batch pads them to the 64-token bucket
+TEXTS = ["The weather is", "Distributed computing across many machines",
+         "Good systems are built from simple rules that everyone follows: write the data before you announce it.",
+         "Hi"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def bert(hf_model_dir):
+    """(dir, token ids per text, loader by tp): a tiny BertModel with a local tokenizer."""
+    path = hf_model_dir("bert")
+    save_tokenizer(train_tokenizer(hf_models.BERT_BASE["vocab_size"]), path)
+    ids = [transformers.AutoTokenizer.from_pretrained(path)(t)["input_ids"] for t in TEXTS]
+    loaded: dict[int, rj.LoadedModel] = {}
+
+    def lm(tp: int) -> rj.LoadedModel:
+        if tp not in loaded:
+            loaded[tp] = rj.load_model(path, tp=tp, dtype="float32", progress=False)
+        return loaded[tp]
+
+    return path, ids, lm
+
+
+@pytest.fixture(scope="module")
+def hf_states(bert):
+    """HF's last hidden states: each text alone (len_i, E), and the padded batch with its mask."""
+    path, ids, _ = bert
+    model = transformers.BertModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    longest = max(map(len, ids))
+    tokens = torch.tensor([i + [0] * (longest - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids])
+    with torch.no_grad():
+        alone = [model(torch.tensor([i])).last_hidden_state[0].numpy() for i in ids]
+        batch = model(tokens, attention_mask=mask).last_hidden_state.numpy()
+    return alone, batch, mask.numpy()
+
+
+def max_diff(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    return max(float(np.abs(o - r).max()) for o, r in zip(ours, ref, strict=True))
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_hidden_states_of_a_padded_batch_match_hf_alone(tp, bert, hf_states):
+    _, ids, lm = bert
+    alone, _, _ = hf_states
+    ours = lm(tp).encoder.hidden_states(ids)
+    diff = max_diff(ours, alone)
+    scale = max(float(np.abs(r).max()) for r in alone)
+    print(f"bert tp={tp}: max |hidden diff| = {diff:.2e} (hidden states up to {scale:.1f})")
+    assert diff < TOL * max(1.0, scale)
+    if tp == 4:  # a text on its own (another batch and bucket) gets what it got in the batch
+        (solo,) = lm(tp).encoder.hidden_states([ids[3]])
+        np.testing.assert_allclose(solo, ours[3], atol=1e-5)
+
+
+def test_pooled_embeddings_match_hf(bert, hf_states):
+    """From text: mean over the real tokens and first-token (cls) pooling equal the same
+    pooling of HF's padded-batch hidden states; normalize gives unit vectors."""
+    _, _, lm = bert
+    _, batch, mask = hf_states
+    ref = {"mean": (batch * mask[..., None]).sum(1) / mask.sum(1, keepdims=True), "cls": batch[:, 0]}
+    for pooling, want in ref.items():
+        got = rj.embed(lm(4), TEXTS, pooling=pooling)
+        assert got.shape == (len(TEXTS), 64)
+        np.testing.assert_allclose(got, want, atol=TOL * max(1.0, float(np.abs(want).max())), err_msg=pooling)
+    unit = rj.embed(lm(4), TEXTS, normalize=True)
+    np.testing.assert_allclose(unit, ref["mean"] / np.linalg.norm(ref["mean"], axis=1, keepdims=True), atol=1e-5)
+
+
+def test_orbax_conversion_equals_direct_loading(bert, tmp_path):
+    path, _, lm = bert
+    conv = rj.convert_hf(path, str(tmp_path / "conv"), progress=False)
+    restored = rj.load_model(conv, tp=4, dtype="float32", progress=False)
+    assert restored.generator is None and restored.tokenizer is not None
+    direct = nnx.to_flat_state(lm(4).encoder.state)
+    for (p, a), (q, b) in zip(direct, nnx.to_flat_state(restored.encoder.state), strict=True):
+        assert p == q and a.get_value().sharding == b.get_value().sharding
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+
+
+def test_encoder_is_megatron(bert):
+    """The compiled encoder at tp 4: two all-reduces per layer plus the vocab-parallel
+    embedding lookup's; no all-gather (hidden states are replicated over ``model``)."""
+    _, _, lm = bert
+    found = collectives(lm(4).encoder.encode_program(4, 64).as_text())
+    kinds = [k for k, _ in found]
+    assert kinds.count("all-reduce") == 2 * lm(4).config.num_layers + 1, found
+    assert set(kinds) == {"all-reduce"}, found
+
+
+def test_config_and_input_errors(bert):
+    raw = {"model_type": "bert", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 1,
+           "num_attention_heads": 8, "intermediate_size": 128}
+    cfg = ModelConfig.from_dict(raw)
+    assert (cfg.is_encoder, cfg.hidden_act, cfg.layer_norm_eps, cfg.type_vocab_size) == (True, "gelu", 1e-12, 2)
+    with pytest.raises(ConfigError, match="position_embedding_type='relative_key' is not supported"):
+        ModelConfig.from_dict({**raw, "position_embedding_type": "relative_key"})
+    with pytest.raises(ConfigError, match="unknown activation 'gelu_erf'"):
+        ModelConfig.from_dict({**raw, "hidden_act": "gelu_erf"})
+    _, ids, lm = bert
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        rj.embed(lm(4), TEXTS, pooling="max")
+    with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
+        rj.embed(lm(4), [list(range(65))])
+    with pytest.raises(ValueError, match="empty input"):
+        rj.embed(lm(4), [[]])
+
+
+def test_encode_cli_matches_hf(bert, hf_states, monkeypatch, capsys):
+    path, _, _ = bert
+    alone, _, _ = hf_states
+    proc = subprocess.run([sys.executable, "scripts/encode.py", "--model", path, "--text", TEXTS[0], "--text", TEXTS[2],
+                           "--tp", "2", "--json"], cwd=ROOT, capture_output=True, text=True,
+                          env=user_env(RYZEN_JAX_COMPILE_CACHE="off"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert (out["tp"], out["pooling"], out["model_type"]) == (2, "mean", "bert")
+    want = np.stack([alone[0].mean(0), alone[2].mean(0)])
+    np.testing.assert_allclose(np.asarray(out["embeddings"]), want, atol=TOL * max(1.0, float(np.abs(want).max())))
+
+    # bad input, in this process (a second interpreter start costs seconds): exit code 2 and the reason
+    monkeypatch.setenv("RYZEN_JAX_COMPILE_CACHE", "off")  # and leave this process's logging alone:
+    monkeypatch.setattr("ryzen_jax.runtime.setup_logging", lambda *a, **k: None)
+    spec = importlib.util.spec_from_file_location("encode_cli", os.path.join(ROOT, "scripts", "encode.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--model", path, "--text", "x", "--tp", "3"]) == 2
+    assert "num_attention_heads=8 is not divisible by tp=3" in capsys.readouterr().err

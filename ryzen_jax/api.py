@@ -25,6 +25,7 @@ from ryzen_jax.engine.embed import Encoder
 from ryzen_jax.engine.generate import (Completion, GenerationResult, Generator, Request, StreamDelta,
                                       resolve_max_seq_len)
 from ryzen_jax.engine.sampling import SamplingParams
+from ryzen_jax.runtime import enable_compilation_cache
 from ryzen_jax.sharding import ShardingError, TensorParallelConfig
 
 @dataclasses.dataclass
@@ -76,8 +77,12 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     ``dtype`` to bfloat16 on accelerators and float32 on CPU. ``max_seq_len`` bounds
     prompt + generated tokens (default: the model's context, at most 2048) and fixes
     the cache size. ``warmup`` compiles every prompt-length bucket at batch 1 now, so
-    no single request compiles later.
+    no single request compiles later. JAX's persistent compilation cache is turned on
+    (``$RYZEN_JAX_CACHE/xla``; ``RYZEN_JAX_COMPILE_CACHE=DIR|off``) unless the caller
+    already configured one, so a second start skips compiling.
     """
+    if jax.config.jax_compilation_cache_dir is None:  # on by default, as in the CLIs
+        enable_compilation_cache()
     tokenizer = load_tokenizer(path)  # before the clock: load_s measures the weights
     t0 = time.perf_counter()
     loader = DistributedCheckpointLoader(path, progress=progress)

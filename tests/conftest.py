@@ -7,6 +7,7 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RYZEN_JAX_COMPILE_CACHE", "off")  # tests compile from scratch and leave ~/.cache alone
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def user_env(**extra: str) -> dict:
     """The environment a user's shell has: without the test session's 8 simulated devices."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "RYZEN_JAX_COMPILE_CACHE")}
     return {**env, **extra}
 
 

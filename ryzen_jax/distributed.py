@@ -241,6 +241,9 @@ class MultiGPUOrchestrator:
                 heartbeat_timeout_seconds=max(1, int(self.heartbeat_timeout)),
                 coordinator_bind_address=self._bind_address(spec),
             )
+        except ValueError as e:  # JAX's cluster detection found no coordinator address, count or id
+            raise ValueError(f"cannot form the {spec.source} process group: {str(e).rstrip('.')}. Fix: set MASTER_ADDR, MASTER_PORT, "
+                             "RANK and WORLD_SIZE for every process") from e
         finally:
             watchdog.cancel()
         self.spec = spec

@@ -111,6 +111,13 @@ def encode(lm: LoadedModel, text: str) -> list[int]:
     return list(lm.tokenizer(text)["input_ids"])
 
 
+def _generator(lm: LoadedModel) -> Generator:
+    if lm.generator is None:
+        raise ValueError(f"{lm.path} holds a {lm.config.model_type} encoder, which does not generate text: "
+                         "use rj.embed for embeddings")
+    return lm.generator
+
+
 def requests(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), stop: Sequence[str] = (),
              stop_token_ids: Sequence[int] | None = None) -> list[Request]:
@@ -118,7 +125,7 @@ def requests(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], 
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
         raise TypeError("prompts must be a list of strings or of token-id lists; wrap a single prompt in a list")
     ids = [encode(lm, p) if isinstance(p, str) else list(p) for p in prompts]
-    return lm.generator.requests(ids, max_new_tokens, sampling, stop_token_ids=stop_token_ids or (), stop=stop)
+    return _generator(lm).requests(ids, max_new_tokens, sampling, stop_token_ids=stop_token_ids or (), stop=stop)
 
 
 def generate(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
@@ -134,7 +141,7 @@ def generate(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], 
     result: GenerationResult = GenerationResult(completions=[])
     batch = requests(lm, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
                      stop_token_ids=stop_token_ids)
-    for _ in lm.generator.run(batch, stats=result):
+    for _ in _generator(lm).run(batch, stats=result):
         pass
     return (result.completions, result) if return_result else result.completions
 
@@ -146,7 +153,7 @@ def stream(lm: LoadedModel, prompt: str | Sequence[int], *, max_new_tokens: int 
     token. The text deltas never split a character and join to the final text."""
     one = requests(lm, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
                    stop_token_ids=stop_token_ids)
-    for deltas in lm.generator.run(one, steps_per_dispatch=1):
+    for deltas in _generator(lm).run(one, steps_per_dispatch=1):
         yield from deltas
 
 

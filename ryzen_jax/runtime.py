@@ -77,6 +77,14 @@ def is_main_process() -> bool:
     return process_index() == 0
 
 
+def add_mesh_args(ap) -> None:
+    """The mesh and precision flags every model-running CLI takes: --tp, --dp, --dtype."""
+    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices the model allows)")
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="default: bfloat16 on GPU, float32 on CPU")
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Log lines carry the process rank so multi-process output says who wrote it
     (under scripts/launch.py the launcher prefixes every line with it already)."""

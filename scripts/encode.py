@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ryzen_jax.runtime import setup_host_devices  # noqa: E402
+from ryzen_jax.runtime import add_mesh_args, setup_host_devices  # noqa: E402
 
 setup_host_devices()
 
@@ -29,10 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pooling", choices=["mean", "cls"], default="mean",
                     help="mean of the real tokens' last hidden states, or the first token's")
     ap.add_argument("--normalize", action="store_true", help="scale each vector to unit length")
-    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices the model allows)")
-    ap.add_argument("--dp", type=int, default=1, help="data-parallel size")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                    help="default: bfloat16 on GPU, float32 on CPU")
+    add_mesh_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return ap.parse_args(argv)
 
@@ -42,10 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     import ryzen_jax as rj
-    from ryzen_jax.runtime import enable_compilation_cache, setup_logging
+    from ryzen_jax.runtime import setup_logging
 
-    setup_logging()
-    enable_compilation_cache()
+    setup_logging()  # load_model turns on the persistent compilation cache
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     try:
         lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, progress=False)

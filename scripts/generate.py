@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ryzen_jax.runtime import setup_host_devices  # noqa: E402
+from ryzen_jax.runtime import add_mesh_args, setup_host_devices  # noqa: E402
 
 setup_host_devices()
 
@@ -31,10 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", help="HF model dir or converted checkpoint (default: the demo model)")
     ap.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices the model allows)")
-    ap.add_argument("--dp", type=int, default=1, help="data-parallel size")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                    help="default: bfloat16 on GPU, float32 on CPU")
+    add_mesh_args(ap)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
     ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
@@ -55,10 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     import ryzen_jax as rj
-    from ryzen_jax.runtime import enable_compilation_cache, setup_logging
+    from ryzen_jax.runtime import setup_logging
 
-    setup_logging()
-    enable_compilation_cache()
+    setup_logging()  # load_model turns on the persistent compilation cache
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     try:
         sampling = rj.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

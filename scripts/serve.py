@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ryzen_jax.runtime import setup_host_devices  # noqa: E402
+from ryzen_jax.runtime import add_mesh_args, setup_host_devices  # noqa: E402
 
 setup_host_devices()
 
@@ -26,9 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF model dir or converted checkpoint (with a tokenizer)")
     ap.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: dir name)")
-    ap.add_argument("--tp", type=int, default=None)
-    ap.add_argument("--dp", type=int, default=1)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    add_mesh_args(ap)
     ap.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated tokens per request")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -44,11 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ryzen_jax as rj
-    from ryzen_jax.runtime import enable_compilation_cache, setup_logging
+    from ryzen_jax.runtime import setup_logging
     from ryzen_jax.serve import Server
 
-    setup_logging()
-    enable_compilation_cache()
+    setup_logging()  # load_model turns on the persistent compilation cache
     try:
         lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
         server = Server(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,

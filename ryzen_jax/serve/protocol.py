@@ -25,6 +25,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def _refuse(name: str):
+    """A validator that refuses any set value of an OpenAI field this server lacks."""
+    def check(cls, value):
+        if value not in (None, False):
+            raise ValueError(f"{name} is not supported by this server")
+        return value
+
+    return field_validator(name)(classmethod(check))
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -74,19 +84,8 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     echo: bool = False
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v is not None:
-            raise ValueError("logprobs is not supported by this server")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported by this server")
-        return v
+    _no_logprobs = _refuse("logprobs")
+    _no_echo = _refuse("echo")
 
 
 class ChatMessage(BaseModel):
@@ -101,12 +100,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs is not supported by this server")
-        return v
+    _no_logprobs = _refuse("logprobs")
 
 
 def parse(model: type[BaseModel], raw: Any) -> Any:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
@@ -101,7 +101,7 @@ def _block_spec(axis: str, dim: int) -> P:
     return P(*([None] * dim), axis)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(kind: str, mesh: Mesh, axis: str, dim: int, op: str) -> Callable[[jax.Array], jax.Array]:
     reducers = {"sum": jax.lax.psum, "mean": jax.lax.pmean, "max": jax.lax.pmax, "min": jax.lax.pmin}
     if op not in reducers:

@@ -30,8 +30,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ryzen_jax.api import choose_tp
 from ryzen_jax.collectives import apply_collective_preset
 from ryzen_jax.config import ModelConfig
-from ryzen_jax.launcher import (ENV_DEVICES_PER_PROC, ENV_HEARTBEAT_TIMEOUT, ENV_INIT_TIMEOUT, RESTART_EXIT_CODE,
-                                ENV_LAUNCHED)
+from ryzen_jax.launcher import (ENV_DEVICES_PER_PROC, ENV_HEARTBEAT_TIMEOUT, ENV_INIT_TIMEOUT, ENV_LAUNCHED,
+                                RESTART_EXIT_CODE)
 from ryzen_jax.sharding import TensorParallelConfig
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,8 @@ class MultiGPUOrchestrator:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.enable_monitoring = enable_monitoring
         self.local_device_ids = tuple(local_device_ids) if local_device_ids is not None else None
-        self.initialization_timeout = float(initialization_timeout or os.environ.get(ENV_INIT_TIMEOUT, 300))
-        self.heartbeat_timeout = float(heartbeat_timeout or os.environ.get(ENV_HEARTBEAT_TIMEOUT, 30))
+        self.initialization_timeout = float(initialization_timeout or os.environ.get(ENV_INIT_TIMEOUT, "300"))
+        self.heartbeat_timeout = float(heartbeat_timeout or os.environ.get(ENV_HEARTBEAT_TIMEOUT, "30"))
         self.collective_preset = collective_preset or os.environ.get(ENV_PRESET, "default")
         self.spec: ClusterSpec | None = None
         self._started = time.monotonic()

@@ -41,7 +41,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 ENV_LAUNCHED = "RYZEN_JAX_LAUNCHED"  # "1" in processes started by the launcher
 ENV_RESTART_COUNT = "RYZEN_JAX_RESTART_COUNT"  # 0 on the first attempt, then 1, 2, ...

@@ -16,6 +16,7 @@ deterministic for a given seed, and PyTorch is not needed (nor imported here).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -37,6 +38,27 @@ ROPE_THETA = 10000.0
 
 BOS, EOS = "<s>", "</s>"
 BOS_ID, EOS_ID = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaDims:
+    """The sizes of a Llama-architecture checkpoint: the demo's by default; the
+    benchmark (``ryzen_jax.bench.shapes``) writes others with the same helpers."""
+
+    vocab_size: int = VOCAB_SIZE
+    hidden_size: int = HIDDEN_SIZE
+    intermediate_size: int = INTERMEDIATE_SIZE
+    num_layers: int = NUM_LAYERS
+    num_heads: int = NUM_HEADS
+    num_kv_heads: int = NUM_KV_HEADS
+    max_positions: int = MAX_POSITIONS
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+DEMO_DIMS = LlamaDims()
 
 # Training text for the tokenizer (original prose). Its only job is to give BPE enough
 # English to learn a few hundred merges; the model itself never sees it.
@@ -119,19 +141,19 @@ def save_tokenizer(tok: Tokenizer, out_dir: str) -> None:
     fast.save_pretrained(out_dir)
 
 
-def save_configs(out_dir: str) -> None:
+def save_configs(out_dir: str, dims: LlamaDims = DEMO_DIMS) -> None:
     """Write ``config.json`` and ``generation_config.json`` through transformers."""
     from transformers import GenerationConfig, LlamaConfig
 
     LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=INTERMEDIATE_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_KV_HEADS,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=MAX_POSITIONS,
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden_size,
+        intermediate_size=dims.intermediate_size,
+        num_hidden_layers=dims.num_layers,
+        num_attention_heads=dims.num_heads,
+        num_key_value_heads=dims.num_kv_heads,
+        head_dim=dims.head_dim,
+        max_position_embeddings=dims.max_positions,
         rms_norm_eps=RMS_NORM_EPS,
         rope_theta=ROPE_THETA,
         tie_word_embeddings=False,
@@ -142,12 +164,12 @@ def save_configs(out_dir: str) -> None:
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID).save_pretrained(out_dir)
 
 
-def weight_shapes() -> dict[str, tuple[int, ...]]:
+def weight_shapes(dims: LlamaDims = DEMO_DIMS) -> dict[str, tuple[int, ...]]:
     """HF Llama tensor names -> shapes, in a fixed order (the order random numbers are drawn)."""
-    e, f, v = HIDDEN_SIZE, INTERMEDIATE_SIZE, VOCAB_SIZE
-    q, kv = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
+    e, f, v = dims.hidden_size, dims.intermediate_size, dims.vocab_size
+    q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, e)}
-    for i in range(NUM_LAYERS):
+    for i in range(dims.num_layers):
         p = f"model.layers.{i}."
         shapes[p + "self_attn.q_proj.weight"] = (q, e)
         shapes[p + "self_attn.k_proj.weight"] = (kv, e)
@@ -163,11 +185,11 @@ def weight_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_weights(seed: int) -> dict[str, np.ndarray]:
+def random_weights(seed: int, dims: LlamaDims = DEMO_DIMS) -> dict[str, np.ndarray]:
     """Seeded float32 weights: embedding ~ N(0, 1), linear ~ N(0, 1/fan_in), norms = 1."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
-    for name, shape in weight_shapes().items():
+    for name, shape in weight_shapes(dims).items():
         if len(shape) == 1:
             out[name] = np.ones(shape, dtype=np.float32)
             continue
@@ -182,15 +204,23 @@ def _is_complete(path: str) -> bool:
 
 def write_demo_hf_checkpoint(out_dir: str, *, seed: int = 0) -> str:
     """Write a small Llama-architecture Hugging Face model directory with seeded random weights and a locally trained tokenizer; return out_dir."""
+    return write_hf_checkpoint(out_dir, DEMO_DIMS, seed=seed, tokenizer=True)
+
+
+def write_hf_checkpoint(out_dir: str, dims: LlamaDims, *, seed: int = 0, tokenizer: bool = False) -> str:
+    """Write a Llama-architecture Hugging Face model directory of size ``dims`` with
+    seeded random float32 weights (and, with ``tokenizer``, the locally trained one),
+    atomically; an existing complete directory is kept. Returns out_dir."""
     if _is_complete(out_dir):
         return out_dir
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".demo-tmp-")
     try:
-        save_tokenizer(train_tokenizer(), tmp)
-        save_configs(tmp)
-        save_file(random_weights(seed), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer:
+            save_tokenizer(train_tokenizer(), tmp)
+        save_configs(tmp, dims)
+        save_file(random_weights(seed, dims), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _make_readable(tmp)
         _publish(tmp, out_dir)
     finally:

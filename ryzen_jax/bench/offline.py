@@ -1,0 +1,171 @@
+"""Our engine, measured offline: time to first token, per-token latency, end-to-end
+latency and tokens/s at one batch size, the decode step alone against its floors,
+the communication of the compiled step and the bytes each device holds.
+
+Per-token latencies come from the streaming path (one decode step per dispatch, the
+host sees every token as a user would); throughput and end-to-end latency from the
+plain path (up to 32 steps per dispatch); the decode step from the compiled decode
+program run by itself, with nothing else on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ryzen_jax.bench.comm import CommReport, decode_comm
+from ryzen_jax.bench.hardware import Hardware
+from ryzen_jax.bench.stats import median, summary_ms
+from ryzen_jax.engine.generate import DECODE_CHUNK, GenerationResult, Generator, Request, bucket
+
+
+@dataclasses.dataclass
+class Floors:
+    """The least one decode step (all rows) can cost on this machine.
+
+    ``weight_bytes``: every weight the step reads (the embedding table only through the
+    few rows it gathers, so it is left out unless it is also the LM head);
+    ``kv_bytes``: the cache positions that hold tokens, averaged over the decode steps
+    (prompt + new/2). On a machine whose devices share one memory (CPU) every device's
+    reads go through it; on accelerators each device reads 1/tp of the bytes at its own
+    bandwidth. ``flops``: multiply-adds × 2 of the matmuls and attention.
+    """
+
+    weight_bytes: int
+    kv_bytes: int
+    bandwidth_ms: float
+    flops: float
+    compute_ms: float
+
+
+@dataclasses.dataclass
+class EngineRun:
+    """Our engine at one (tp, batch). Times in ms, rates per second."""
+
+    tp: int
+    batch: int
+    ttft_ms: float  # prefill + first token fetched, median of the plain runs
+    token_latency_ms: dict[str, float]  # streaming: time between successive tokens (P50/P90/P99/mean)
+    e2e_ms: float  # plain path: request in to last token out
+    tokens_per_s: float  # batch × new tokens / e2e
+    decode_tokens_per_s: float  # tokens from decode steps / decode time
+    decode_step_ms: float  # the compiled decode program alone, per step
+    floor: Floors
+    step_over_bandwidth_floor: float
+    step_over_roofline: float  # against max(bandwidth floor, compute floor)
+    comm: CommReport
+    params_bytes_per_device: int
+    cache_bytes_per_device: int
+    xla_temp_bytes_per_device: int
+    token_latency_samples_ms: list[float]
+    generated_ids: list[list[int]]  # of the last plain run
+
+
+def requests(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[Request]:
+    """Greedy requests that run to ``new_tokens`` whatever they produce (EOS ignored)."""
+    return g.requests(prompts, new_tokens, ignore_eos=True)
+
+
+def floors(g: Generator, batch: int, prompt_len: int, new_tokens: int, hw: Hardware) -> Floors:
+    """The bandwidth and compute floors of one decode step (see :class:`Floors`)."""
+    cfg, tp = g.cfg, g.tp.tp_size
+    size = jnp.dtype(g.dtype).itemsize
+    e, d = cfg.hidden_size, cfg.head_dim
+    # counted from the shape, not from our layout (no vocab padding, no replicated KV heads)
+    layer = e * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * e * cfg.intermediate_size
+    matmul_params = cfg.num_layers * layer + cfg.vocab_size * e  # the LM head (tied or not) is read whole
+    norm_params = (2 * cfg.num_layers + 1) * e
+    context = prompt_len + new_tokens / 2
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * d
+    kv_bytes = int(batch * context * kv_per_token * size)
+    weight_bytes = (matmul_params + norm_params) * size
+    flops = 2.0 * batch * (matmul_params + context * cfg.num_layers * cfg.num_heads * d * 2)
+    devices_per_memory = 1 if hw.shared_memory else tp
+    bandwidth_ms = (weight_bytes + kv_bytes) / (hw.bandwidth_gbps * 1e9 * devices_per_memory) * 1e3
+    compute_ms = flops / (hw.matmul_gflops * 1e9 * devices_per_memory) * 1e3
+    return Floors(weight_bytes=weight_bytes, kv_bytes=kv_bytes, bandwidth_ms=bandwidth_ms, flops=flops,
+                  compute_ms=compute_ms)
+
+
+def time_stream(g: Generator, reqs: list[Request]) -> tuple[float, list[float]]:
+    """One streaming run (a dispatch per token): (time to first token, gaps between
+    successive tokens), in seconds."""
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _ in g.run(reqs, steps_per_dispatch=1)]
+    return stamps[0] - t0, list(np.diff(stamps))
+
+
+def time_plain(g: Generator, reqs: list[Request]) -> tuple[float, GenerationResult]:
+    """One plain run (many steps per dispatch): (end-to-end seconds, the engine's stats)."""
+    res = GenerationResult(completions=[])
+    t0 = time.perf_counter()
+    for _ in g.run(reqs, stats=res):
+        pass
+    return time.perf_counter() - t0, res
+
+
+def time_decode_step(g: Generator, reqs: list[Request], repeats: int) -> float:
+    """Seconds per decode step of the compiled decode program alone: prefill once per
+    repeat, then run every remaining step in chunks, timing only the decode dispatches."""
+    batch, length = g.batch_size(len(reqs)), bucket(max(len(r.prompt_ids) for r in reqs))
+    prefill, decode = g.prefill_program(batch, length), g.decode_program(batch)
+    args = g.prefill_inputs(reqs, length)
+    steps = min(r.max_new_tokens for r in reqs) - 1
+    best = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        _, d, cache = prefill(*args)
+        jax.block_until_ready(cache)
+        t0, done = time.perf_counter(), 0
+        while done < steps:
+            n = min(DECODE_CHUNK, steps - done)
+            out, d, cache = decode(g.state, cache, d, args[3], jnp.int32(n))
+            done += n
+        jax.block_until_ready(out)
+        best.append((time.perf_counter() - t0) / steps)
+    return median(best[1:])
+
+
+def bytes_per_device(g: Generator, batch: int) -> tuple[int, int, int]:
+    """(parameters, KV cache, XLA temporaries) bytes one device holds for the decode step."""
+    params = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(g.state))
+    cfg, tp = g.cfg, g.tp.tp_size
+    size = jnp.dtype(g.dtype).itemsize
+    cache = 2 * cfg.num_layers * batch * g.max_seq_len * (g.kv_heads // tp) * cfg.head_dim * size
+    temp = g.decode_program(batch).memory_analysis().temp_size_in_bytes
+    return params, cache, int(temp)
+
+
+def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: int, hw: Hardware, *,
+                   repeats: int = 3) -> EngineRun:
+    """Every offline figure of our engine for one batch of prompts (all of one length)."""
+    batch, prompt_len = len(prompts), len(prompts[0])
+    if g.batch_size(batch) != batch:
+        raise ValueError(f"batch {batch} would be padded to {g.batch_size(batch)} rows by the engine; "
+                         "benchmark batch sizes that are powers of two (times dp)")
+    reqs = requests(g, prompts, new_tokens)
+    g.warmup([batch], [prompt_len])
+    time_plain(g, reqs)  # warm the host paths too
+    stream = [time_stream(g, reqs) for _ in range(repeats)]
+    plain = [time_plain(g, reqs) for _ in range(repeats)]
+    gaps = [x for _, run in stream for x in run]
+    e2e = median([wall for wall, _ in plain])
+    step = time_decode_step(g, reqs, repeats)
+    fl = floors(g, batch, prompt_len, new_tokens, hw)
+    params, cache, temp = bytes_per_device(g, batch)
+    cfg = g.cfg
+    comm = decode_comm(g.decode_program(batch).as_text(), tp=g.tp.tp_size, batch=batch // g.tp.dp_size,
+                       layers=cfg.num_layers, hidden=cfg.hidden_size, dtype_bytes=jnp.dtype(g.dtype).itemsize)
+    step_ms = step * 1e3
+    return EngineRun(
+        tp=g.tp.tp_size, batch=batch, ttft_ms=median([r.ttft_s for _, r in plain]) * 1e3,
+        token_latency_ms=summary_ms(gaps), e2e_ms=e2e * 1e3, tokens_per_s=batch * new_tokens / e2e,
+        decode_tokens_per_s=median([r.decode_tokens_per_s for _, r in plain]), decode_step_ms=step_ms, floor=fl,
+        step_over_bandwidth_floor=step_ms / fl.bandwidth_ms,
+        step_over_roofline=step_ms / max(fl.bandwidth_ms, fl.compute_ms), comm=comm, params_bytes_per_device=params,
+        cache_bytes_per_device=cache, xla_temp_bytes_per_device=temp,
+        token_latency_samples_ms=[x * 1e3 for x in gaps], generated_ids=plain[-1][1].generated_ids)

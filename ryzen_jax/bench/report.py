@@ -1,0 +1,194 @@
+"""Results out: a JSON file, a plain-text table, and PNG plots (matplotlib, from the
+``bench`` extra) — for an offline run (:class:`BenchmarkResults`) or a serving run
+(:class:`ServingResults`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from ryzen_jax.bench.serving import ServingResults
+from ryzen_jax.bench.suite import BenchmarkResults
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, dicts and lists as plain JSON values; NaN and infinities become null."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return to_jsonable(obj.item())
+    return obj
+
+
+def write_json(results: BenchmarkResults | ServingResults, path: str) -> str:
+    """Write the results (every field, samples included) as JSON; return the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(to_jsonable(results), f, indent=1)
+    return path
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _row(name: str, cells: list[str], widths: list[int]) -> str:
+    return "  ".join([name.ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells, widths[1:])])
+
+
+def offline_table(r: BenchmarkResults) -> str:
+    """The offline figures: per batch, ours (at tp, and at tp = 1), the peer and how
+    many times better ours is, then the floors and the communication."""
+    hw, c = r.hardware, r.config
+    load = f", load average {hw.load_average[0]:.1f}" if hw.load_average else ""
+    lines = [f"shape {c.model_size!r}: {r.params / 1e6:.1f}M parameters, {c.dtype}, prompt {c.seq_len}, "
+             f"{c.new_tokens} new tokens, greedy",
+             f"machine: {hw.backend} ({hw.cpu_model}, {hw.cpu_count} cores{load}), {hw.devices} devices; "
+             f"bandwidth {hw.bandwidth_gbps:.1f} GB/s, matmul {hw.matmul_gflops:.0f} GFLOP/s"]
+    peer_name = "HF" if r.peer_skipped is None else f"HF ({r.peer_skipped})"
+    for b in r.batches:
+        heads = [f"ours tp={r.tp}"] + ([f"ours tp=1"] if b.tp1 and r.tp != 1 else []) + [peer_name, "×HF"]
+        if b.tp1 and r.tp != 1:
+            heads.append("×HF tp=1")
+        widths = [30] + [max(11, len(h)) for h in heads]
+        lines += ["", _row(f"batch {b.batch}", heads, widths)]
+
+        def add(name: str, key: str, pick, digits: int = 2):
+            cells = [_fmt(pick(b.ours), digits)]
+            if b.tp1 and r.tp != 1:
+                cells.append(_fmt(pick(b.tp1), digits))
+            cells.append(_fmt(pick(b.peer), digits) if b.peer else "-")
+            cells.append(_fmt(b.vs_peer[key].advantage) + "x" if key in b.vs_peer else "-")
+            if b.tp1 and r.tp != 1:
+                cells.append(_fmt(b.vs_peer_tp1[key].advantage) + "x" if key in b.vs_peer_tp1 else "-")
+            lines.append(_row(name, cells, widths))
+
+        add("time to first token (ms)", "ttft_ms", lambda x: x.ttft_ms)
+        for q in ("p50", "p90", "p99"):
+            add(f"token latency {q.upper()} (ms)", f"token_latency_{q}_ms", lambda x, q=q: x.token_latency_ms[q])
+        add("end-to-end (ms)", "e2e_ms", lambda x: x.e2e_ms, 1)
+        add("tokens/s", "tokens_per_s", lambda x: x.tokens_per_s, 1)
+        add("decode tokens/s", "decode_tokens_per_s", lambda x: x.decode_tokens_per_s, 1)
+        add("decode step (ms)", "decode_step_ms", lambda x: x.decode_step_ms)
+        f = b.ours.floor
+        lines.append(f"  floor: {(f.weight_bytes + f.kv_bytes) / 1e6:.1f} MB/step → {f.bandwidth_ms:.2f} ms "
+                     f"(bandwidth), {f.flops / 1e9:.2f} GFLOP → {f.compute_ms:.2f} ms (compute); decode step = "
+                     f"{b.ours.step_over_bandwidth_floor:.2f}x the bandwidth floor"
+                     + (f" (tp=1: {b.tp1.step_over_bandwidth_floor:.2f}x)" if b.tp1 and r.tp != 1 else ""))
+        cm = b.ours.comm
+        if cm.tp > 1:
+            lines.append(f"  communication per step: {cm.total_count} collectives, {cm.total_bytes / 1e3:.1f} kB "
+                         f"(Megatron floor {cm.megatron_count} all-reduces, {cm.megatron_bytes / 1e3:.1f} kB; "
+                         f"beyond it: {', '.join(cm.extra) or 'none'})")
+        lines.append(f"  per device: parameters {b.ours.params_bytes_per_device / 1e6:.1f} MB, KV cache "
+                     f"{b.ours.cache_bytes_per_device / 1e6:.2f} MB, XLA temporaries "
+                     f"{b.ours.xla_temp_bytes_per_device / 1e6:.2f} MB"
+                     + (f"; speedup vs tp=1 {b.speedup_vs_tp1:.2f}x" if b.speedup_vs_tp1 else "")
+                     + (f"; same tokens as HF {100 * b.same_tokens_as_peer:.0f}%" if b.peer else ""))
+    lines += ["", "targets: " + ", ".join(f"{k}: {'-' if v is None else ('yes' if v else 'NO')}"
+                                        for k, v in r.targets.items())]
+    return "\n".join(lines)
+
+
+def serving_table(r: ServingResults) -> str:
+    """The serving figures, as vLLM's serving benchmark lays them out."""
+    lines = [f"server {r.base_url}: {r.completed} completed, {r.failed} failed of {r.num_prompts} "
+             f"in {r.duration_s:.2f} s (request rate {r.request_rate}, max concurrency {r.max_concurrency})",
+             f"request throughput {r.request_throughput:.2f} req/s, output tokens {r.output_throughput:.1f} tok/s, "
+             f"total tokens {r.total_token_throughput:.1f} tok/s"]
+    widths = [16, 10, 10, 10]
+    lines.append(_row("(ms)", ["mean", "P50", "P99"], widths))
+    for name, s in (("TTFT", r.ttft_ms), ("TPOT", r.tpot_ms), ("ITL", r.itl_ms), ("E2E", r.e2e_ms)):
+        lines.append(_row(name, [_fmt(s["mean"]), _fmt(s["p50"]), _fmt(s["p99"])], widths))
+    if r.errors:
+        lines.append("errors: " + "; ".join(r.errors[:5]))
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install -e '.[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def offline_plots(r: BenchmarkResults, out_dir: str) -> list[str]:
+    """Three PNGs: per-token latency distributions, tokens/s against batch size, and
+    ours against the peer. Returns their paths."""
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+
+    fig, axes = plt.subplots(1, len(r.batches), figsize=(5 * len(r.batches), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], r.batches):
+        series = [(f"ours tp={r.tp}", b.ours.token_latency_samples_ms)]
+        if b.tp1 and r.tp != 1:
+            series.append(("ours tp=1", b.tp1.token_latency_samples_ms))
+        if b.peer:
+            series.append(("HF transformers", b.peer.token_latency_samples_ms))
+        top = max(max(s) for _, s in series if s)
+        for name, s in series:
+            ax.hist(s, bins=40, range=(0, top), alpha=0.6, label=name)
+        ax.set(title=f"batch {b.batch}", xlabel="time between tokens (ms)", ylabel="tokens")
+        ax.legend()
+    paths.append(_save(fig, plt, out_dir, "latency_distribution.png"))
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    sizes = [b.batch for b in r.batches]
+    ax.plot(sizes, [b.ours.tokens_per_s for b in r.batches], "o-", label=f"ours tp={r.tp}")
+    if all(b.tp1 for b in r.batches) and r.tp != 1:
+        ax.plot(sizes, [b.tp1.tokens_per_s for b in r.batches], "s-", label="ours tp=1")
+    if all(b.peer for b in r.batches):
+        ax.plot(sizes, [b.peer.tokens_per_s for b in r.batches], "^-", label="HF transformers")
+    ax.set(xscale="log", xlabel="batch size", ylabel="tokens/s (end to end)", xticks=sizes, xticklabels=sizes)
+    ax.legend()
+    paths.append(_save(fig, plt, out_dir, "tokens_per_s_vs_batch.png"))
+
+    if all(b.peer for b in r.batches):
+        keys = ["ttft_ms", "token_latency_p50_ms", "token_latency_p99_ms", "e2e_ms", "tokens_per_s"]
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        width = 0.8 / len(r.batches)
+        for i, b in enumerate(r.batches):
+            ax.bar([k + i * width for k in range(len(keys))], [b.vs_peer[k].advantage for k in keys], width,
+                   label=f"batch {b.batch}")
+        ax.axhline(1, color="black", lw=0.8)
+        ax.set_xticks([k + width * (len(r.batches) - 1) / 2 for k in range(len(keys))], keys, rotation=15)
+        ax.set(ylabel="times better than HF (>1: ours)", title=f"ours (tp={r.tp}) vs Hugging Face transformers")
+        ax.legend()
+        paths.append(_save(fig, plt, out_dir, "ours_vs_peer.png"))
+    return paths
+
+
+def serving_plots(r: ServingResults, out_dir: str) -> list[str]:
+    """One PNG: the distributions of TTFT, inter-token latency and end-to-end latency."""
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (name, samples) in zip(axes, (("TTFT", r.ttft_samples_ms), ("ITL", r.itl_samples_ms),
+                                          ("E2E", r.e2e_samples_ms))):
+        ax.hist(samples, bins=40)
+        ax.set(title=name, xlabel="ms", ylabel="count")
+    return [_save(fig, plt, out_dir, "serving_latency_distribution.png")]
+
+
+def _save(fig, plt, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

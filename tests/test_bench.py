@@ -1,0 +1,231 @@
+"""The benchmark library and CLI end to end on the tiny preset: every field present and
+sane, the communication figures equal to the compiled program's collectives, the peer
+run on the same weights, the serving load generator against the real server, and bad
+settings refused with clear errors. No timing thresholds: timings belong in the
+benchmark itself."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import pytest
+
+from ryzen_jax.bench import (BenchmarkConfig, BenchmarkConfigError, DistributedInferenceBenchmark, PRESETS,
+                             ShapeError, peer, serving)
+from ryzen_jax.bench.comm import collectives as bench_collectives, shape_bytes
+from ryzen_jax.bench.report import offline_table, to_jsonable
+from ryzen_jax.bench.shapes import check_fits
+from tests.test_structure import collectives as structure_collectives
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(model_size="tiny", seq_len=8, new_tokens=8, repeats=1, probe_megabytes=16)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bench-cache"))
+
+
+@pytest.fixture(scope="module")
+def bench(cache_dir):
+    """One run of the library: batch 1 and 2 at tp=2, tp=1 for the speedup, the peer."""
+    cfg = BenchmarkConfig(**TINY, batch_size=(1, 2), world_size=2, cache_dir=cache_dir)
+    lines: list[str] = []
+    run = DistributedInferenceBenchmark(cfg, progress=lines.append)
+    run.results, run.lines = run.run_comprehensive_benchmark(), lines
+    return run
+
+
+@pytest.fixture(scope="module")
+def results(bench):
+    return bench.results
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_offline_run_reports_every_figure(bench, results):
+    r = results
+    stages = 8 if peer.available() else 6  # progress is shown while it runs, one line per stage
+    assert bench.lines[0] == f"[1/{stages}] measuring the machine (bandwidth, matmul rate) on cpu"
+    assert len(bench.lines) == stages and bench.lines[-1].startswith(f"[{stages}/{stages}] ")
+    assert r.tp == 2 and r.params == sum(math.prod(s) for s in _tiny_shapes().values())
+    for name in ("latency_p50", "latency_p99", "throughput", "speedup_factor"):
+        assert finite_positive(getattr(r, name)), name
+    assert r.latency_p50 <= r.latency_p99
+    hw = r.hardware
+    assert finite_positive(hw.bandwidth_gbps) and finite_positive(hw.matmul_gflops)
+    assert hw.bandwidth_gbps == max(hw.bandwidth_by_method.values())
+    for b in r.batches:
+        for run in (b.ours, b.tp1):
+            lat = run.token_latency_ms
+            assert lat["n"] == (TINY["new_tokens"] - 1) * TINY["repeats"]
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+            for v in (run.ttft_ms, run.e2e_ms, run.tokens_per_s, run.decode_tokens_per_s, run.decode_step_ms,
+                      run.floor.bandwidth_ms, run.floor.compute_ms, run.step_over_bandwidth_floor):
+                assert finite_positive(v)
+            assert run.e2e_ms > run.ttft_ms
+            assert [len(ids) for ids in run.generated_ids] == [TINY["new_tokens"]] * b.batch
+        assert b.ours.tp == 2 and b.tp1.tp == 1 and finite_positive(b.speedup_vs_tp1)
+        # bytes per device: half of every split weight at tp=2, the KV cache split by kv heads
+        dims = PRESETS["tiny"]
+        head_dim = dims.hidden_size // dims.num_heads
+        assert b.ours.cache_bytes_per_device * 2 == b.tp1.cache_bytes_per_device == (
+            2 * dims.num_layers * b.batch * 16 * dims.num_kv_heads * head_dim * 4)
+        assert b.tp1.params_bytes_per_device / 2 < b.ours.params_bytes_per_device < b.tp1.params_bytes_per_device
+    assert set(r.targets) == {"decode_step_within_1.5x_bandwidth_floor_at_batch_1",
+                              "tokens_per_s_at_least_2x_peer_at_batch_1", "tokens_per_s_at_least_2x_peer_at_batch_2"}
+
+
+def _tiny_shapes():
+    from ryzen_jax.demo import weight_shapes
+
+    return weight_shapes(PRESETS["tiny"])
+
+
+def test_communication_is_the_megatron_count_of_the_compiled_step(bench, results):
+    """Read back from the compiled decode program with the structure tests' own parser:
+    two all-reduces per layer of batch × hidden floats, one for the embedding lookup,
+    one all-gather of the logits."""
+    dims = PRESETS["tiny"]
+    for b in results.batches:
+        c = b.ours.comm
+        found = structure_collectives(bench.decode_hlo[2, b.batch])
+        assert found == bench_collectives(bench.decode_hlo[2, b.batch])
+        kinds = [k for k, _ in found]
+        assert c.megatron_count == 2 * dims.num_layers
+        assert c.megatron_bytes == 2 * dims.num_layers * b.batch * dims.hidden_size * 4
+        assert c.count == {"all-reduce": kinds.count("all-reduce"), "all-gather": kinds.count("all-gather")}
+        assert c.count["all-reduce"] == 2 * dims.num_layers + 1 and c.count["all-gather"] == 1
+        assert c.total_bytes == sum(shape_bytes(s) for _, s in found)
+        assert c.extra == [f"all-reduce f32[{b.batch},1,{dims.hidden_size}]",
+                           f"all-gather f32[{b.batch},1,{dims.vocab_size}]"]
+        assert b.tp1.comm.total_count == 0 and b.tp1.comm.megatron_count == 0
+        assert structure_collectives(bench.decode_hlo[1, b.batch]) == []
+
+
+@pytest.mark.skipif(not peer.available(), reason="torch is not installed")
+def test_peer_runs_on_the_same_weights(results):
+    assert results.peer_skipped is None
+    for b in results.batches:
+        p = b.peer
+        assert p.batch == b.batch and p.torch_threads >= 1
+        assert 0 < p.token_latency_ms["p50"] <= p.token_latency_ms["p99"]
+        assert finite_positive(p.tokens_per_s) and finite_positive(p.ttft_ms)
+        assert b.same_tokens_as_peer == 1.0  # greedy, float32, same checkpoint: the same tokens
+        assert set(b.vs_peer) == {"ttft_ms", "token_latency_p50_ms", "token_latency_p90_ms", "token_latency_p99_ms",
+                                  "e2e_ms", "decode_step_ms", "tokens_per_s", "decode_tokens_per_s"}
+        tps = b.vs_peer["tokens_per_s"]
+        assert tps.ours == b.ours.tokens_per_s and tps.peer == p.tokens_per_s
+        assert tps.advantage == pytest.approx(tps.ours / tps.peer)
+        lat = b.vs_peer["e2e_ms"]
+        assert lat.advantage == pytest.approx(lat.peer / lat.ours)
+    assert "HF" in offline_table(results) and "×HF" in offline_table(results)
+
+
+def test_json_is_plain_and_complete(results):
+    data = json.loads(json.dumps(to_jsonable(results)))  # no NaN, no objects
+    for key in ("latency_p50", "latency_p99", "throughput", "speedup_factor", "hardware", "batches", "targets",
+                "config", "shape"):
+        assert key in data
+    assert data["batches"][0]["ours"]["comm"]["megatron_count"] == 2 * PRESETS["tiny"].num_layers
+
+
+def run_cli(*args: str) -> int:
+    spec = importlib.util.spec_from_file_location("bench_cli", os.path.join(ROOT, "scripts", "benchmark.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli.main(list(args))
+
+
+def test_cli_writes_json_plots_and_table(tmp_path, cache_dir, capsys):
+    out = tmp_path / "bench.json"
+    rc = run_cli("--model-size", "tiny", "--batch-size", "1", "--prompt-len", "8", "--new-tokens", "4", "--tp", "1",
+                 "--repeats", "1", "--no-speedup", "--no-peer", "--probe-mb", "16", "--cache-dir", cache_dir,
+                 "--json", str(out), "--plots", str(tmp_path / "plots"))
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["model_size"] == "tiny" and data["tp"] == 1 and data["speedup_factor"] is None
+    assert data["batches"][0]["ours"]["tokens_per_s"] > 0
+    assert data["peer_skipped"] == "disabled" and data["batches"][0]["peer"] is None
+    assert sorted(os.listdir(tmp_path / "plots")) == ["latency_distribution.png", "tokens_per_s_vs_batch.png"]
+    table = capsys.readouterr().out
+    assert "batch 1" in table and "tokens/s" in table and "bandwidth floor" in table
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(model_size="huge"), "model_size 'huge' is not a preset; choose one of tiny, small"),
+    (dict(batch_size=0), "batch_size must be one or more integers >= 1"),
+    (dict(batch_size=(2, 2)), "batch_size lists a size twice"),
+    (dict(seq_len=0), "seq_len must be an integer >= 1"),
+    (dict(new_tokens=1), "new_tokens must be >= 2"),
+    (dict(seq_len=1000, new_tokens=100), "exceeds the 1024 positions"),
+    (dict(dtype="float16"), "dtype must be one of float32, bfloat16"),
+    (dict(hidden_size=130), "hidden_size 130 is not a multiple of num_attention_heads 4"),
+    (dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(world_size=0), "world_size"),
+])
+def test_bad_config_values_are_refused(overrides, match):
+    with pytest.raises(BenchmarkConfigError, match=match):
+        BenchmarkConfig(**{**TINY, **overrides})
+
+
+def test_bad_tp_and_too_large_a_shape_are_refused(capsys):
+    with pytest.raises(BenchmarkConfigError, match="num_attention_heads=4 is not divisible by tp=3"):
+        DistributedInferenceBenchmark(BenchmarkConfig(**TINY, world_size=3)).run_comprehensive_benchmark()
+    n = len(jax.devices())
+    with pytest.raises(BenchmarkConfigError, match=f"needs {4 * n} devices but {n} are visible"):
+        DistributedInferenceBenchmark(BenchmarkConfig(**TINY, world_size=4 * n)).run_comprehensive_benchmark()
+    with pytest.raises(ShapeError, match="GiB of host memory .* choose a smaller --model-size"):
+        check_fits(PRESETS["7B"], available=2**30)
+    assert run_cli("--model-size", "tiny", "--new-tokens", "1") == 2
+    assert "error: new_tokens must be >= 2" in capsys.readouterr().err
+
+
+def test_hlo_shape_bytes():
+    assert shape_bytes("f32[8,1,512]{2,1,0}") == 8 * 512 * 4
+    assert shape_bytes("pred[]") == 1
+    assert shape_bytes("(bf16[2,3]{1,0}, s32[4]{0})") == 2 * 6 + 16
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import ryzen_jax as rj
+    from ryzen_jax.demo import write_demo_hf_checkpoint
+    from ryzen_jax.serve import Server
+    from tests.test_server import Running
+
+    path = write_demo_hf_checkpoint(str(tmp_path_factory.mktemp("serve") / "demo"))
+    lm = rj.load_model(path, tp=1, max_seq_len=16, progress=False)
+    running = Running(Server(lm, max_batch=2, max_queue=16, model_name="demo"))
+    yield running
+    running.stop()
+
+
+def test_serving_load_against_the_real_server(server):
+    lines: list[str] = []
+    cfg = serving.ServingConfig(base_url=server.url, num_prompts=6, request_rate=40.0, max_concurrency=2,
+                                input_words=2, max_tokens=5)
+    r = serving.run(cfg, progress=lines.append)
+    assert r.model == "demo" and r.completed == 6 and r.failed == 0 and not r.errors
+    assert r.total_output_tokens == 6 * 5 and r.total_input_tokens >= 6 * 2  # usage from the server
+    for s in (r.ttft_ms, r.tpot_ms, r.itl_ms, r.e2e_ms):
+        assert 0 < s["p50"] <= s["p99"]
+    assert r.ttft_ms["p50"] < r.e2e_ms["p99"] and len(r.itl_samples_ms) >= 6
+    for v in (r.request_throughput, r.output_throughput, r.total_token_throughput):
+        assert finite_positive(v)
+    assert lines[-1] == "6/6 requests done"
+
+
+def test_serving_counts_failures_and_names_an_absent_server(server):
+    r = serving.run(serving.ServingConfig(base_url=server.url, num_prompts=3, max_tokens=10_000, input_words=2))
+    assert r.completed == 0 and r.failed == 3 and all(e.startswith("HTTP 400") for e in r.errors)
+    with pytest.raises(ConnectionError, match="no server answers at http://127.0.0.1:9"):
+        serving.run(serving.ServingConfig(base_url="http://127.0.0.1:9", num_prompts=1))
+    with pytest.raises(serving.ServingConfigError, match="request_rate must be > 0"):
+        serving.ServingConfig(request_rate=0)

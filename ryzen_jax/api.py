@@ -130,7 +130,8 @@ def requests(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], 
 
 def generate(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), stop: Sequence[str] = (),
-             stop_token_ids: Sequence[int] | None = None, return_result: bool = False):
+             stop_token_ids: Sequence[int] | None = None,
+             return_result: bool = False) -> list[Completion] | tuple[list[Completion], GenerationResult]:
     """Generate for a batch of prompts (strings, or token-id lists), each with its own
     SamplingParams if a list is given. Stops at the model's EOS ids, at
     ``stop_token_ids`` (in addition to EOS) and at ``stop`` strings (text cut before).

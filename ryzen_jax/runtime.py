@@ -85,6 +85,14 @@ def add_mesh_args(ap) -> None:
                     help="default: bfloat16 on GPU, float32 on CPU")
 
 
+def progress_printer(json_mode: bool):
+    """``print`` for a CLI's progress lines: on stderr when stdout carries JSON, and on
+    process 0 only (the others stay quiet, their logs are rank-tagged)."""
+    if not is_main_process():
+        return lambda *a, **k: None
+    return (lambda *a, **k: print(*a, **k, file=sys.stderr)) if json_mode else print
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Log lines carry the process rank so multi-process output says who wrote it
     (under scripts/launch.py the launcher prefixes every line with it already)."""

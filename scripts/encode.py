@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     import ryzen_jax as rj
-    from ryzen_jax.runtime import setup_logging
+    from ryzen_jax.runtime import is_main_process, progress_printer, setup_logging
 
     setup_logging()  # load_model turns on the persistent compilation cache
-    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say = progress_printer(args.json)
     try:
         lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, progress=False)
         if lm.encoder is None:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if jax.process_index() != 0:
+    if not is_main_process():
         return 0
     if args.json:
         print(json.dumps({"model": args.model, "model_type": lm.config.model_type, "tp": lm.tp.tp_size,

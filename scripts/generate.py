@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     import ryzen_jax as rj
-    from ryzen_jax.runtime import setup_logging
+    from ryzen_jax.runtime import is_main_process, progress_printer, setup_logging
 
     setup_logging()  # load_model turns on the persistent compilation cache
-    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say = progress_printer(args.json)
     try:
         sampling = rj.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             "(Llama architecture, RANDOM weights: the text is gibberish; pass --model DIR for a real one)")
     if jax.default_backend() == "cpu":
         say(f"no accelerator found: running on {len(jax.devices())} simulated CPU devices")
-    main_process = jax.process_index() == 0
+    main_process = is_main_process()
     show = print if main_process and not args.json else (lambda *a, **k: None)
     prompts = args.prompt or DEFAULT_PROMPTS
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,

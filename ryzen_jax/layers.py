@@ -218,16 +218,18 @@ class MultiHeadAttention(nnx.Module):
 
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache_k: jax.Array,
                           cache_v: jax.Array, *, prefill: bool, scale: float, tp: TensorParallelConfig,
-                          window: int | None = None, bias: Callable[[jax.Array], jax.Array] | None = None
-                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                          window: int | None = None, bias: Callable[[jax.Array], jax.Array] | None = None,
+                          attend: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal attention of new tokens at ``positions`` (B, T), after writing their keys
     and values into one layer's cache (B, S, KV, D) at those positions.
 
     ``prefill``: the tokens start their sequences, so they attend among themselves and
     the cache is not read back. ``window``: a query sees only the last ``window``
     positions (sliding-window attention). ``bias(key_positions (B, S))`` → (B or 1, H,
-    T, S): an additive score bias (T5's relative positions). Returns (out (B, T, H, D),
-    cache_k, cache_v).
+    T, S): an additive score bias (T5's relative positions). ``attend`` (decode only): the
+    queries' positions are all below it, so only the cache's first ``attend`` slots are
+    read — a decode step costs what the sequences hold, not what the cache could.
+    Returns (out (B, T, H, D), cache_k, cache_v).
     """
     q = tp.constrain(q, ("batch", "length", "heads", "head_dim"))
     start = positions[:, 0]
@@ -235,8 +237,8 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
     if prefill:
         keys, values, key_pos = k, v, positions
     else:
-        keys, values = cache_k, cache_v
-        key_pos = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (q.shape[0], cache_k.shape[1]))
+        keys, values = (cache_k, cache_v) if attend is None else (cache_k[:, :attend], cache_v[:, :attend])
+        key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (q.shape[0], keys.shape[1]))
     mask = key_pos[:, None, :] <= positions[:, :, None]
     if window is not None:
         mask &= key_pos[:, None, :] > positions[:, :, None] - window
@@ -249,15 +251,15 @@ class PreNormBlock(nnx.Module):
 
         h = x + attn(attn_norm(x)),    y = h + mlp(mlp_norm(h))
 
-    ``attn(x, positions, cache_k, cache_v, prefill)`` returns (out, cache_k, cache_v)."""
+    ``attn(x, positions, cache_k, cache_v, prefill, attend)`` returns (out, cache_k, cache_v)."""
 
     def __init__(self, attn_norm: nnx.Module, attn: nnx.Module, mlp_norm: nnx.Module, mlp: MLP,
                  tp: TensorParallelConfig):
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
         self.tp = tp
 
-    def __call__(self, x, positions, cache_k, cache_v, prefill: bool):
-        a, cache_k, cache_v = self.attn(self.attn_norm(x), positions, cache_k, cache_v, prefill)
+    def __call__(self, x, positions, cache_k, cache_v, prefill: bool, attend: int | None = None):
+        a, cache_k, cache_v = self.attn(self.attn_norm(x), positions, cache_k, cache_v, prefill, attend)
         x = self.tp.constrain(x + a, HIDDEN)
         x = self.tp.constrain(x + self.mlp(self.mlp_norm(x)), HIDDEN)
         return x, cache_k, cache_v

@@ -220,7 +220,15 @@ def test_malformed_oversized_and_chat_errors(server, lm):
 def test_queue_bound_and_api_key(lm):
     """One slot and a queue of one: the third concurrent request gets 429; with an API
     key, requests without it get 401."""
-    running = Running(Server(lm, max_batch=1, max_queue=1, api_key="s3cret", model_name="tiny"))
+    server = Server(lm, max_batch=1, max_queue=1, api_key="s3cret", model_name="tiny")
+    real_apply = server.batcher.apply
+
+    def slow_apply(plan):  # ~100 tokens take seconds: the first two requests are still there for the third
+        time.sleep(0.03)
+        return real_apply(plan)
+
+    server.batcher.apply = slow_apply
+    running = Running(server)
     auth = {"Authorization": "Bearer s3cret"}
     try:
         url = running.url

@@ -70,6 +70,7 @@ class SlotBatcher:
         self.gen = generator
         self.slots = generator.batch_size(slots)
         self.rows: list[_Row | None] = [None] * self.slots
+        self.bound = [0] * self.slots  # per slot: every cache position it has written is below this
         self.one = generator.batch_size(1)  # prefill rows (dp of them: a request plus padding)
         decode = generator.decode_program(self.slots)
         _, cache_sh, d_sh, s_sh, _ = decode.input_shardings[0]
@@ -157,9 +158,13 @@ class SlotBatcher:
             (first,) = fetch([first])
             out.ttft_s[a.slot] = time.perf_counter() - t0
             self.rows[a.slot] = self.gen.new_row(request)
+            self.bound[a.slot] = 1 if self.gen.encoder_decoder else len(request.prompt_ids)
             self._collect(self._one_row(a.slot, first[0]), out)
         if plan.steps and any(r is not None for r in self.rows):
-            decode = self.gen.decode_program(self.slots)
+            live = [i for i, r in enumerate(self.rows) if r is not None]
+            for i in live:
+                self.bound[i] += plan.steps
+            decode = self.gen.decode_program(self.slots, self.gen.attend_for(max(self.bound[i] for i in live)))
             tokens, self.d, self.cache = decode(self.gen.state, self.cache, self.d, self.s, jnp.int32(plan.steps))
             (tokens,) = fetch([tokens])
             self._collect(tokens, out)

@@ -20,6 +20,7 @@ so after ``warmup`` no request inside those buckets compiles anything.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -221,7 +222,7 @@ class Generator:
             first, d = _advance(_pin(d, tp), sample(logits, s, seen, d.index))
             return first, _pin(d, tp), cache
 
-        def decode(state, cache, d, s, n_steps):
+        def decode(state, cache, d, s, n_steps, attend):
             model = nnx.merge(graphdef, state)
             out = jnp.full((d.tokens.shape[0], DECODE_CHUNK), -1, jnp.int32)
 
@@ -231,7 +232,7 @@ class Generator:
 
             def body(carry):
                 i, d, cache, out = carry
-                logits, cache = model.decode(d.tokens, d.positions, cache)
+                logits, cache = model.decode(d.tokens, d.positions, cache, attend)
                 # finished rows stay put (they rewrite their last slot, harmlessly)
                 d = dataclasses.replace(d, positions=d.positions + ~d.done)
                 tok, d = _advance(d, sample(gathered(logits), s, d.seen, d.index))
@@ -274,17 +275,38 @@ class Generator:
         """The compiled prefill for (batch, prompt bucket) — compiled on first use."""
         return self._get("prefill", self._prefill, *self._abstract_prefill_inputs(batch, length))
 
-    def decode_program(self, batch: int):
-        """The compiled decode chunk for this batch size (also for inspection: HLO text,
-        memory and cost analyses)."""
-        args = self._abstract_prefill_inputs(batch, MIN_BUCKET)
-        # the decode state and cache exactly as prefill leaves them (shapes and placements)
-        shapes = self._prefill.eval_shape(*args)
-        placed = self.prefill_program(batch, MIN_BUCKET).output_shardings
-        _, d, cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, placed)
-        # state and cache leave each chunk placed as they came in, ready for the next
-        fn = jax.jit(self._decode_fn, donate_argnums=(1, 2), out_shardings=(self._rows(2), placed[1], placed[2]))
-        return self._get("decode", fn, self.state, cache, d, args[3], jax.ShapeDtypeStruct((), jnp.int32))
+    def decode_program(self, batch: int, attend: int | None = None):
+        """The compiled decode chunk for this batch size, reading the first ``attend``
+        cache slots (default: all; see ``attend_for``). Also for inspection: HLO text,
+        memory and cost analyses."""
+        attend = self.max_seq_len if attend is None else attend
+        key = ("decode", batch, attend)
+        if key not in self._compiled:
+            args = self._abstract_prefill_inputs(batch, MIN_BUCKET)
+            # the decode state and cache exactly as prefill leaves them (shapes and placements)
+            shapes = self._prefill.eval_shape(*args)
+            placed = self.prefill_program(batch, MIN_BUCKET).output_shardings
+            _, d, cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, placed)
+            # state and cache leave each chunk placed as they came in, ready for the next
+            fn = jax.jit(functools.partial(self._decode_fn, attend=attend), donate_argnums=(1, 2),
+                         out_shardings=(self._rows(2), placed[1], placed[2]))
+            t0 = time.perf_counter()
+            self._compiled[key] = fn.lower(self.state, cache, d, args[3], jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            self.compile_s += time.perf_counter() - t0
+            self.compile_count += 1
+        return self._compiled[key]
+
+    def attend_buckets(self) -> list[int]:
+        """Cache lengths a decode program may read: powers of two from 64, then all."""
+        out, b = [], 64
+        while b < self.max_seq_len:
+            out.append(b)
+            b *= 2
+        return out + [self.max_seq_len]
+
+    def attend_for(self, bound: int) -> int:
+        """The smallest attend bucket covering every position below ``bound``."""
+        return next(b for b in self.attend_buckets() if b >= min(bound, self.max_seq_len))
 
     def batch_size(self, n: int) -> int:
         """Rows a batch of n requests runs with: a power of two, a multiple of dp."""
@@ -299,15 +321,19 @@ class Generator:
             b *= 2
         return out + [bucket(self.max_seq_len)]
 
-    def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_buckets: Sequence[int] | None = None) -> float:
-        """Compile prefill for every (batch, prompt bucket) and decode for every batch,
-        so that requests inside them never compile. Returns the seconds spent."""
+    def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_buckets: Sequence[int] | None = None,
+               max_len: int | None = None) -> float:
+        """Compile prefill for every (batch, prompt bucket) and decode for every batch
+        and attend bucket up to ``max_len`` (default: all), so that requests inside them
+        never compile. Returns the seconds spent."""
         before = self.compile_s
         for n in batch_sizes:
             b = self.batch_size(n)
             for length in prompt_buckets or self.prompt_buckets():
                 self.prefill_program(b, bucket(length))
-            self.decode_program(b)
+            for attend in self.attend_buckets():
+                if max_len is None or attend <= self.attend_for(max_len):
+                    self.decode_program(b, attend)
         return self.compile_s - before
 
     # -- requests -----------------------------------------------------------------
@@ -356,7 +382,10 @@ class Generator:
         rows = [self.new_row(r) for r in requests]
         compile_before = self.compile_s
         prefill = self.prefill_program(batch, length)
-        decode = self.decode_program(batch)
+        # the first decode step writes at `start`; a dispatch of n more steps reads below start + done + n
+        start = 1 if self.encoder_decoder else max(len(r.prompt_ids) for r in requests)
+        limit = start + max(r.max_new_tokens for r in requests)
+        decode = {a: self.decode_program(batch, a) for a in self.attend_buckets() if a <= self.attend_for(limit)}
 
         t0 = time.perf_counter()
         first, d, cache = prefill(*args)
@@ -366,13 +395,14 @@ class Generator:
 
         t1, decoded = time.perf_counter(), 0
         n_steps = jnp.int32(steps_per_dispatch)
-        pending = None
+        pending, dispatched = None, 0
         while not all(row.finish_reason for row in rows):
             if any(row.stop_device for row in rows):  # rows ended by a stop string: stop them on the device too
                 d = self.stop_rows(d, [i for i, row in enumerate(rows) if row.stop_device])
                 for row in rows:
                     row.stop_device = False
-            out, d, cache = decode(self.state, cache, d, args[3], n_steps)
+            dispatched += steps_per_dispatch
+            out, d, cache = decode[self.attend_for(min(start + dispatched, limit))](self.state, cache, d, args[3], n_steps)
             if steps_per_dispatch == DECODE_CHUNK and pending is None:
                 pending = out  # run one chunk ahead: the host reads chunk k while the device runs k + 1
                 continue

@@ -43,12 +43,12 @@ class DecoderOnlyLM:
         logits, cache = self(tokens, positions, cache, prefill=True, logits_at=lengths - 1)
         return logits[:, 0], cache, lengths
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache):
-        logits, cache = self(tokens[:, None], positions[:, None], cache, prefill=False)
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache, attend: int | None = None):
+        logits, cache = self(tokens[:, None], positions[:, None], cache, prefill=False, attend=attend)
         return logits[:, 0], cache
 
     def decoder_stack(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache, *, prefill: bool,
-                      logits_at: jax.Array | None) -> tuple[jax.Array, kv.KVCache]:
+                      logits_at: jax.Array | None, attend: int | None = None) -> tuple[jax.Array, kv.KVCache]:
         """What every decoder-only family does after its embedding: the layers, each
         reading and writing its cache slice; the final norm; the LM head (tied: the
         embedding table), at ``logits_at`` only when given. Needs ``self.layers``,
@@ -56,7 +56,7 @@ class DecoderOnlyLM:
         Returns float32 vocab-sharded logits with padded vocabulary entries at -inf."""
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, ck, cv = layer(x, positions, cache.k[i], cache.v[i], prefill)
+            x, ck, cv = layer(x, positions, cache.k[i], cache.v[i], prefill, attend)
             new_k.append(ck)
             new_v.append(cv)
         if logits_at is not None:

@@ -36,10 +36,10 @@ class Attention(MultiHeadAttention):
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
         self.tp = tp
 
-    def __call__(self, x, positions, cache_k, cache_v, prefill: bool):
+    def __call__(self, x, positions, cache_k, cache_v, prefill: bool, attend: int | None = None):
         q, k, v = self.qkv(x)
         out, cache_k, cache_v = causal_self_attention(q, k, v, positions, cache_k, cache_v, prefill=prefill,
-                                                      scale=self.scale, tp=self.tp)
+                                                      scale=self.scale, tp=self.tp, attend=attend)
         return self.wo(out), cache_k, cache_v
 
 
@@ -71,10 +71,10 @@ class GPT2LMHeadModel(DecoderOnlyLM, nnx.Module):
             self.lm_head = param(rngs, (vocab, e), ("vocab", "embed"), dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache, *, prefill: bool,
-                 logits_at: jax.Array | None = None) -> tuple[jax.Array, kv.KVCache]:
+                 logits_at: jax.Array | None = None, attend: int | None = None) -> tuple[jax.Array, kv.KVCache]:
         """As ``LlamaForCausalLM.__call__``: tokens, positions (B, T) → float32 logits
         (padded vocabulary at -inf) and the updated cache."""
         # Clipped: a prompt bucket may pad past the table; those rows are never attended.
         pos = jnp.take(self.pos_embed[...], positions, axis=0, mode="clip")
         x = self.tp.constrain(self.embed(tokens) + pos, HIDDEN)
-        return self.decoder_stack(x, positions, cache, prefill=prefill, logits_at=logits_at)
+        return self.decoder_stack(x, positions, cache, prefill=prefill, logits_at=logits_at, attend=attend)

@@ -38,12 +38,12 @@ class Attention(MultiHeadAttention):
         self.window = cfg.sliding_window
         self.tp = tp
 
-    def __call__(self, x, positions, cache_k, cache_v, prefill: bool):
+    def __call__(self, x, positions, cache_k, cache_v, prefill: bool, attend: int | None = None):
         inv_freq = rope_frequencies(*self.rope)
         q, k, v = self.qkv(x)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out, cache_k, cache_v = causal_self_attention(q, k, v, positions, cache_k, cache_v, prefill=prefill,
-                                                      scale=self.scale, tp=self.tp, window=self.window)
+                                                      scale=self.scale, tp=self.tp, window=self.window, attend=attend)
         return self.wo(out), cache_k, cache_v
 
 
@@ -77,10 +77,10 @@ class LlamaForCausalLM(DecoderOnlyLM, nnx.Module):
             self.lm_head = param(rngs, (vocab, cfg.hidden_size), ("vocab", "embed"), dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache, *, prefill: bool,
-                 logits_at: jax.Array | None = None) -> tuple[jax.Array, kv.KVCache]:
+                 logits_at: jax.Array | None = None, attend: int | None = None) -> tuple[jax.Array, kv.KVCache]:
         """tokens, positions: (B, T). ``prefill``: the tokens start their sequences (attend
         among themselves). ``logits_at`` (B,): compute logits only at that index of each
         row (the last prompt token), else at every position. Logits are float32, with
         padded vocabulary entries at -inf."""
         x = self.tp.constrain(self.embed(tokens), HIDDEN)
-        return self.decoder_stack(x, positions, cache, prefill=prefill, logits_at=logits_at)
+        return self.decoder_stack(x, positions, cache, prefill=prefill, logits_at=logits_at, attend=attend)

@@ -212,7 +212,9 @@ class T5ForConditionalGeneration(nnx.Module):
         logits, cache = self.run_decoder(start, jnp.zeros((b, 1), jnp.int32), cache, prefill=True)
         return logits[:, 0], cache, jnp.ones((b,), jnp.int32)
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, cache: T5Cache) -> tuple[jax.Array, T5Cache]:
-        """One decoder token per row (B,) written at ``positions`` (B,) → logits (B, V)."""
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: T5Cache,
+               attend: int | None = None) -> tuple[jax.Array, T5Cache]:
+        """One decoder token per row (B,) written at ``positions`` (B,) → logits (B, V).
+        ``attend`` is accepted for the engine's protocol; T5 reads its whole cache."""
         logits, cache = self.run_decoder(tokens[:, None], positions[:, None], cache, prefill=False)
         return logits[:, 0], cache

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         batches = [[i] for i in ids] if args.stream else [ids]
         for batch in batches:
             lm.generator.check(rj.api.requests(lm, batch, **options))
-        compile_s = sum(lm.generator.warmup([len(b)], [max(len(p) for p in b)]) for b in batches)
+        compile_s = sum(lm.generator.warmup([len(b)], [max(map(len, b))], max(map(len, b)) + args.max_new_tokens)
+                        for b in batches)
         if args.stream:
             outs, results = [], []
             for prompt, p_ids in zip(prompts, ids):

@@ -110,24 +110,29 @@ def time_plain(g: Generator, reqs: list[Request]) -> tuple[float, GenerationResu
 
 
 def time_decode_step(g: Generator, reqs: list[Request], repeats: int) -> float:
-    """Seconds per decode step of the compiled decode program alone: prefill once per
-    repeat, then run every remaining step in chunks, timing only the decode dispatches."""
+    """Seconds per decode step of the compiled decode programs alone: prefill once per
+    repeat, then run every remaining step in chunks, each with the program that reads
+    the cache prefix it needs (as ``Generator.run`` picks it), timing only the decode
+    dispatches."""
     batch, length = g.batch_size(len(reqs)), bucket(max(len(r.prompt_ids) for r in reqs))
-    prefill, decode = g.prefill_program(batch, length), g.decode_program(batch)
+    prefill = g.prefill_program(batch, length)
     args = g.prefill_inputs(reqs, length)
+    start = max(len(r.prompt_ids) for r in reqs)
     steps = min(r.max_new_tokens for r in reqs) - 1
-    best = []
+    limit = start + steps + 1
+    times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         _, d, cache = prefill(*args)
         jax.block_until_ready(cache)
         t0, done = time.perf_counter(), 0
         while done < steps:
             n = min(DECODE_CHUNK, steps - done)
+            decode = g.decode_program(batch, g.attend_for(min(start + done + n, limit)))
             out, d, cache = decode(g.state, cache, d, args[3], jnp.int32(n))
             done += n
         jax.block_until_ready(out)
-        best.append((time.perf_counter() - t0) / steps)
-    return median(best[1:])
+        times.append((time.perf_counter() - t0) / steps)
+    return median(times[1:])
 
 
 def bytes_per_device(g: Generator, batch: int) -> tuple[int, int, int]:
@@ -148,7 +153,7 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
         raise ValueError(f"batch {batch} would be padded to {g.batch_size(batch)} rows by the engine; "
                          "benchmark batch sizes that are powers of two (times dp)")
     reqs = requests(g, prompts, new_tokens)
-    g.warmup([batch], [prompt_len])
+    g.warmup([batch], [prompt_len], max_len=prompt_len + new_tokens)
     time_plain(g, reqs)  # warm the host paths too
     stream = [time_stream(g, reqs) for _ in range(repeats)]
     plain = [time_plain(g, reqs) for _ in range(repeats)]

@@ -22,6 +22,8 @@ from tests import hf_models
 PROMPT = [1, 17, 42, 99, 3, 243, 128, 64, 5, 77, 31, 17, 42]
 # every knob on at once, in the range where each one changes the distribution
 KNOBS = rj.SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3)
+# a flatter setting for the frequency test: about 30 tokens survive the filters
+FLAT = rj.SamplingParams(temperature=2.0, top_k=40, top_p=0.95, min_p=0.01, repetition_penalty=1.3)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +78,13 @@ def test_sampled_frequencies_follow_the_transformers_distribution(llama, hf_llam
     """2048 seeded draws of the first token: a chi-square test against transformers'
     processed distribution (p-value > 1e-3; the test fails by chance 1 run in 1000)."""
     n = 2048
-    requests = [rj.Request(PROMPT, 1, rj.SamplingParams(**{**KNOBS.__dict__, "seed": i}), ignore_eos=True)
+    requests = [rj.Request(PROMPT, 1, rj.SamplingParams(**{**FLAT.__dict__, "seed": i}), ignore_eos=True)
                 for i in range(n)]
     result = rj.GenerationResult(completions=[])
     for _ in llama.generator.run(requests, stats=result):
         pass
     drawn = np.array([c.generated_ids[0] for c in result.completions])
-    scores = hf_processed(hf_llama, PROMPT, KNOBS)
+    scores = hf_processed(hf_llama, PROMPT, FLAT)
     probs = np.exp(scores - scores.max())
     probs /= probs.sum()
     support = np.flatnonzero(probs > 0)
@@ -98,6 +100,7 @@ def test_sampled_frequencies_follow_the_transformers_distribution(llama, hf_llam
     statistic = ((obs - exp) ** 2 / exp).sum()
     p_value = float(jax.scipy.special.gammaincc((len(obs) - 1) / 2, statistic / 2))  # chi-square survival
     print(f"\nchi-square over {len(obs)} cells: p = {p_value:.3f}")
+    assert len(obs) >= 20  # a test with power: many tokens in play
     assert p_value > 1e-3
 
 

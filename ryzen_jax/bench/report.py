@@ -58,7 +58,7 @@ def offline_table(r: BenchmarkResults) -> str:
              f"bandwidth {hw.bandwidth_gbps:.1f} GB/s, matmul {hw.matmul_gflops:.0f} GFLOP/s"]
     peer_name = "HF" if r.peer_skipped is None else f"HF ({r.peer_skipped})"
     for b in r.batches:
-        heads = [f"ours tp={r.tp}"] + ([f"ours tp=1"] if b.tp1 and r.tp != 1 else []) + [peer_name, "×HF"]
+        heads = [f"ours tp={r.tp}"] + (["ours tp=1"] if b.tp1 and r.tp != 1 else []) + [peer_name, "×HF"]
         if b.tp1 and r.tp != 1:
             heads.append("×HF tp=1")
         widths = [30] + [max(11, len(h)) for h in heads]
@@ -94,7 +94,7 @@ def offline_table(r: BenchmarkResults) -> str:
         lines.append(f"  per device: parameters {b.ours.params_bytes_per_device / 1e6:.1f} MB, KV cache "
                      f"{b.ours.cache_bytes_per_device / 1e6:.2f} MB, XLA temporaries "
                      f"{b.ours.xla_temp_bytes_per_device / 1e6:.2f} MB"
-                     + (f"; speedup vs tp=1 {b.speedup_vs_tp1:.2f}x" if b.speedup_vs_tp1 else "")
+                     + (f"; speedup vs tp=1 {b.speedup_vs_tp1:.2f}x" if b.speedup_vs_tp1 and r.tp != 1 else "")
                      + (f"; same tokens as HF {100 * b.same_tokens_as_peer:.0f}%" if b.peer else ""))
     lines += ["", "targets: " + ", ".join(f"{k}: {'-' if v is None else ('yes' if v else 'NO')}"
                                         for k, v in r.targets.items())]

@@ -222,6 +222,17 @@ def test_serving_load_against_the_real_server(server):
     assert lines[-1] == "6/6 requests done"
 
 
+def test_serving_cli(server, tmp_path, capsys):
+    out = tmp_path / "serving.json"
+    assert run_cli("--mode", "serving", "--base-url", server.url, "--num-prompts", "2", "--input-words", "2",
+                   "--max-tokens", "3", "--request-rate", "20", "--json", str(out), "--plots", str(tmp_path)) == 0
+    data = json.loads(out.read_text())
+    assert data["completed"] == 2 and data["failed"] == 0 and data["total_output_tokens"] == 6
+    assert (tmp_path / "serving_latency_distribution.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "2 completed, 0 failed" in table and "TTFT" in table and "ITL" in table
+
+
 def test_serving_counts_failures_and_names_an_absent_server(server):
     r = serving.run(serving.ServingConfig(base_url=server.url, num_prompts=3, max_tokens=10_000, input_words=2))
     assert r.completed == 0 and r.failed == 3 and all(e.startswith("HTTP 400") for e in r.errors)

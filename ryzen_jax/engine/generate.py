@@ -32,7 +32,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, sample
+from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, any_sampled, sample
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -225,6 +225,7 @@ class Generator:
         def decode(state, cache, d, s, n_steps, attend):
             model = nnx.merge(graphdef, state)
             out = jnp.full((d.tokens.shape[0], DECODE_CHUNK), -1, jnp.int32)
+            sampled = any_sampled(s)  # once per dispatch, from the replicated settings
 
             def cond(carry):
                 i, d, _, _ = carry
@@ -235,7 +236,7 @@ class Generator:
                 logits, cache = model.decode(d.tokens, d.positions, cache, attend)
                 # finished rows stay put (they rewrite their last slot, harmlessly)
                 d = dataclasses.replace(d, positions=d.positions + ~d.done)
-                tok, d = _advance(d, sample(gathered(logits), s, d.seen, d.index))
+                tok, d = _advance(d, sample(gathered(logits), s, d.seen, d.index, sampled))
                 return i + 1, _pin(d, tp), cache, out.at[:, i].set(tok)
 
             _, d, cache, out = jax.lax.while_loop(cond, body, (jnp.int32(0), d, cache, out))
@@ -260,6 +261,9 @@ class Generator:
         """A host array of per-row values, placed with its rows split over ``data``."""
         return jax.device_put(x, self._rows(x.ndim))
 
+    def _replicated(self) -> NamedSharding:
+        return NamedSharding(self.tp.mesh, P())
+
     def _rows(self, ndim: int) -> NamedSharding:
         return NamedSharding(self.tp.mesh, P("data", *([None] * (ndim - 1))))
 
@@ -268,7 +272,7 @@ class Generator:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=self._rows(len(shape)))
 
         s = SamplingArrays.from_params([SamplingParams()] * batch, [0] * batch)
-        s = jax.tree.map(lambda a: rows(a.shape, a.dtype), s)
+        s = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated()), s)
         return (self.state, rows((batch, length)), rows((batch,)), s, rows((batch,)), rows((batch, MAX_STOP_IDS)))
 
     def prefill_program(self, batch: int, length: int):
@@ -428,7 +432,9 @@ class Generator:
             ids = self._stop_ids(r)
             stop_ids[i, : len(ids)] = ids
         seeds = [r.sampling.seed if r.sampling.seed is not None else int(self._seeds.integers(2**32)) for r in requests]
-        s = jax.tree.map(self._put, SamplingArrays.from_params([r.sampling for r in requests], seeds))
+        # sampling settings: tiny, and replicated so that "does any row sample?" is a local question
+        s = jax.tree.map(lambda a: jax.device_put(a, self._replicated()),
+                         SamplingArrays.from_params([r.sampling for r in requests], seeds))
         return (self.state, self._put(tokens), self._put(np.asarray([len(r.prompt_ids) for r in requests], np.int32)),
                 s, self._put(np.asarray([r.max_new_tokens for r in requests], np.int32)), self._put(stop_ids))
 

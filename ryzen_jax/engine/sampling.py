@@ -112,11 +112,25 @@ def filtered_logits(logits: jax.Array, s: SamplingArrays, seen: jax.Array) -> ja
     return jax.vmap(_filter_row)(scaled, s.top_k, s.top_p, s.min_p)
 
 
-def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, index: jax.Array) -> jax.Array:
+def any_sampled(s: SamplingArrays) -> jax.Array:
+    """Whether any row samples (temperature > 0); local when the settings are replicated."""
+    return jnp.any(s.temperature > 0)
+
+
+def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, index: jax.Array,
+           sampled: jax.Array | None = None) -> jax.Array:
     """Next token per row from float32 ``logits`` (B, V). ``seen`` (B, V): tokens
     already in each sequence (for the penalty); ``index`` (B,): which generated token
-    of its request each row is drawing (keys the random draw)."""
+    of its request each row is drawing (keys the random draw).
+
+    When no row samples (``sampled``, default ``any_sampled(s)``, is False: all greedy),
+    the sort-based filters are skipped altogether. Callers compute ``sampled`` once from
+    replicated settings, so the test costs no communication."""
     greedy = jnp.argmax(penalize(logits, seen, s.penalty), axis=-1).astype(jnp.int32)
-    keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seed, index)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, s, seen)).astype(jnp.int32)
-    return jnp.where(s.temperature > 0, drawn, greedy)
+
+    def draw() -> jax.Array:
+        keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seed, index)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, s, seen)).astype(jnp.int32)
+        return jnp.where(s.temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(any_sampled(s) if sampled is None else sampled, draw, lambda: greedy)

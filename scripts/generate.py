@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=None, help="default: a fresh seed per run")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text is cut before it")
     ap.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
+    ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS ids")
     ap.add_argument("--max-seq-len", type=int, default=None,
                     help="prompt + new tokens per sequence; sizes the cache (default: model context, at most 2048)")
     ap.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     show = print if main_process and not args.json else (lambda *a, **k: None)
     prompts = args.prompt or DEFAULT_PROMPTS
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
-                   stop_token_ids=args.stop_token_id)
+                   stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
     try:
         lm = rj.load_model(model_dir, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
         say(f"loaded {lm.config.model_type} in {lm.load_s:.1f}s on mesh data={lm.tp.dp_size} x model={lm.tp.tp_size} "

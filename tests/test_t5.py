@@ -177,3 +177,35 @@ def test_unscaled_checkpoint_without_lm_head_reads_the_shared_embedding(tmp_path
     assert not ours.tie_word_embeddings
     views = hf_views(ours, reader)
     np.testing.assert_array_equal(views["lm_head"], views["shared.embedding"])
+
+
+def test_generate_script_on_a_t5_checkpoint(tmp_path):
+    """scripts/generate.py on a T5 directory with a tokenizer: same flags and JSON as for
+    Llama, and HF's greedy tokens (decoding starts from decoder_start_token_id)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ryzen_jax.demo import save_tokenizer, train_tokenizer
+
+    import torch
+    import transformers
+
+    model_dir = str(tmp_path / "t5")
+    cfg = transformers.T5Config(**{**hf_models.T5_BASE, "vocab_size": 512, "feed_forward_proj": "relu",
+                                   "pad_token_id": 1, "eos_token_id": 1, "decoder_start_token_id": 0})
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(model_dir)
+    save_tokenizer(train_tokenizer(), model_dir)  # byte-level BPE, 512 entries
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run([sys.executable, "scripts/generate.py", "--json", "--model", model_dir, "--tp", "4",
+                          "--max-new-tokens", "12", "--ignore-eos", "--prompt", "The weather in the mountains"],
+                         cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    assert out["model_type"] == "t5" and out["tp"] == 4
+    (o,) = out["outputs"]
+    assert o["generated_ids"] == hf_models.t5_greedy(hf_models.load_t5(model_dir), [o["prompt_ids"]], 12)[0]
+    assert isinstance(o["text"], str)

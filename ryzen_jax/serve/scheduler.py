@@ -82,8 +82,16 @@ class PlanChannel:
                 pass
         self.n += 1
 
-    def receive(self, timeout_s: float = 3600.0) -> Plan | None:
-        text = self.client.blocking_key_value_get(f"{self.PREFIX}{self.n}", int(timeout_s * 1000))
+    def receive(self, poll_s: float = 60.0) -> Plan | None:
+        """The next plan, waiting as long as the leader is idle (an idle server publishes
+        nothing); a dead leader ends the wait with the coordination service's error."""
+        while True:
+            try:
+                text = self.client.blocking_key_value_get(f"{self.PREFIX}{self.n}", int(poll_s * 1000))
+                break
+            except Exception as e:  # noqa: BLE001 — the client raises its own status type
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
         self.n += 1
         return Plan.from_json(text) if text else None
 

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, any_sampled, sample
+from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, any_penalized, any_sampled, sample
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -146,14 +146,16 @@ def _pin(d: DecodeState, tp: TensorParallelConfig) -> DecodeState:
     return jax.tree.map(lambda x: tp.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), d)
 
 
-def _advance(d: DecodeState, tok: jax.Array) -> tuple[jax.Array, DecodeState]:
-    """Take each live row's new token: count it, mark it seen, and finish rows that hit
-    a stop id or their budget. Returns the tokens to report (-1 for finished rows)."""
+def _advance(d: DecodeState, tok: jax.Array, penalized: jax.Array | bool = True) -> tuple[jax.Array, DecodeState]:
+    """Take each live row's new token: count it, mark it seen (only needed while some row
+    has a repetition penalty: ``penalized``), and finish rows that hit a stop id or
+    their budget. Returns the tokens to report (-1 for finished rows)."""
     live = ~d.done
     tok = jnp.where(live, tok, d.tokens)
     index = d.index + live
     stopped = jnp.any(tok[:, None] == d.stop_ids, axis=1)
-    seen = d.seen | (live[:, None] & (jnp.arange(d.seen.shape[1]) == tok[:, None]))
+    seen = jax.lax.cond(penalized, lambda: d.seen | (live[:, None] & (jnp.arange(d.seen.shape[1]) == tok[:, None])),
+                        lambda: d.seen)
     new = dataclasses.replace(d, tokens=tok, index=index, seen=seen,
                               done=d.done | (live & (stopped | (index >= d.max_new))))
     return jnp.where(live, tok, -1), new
@@ -225,7 +227,7 @@ class Generator:
         def decode(state, cache, d, s, n_steps, attend):
             model = nnx.merge(graphdef, state)
             out = jnp.full((d.tokens.shape[0], DECODE_CHUNK), -1, jnp.int32)
-            sampled = any_sampled(s)  # once per dispatch, from the replicated settings
+            sampled, penalized = any_sampled(s), any_penalized(s)  # once per dispatch, from replicated settings
 
             def cond(carry):
                 i, d, _, _ = carry
@@ -236,7 +238,7 @@ class Generator:
                 logits, cache = model.decode(d.tokens, d.positions, cache, attend)
                 # finished rows stay put (they rewrite their last slot, harmlessly)
                 d = dataclasses.replace(d, positions=d.positions + ~d.done)
-                tok, d = _advance(d, sample(gathered(logits), s, d.seen, d.index, sampled))
+                tok, d = _advance(d, sample(gathered(logits), s, d.seen, d.index, sampled, penalized), penalized)
                 return i + 1, _pin(d, tp), cache, out.at[:, i].set(tok)
 
             _, d, cache, out = jax.lax.while_loop(cond, body, (jnp.int32(0), d, cache, out))

@@ -117,16 +117,24 @@ def any_sampled(s: SamplingArrays) -> jax.Array:
     return jnp.any(s.temperature > 0)
 
 
+def any_penalized(s: SamplingArrays) -> jax.Array:
+    """Whether any row has a repetition penalty; local when the settings are replicated."""
+    return jnp.any(s.penalty != 1)
+
+
 def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, index: jax.Array,
-           sampled: jax.Array | None = None) -> jax.Array:
+           sampled: jax.Array | None = None, penalized: jax.Array | None = None) -> jax.Array:
     """Next token per row from float32 ``logits`` (B, V). ``seen`` (B, V): tokens
     already in each sequence (for the penalty); ``index`` (B,): which generated token
     of its request each row is drawing (keys the random draw).
 
     When no row samples (``sampled``, default ``any_sampled(s)``, is False: all greedy),
-    the sort-based filters are skipped altogether. Callers compute ``sampled`` once from
-    replicated settings, so the test costs no communication."""
-    greedy = jnp.argmax(penalize(logits, seen, s.penalty), axis=-1).astype(jnp.int32)
+    the sort-based filters are skipped altogether; when no row has a repetition penalty
+    (``penalized``, default ``any_penalized(s)``), so is the penalty. Callers compute both
+    once from replicated settings, so the tests cost no communication."""
+    penalized = any_penalized(s) if penalized is None else penalized
+    chosen = jax.lax.cond(penalized, lambda: penalize(logits, seen, s.penalty), lambda: logits)
+    greedy = jnp.argmax(chosen, axis=-1).astype(jnp.int32)
 
     def draw() -> jax.Array:
         keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seed, index)

@@ -93,9 +93,7 @@ class SlotBatcher:
 
     def _empty(self):
         """All slots free: zeros everywhere, every row marked done."""
-        args = self.gen._abstract_prefill_inputs(self.slots, 16)
-        _, d, cache = self.gen._prefill.eval_shape(*args)
-        shapes = (cache, d, args[3])
+        shapes = self.gen.decode_inputs(self.slots)
 
         def make():
             cache, d, s = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)

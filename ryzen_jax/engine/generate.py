@@ -248,16 +248,21 @@ class Generator:
         self._decode_fn = decode
 
     # -- compiled programs ------------------------------------------------------------
-    def _get(self, name: str, fn: Callable, *args):
-        key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:]))
+    def _compile(self, key: tuple, lower: Callable[[], Any]):
+        """The executable kept under ``key``, compiled (and counted, and timed) on first use."""
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = fn.lower(*args).compile()
+            exe = lower().compile()
             self.compile_s += time.perf_counter() - t0
             self.compile_count += 1
             self._compiled[key] = exe
         return exe
+
+    def _get(self, name: str, fn: Callable, *args):
+        """``fn`` compiled for these arguments (keyed by the shapes after the first)."""
+        key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:]))
+        return self._compile(key, lambda: fn.lower(*args))
 
     def _put(self, x: np.ndarray) -> jax.Array:
         """A host array of per-row values, placed with its rows split over ``data``."""
@@ -286,21 +291,25 @@ class Generator:
         cache slots (default: all; see ``attend_for``). Also for inspection: HLO text,
         memory and cost analyses."""
         attend = self.max_seq_len if attend is None else attend
-        key = ("decode", batch, attend)
-        if key not in self._compiled:
-            args = self._abstract_prefill_inputs(batch, MIN_BUCKET)
-            # the decode state and cache exactly as prefill leaves them (shapes and placements)
-            shapes = self._prefill.eval_shape(*args)
-            placed = self.prefill_program(batch, MIN_BUCKET).output_shardings
-            _, d, cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, placed)
+
+        def lower():
+            cache, d, s = self.decode_inputs(batch)
             # state and cache leave each chunk placed as they came in, ready for the next
             fn = jax.jit(functools.partial(self._decode_fn, attend=attend), donate_argnums=(1, 2),
-                         out_shardings=(self._rows(2), placed[1], placed[2]))
-            t0 = time.perf_counter()
-            self._compiled[key] = fn.lower(self.state, cache, d, args[3], jax.ShapeDtypeStruct((), jnp.int32)).compile()
-            self.compile_s += time.perf_counter() - t0
-            self.compile_count += 1
-        return self._compiled[key]
+                         out_shardings=(self._rows(2), jax.tree.map(lambda a: a.sharding, d),
+                                        jax.tree.map(lambda a: a.sharding, cache)))
+            return fn.lower(self.state, cache, d, s, jax.ShapeDtypeStruct((), jnp.int32))
+
+        return self._compile(("decode", batch, attend), lower)
+
+    def decode_inputs(self, batch: int) -> tuple:
+        """Abstract (cache, decode state, sampling settings) of a batch exactly as prefill
+        leaves them: shapes, dtypes and placements."""
+        args = self._abstract_prefill_inputs(batch, MIN_BUCKET)
+        shapes = self._prefill.eval_shape(*args)
+        placed = self.prefill_program(batch, MIN_BUCKET).output_shardings
+        _, d, cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, placed)
+        return cache, d, args[3]
 
     def attend_buckets(self) -> list[int]:
         """Cache lengths a decode program may read: powers of two from 64, then all."""

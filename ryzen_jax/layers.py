@@ -173,23 +173,38 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-              tp: TensorParallelConfig, bias: jax.Array | None = None) -> jax.Array:
-    """Grouped-query attention: q (B, T, H, D) against k, v (B, S, KV, D).
+              tp: TensorParallelConfig, bias: jax.Array | None = None,
+              own: tuple[jax.Array, jax.Array, jax.Array | None] | None = None) -> jax.Array:
+    """Grouped-query attention: q (B, T, H, D) against k, v (B, KV, S, D) (heads-major,
+    as the cache holds them: :func:`ryzen_jax.cache.heads_major` turns fresh ones over).
 
     ``mask`` (B, T, S) is True where a query may see a key. Query head h reads KV head
     h // (H // KV), so with heads split over ``model`` each device needs only its own
     KV heads. Scores and softmax are float32. ``bias`` (B or 1, H, T, S), if given, is
     added to the scaled scores before masking (T5's relative position bias).
+
+    ``own`` (k, v (B, KV, 1, D), bias (B or 1, H, 1, 1) or None), for one query per row:
+    that query's own key and value, which ``k``, ``v`` do not hold yet — a decode step
+    reads the cache as it was and writes its new slot after, so the write has one reader.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], kv, h // kv, t, bias.shape[-1])
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    kv = k.shape[1]
+    g = h // kv
+    q = q.reshape(b, t, kv, g, d)
+
+    def scores_of(keys: jax.Array, bias: jax.Array | None) -> jax.Array:
+        s = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) * scale
+        return s if bias is None else s + bias.astype(jnp.float32).reshape(bias.shape[0], kv, g, t, bias.shape[-1])
+
+    scores = jnp.where(mask[:, None, None, :, :], scores_of(k, bias), jnp.finfo(jnp.float32).min)
+    if own is not None:
+        scores = jnp.concatenate([scores, scores_of(own[0], own[2])], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    # (b, k, g, t, d) then to (b, t, k, g, d): V is the dot's right operand as it lies, uncopied
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs[..., :k.shape[2]], v)
+    if own is not None:
+        out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., k.shape[2]:], own[1])
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     return tp.constrain(out, ("batch", "length", "heads", "head_dim"))
 
 
@@ -220,11 +235,12 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
                           cache_v: jax.Array, *, prefill: bool, scale: float, tp: TensorParallelConfig,
                           window: int | None = None, bias: Callable[[jax.Array], jax.Array] | None = None,
                           attend: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Causal attention of new tokens at ``positions`` (B, T), after writing their keys
-    and values into one layer's cache (B, S, KV, D) at those positions.
+    """Causal attention of new tokens at ``positions`` (B, T), whose keys and values are
+    written into one layer's cache (B, KV, S, D) at those positions.
 
     ``prefill``: the tokens start their sequences, so they attend among themselves and
-    the cache is not read back. ``window``: a query sees only the last ``window``
+    the cache is not read back. Otherwise (one token per row) the token attends to the
+    cache as it was and to its own key, and the write comes last. ``window``: a query sees only the last ``window``
     positions (sliding-window attention). ``bias(key_positions (B, S))`` → (B or 1, H,
     T, S): an additive score bias (T5's relative positions). ``attend`` (decode only): the
     queries' positions are all below it, so only the cache's first ``attend`` slots are
@@ -233,16 +249,18 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
     """
     q = tp.constrain(q, ("batch", "length", "heads", "head_dim"))
     start = positions[:, 0]
-    cache_k, cache_v = kv.write(cache_k, k, start), kv.write(cache_v, v, start)
     if prefill:
-        keys, values, key_pos = k, v, positions
-    else:
-        keys, values = (cache_k, cache_v) if attend is None else (cache_k[:, :attend], cache_v[:, :attend])
-        key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (q.shape[0], keys.shape[1]))
-    mask = key_pos[:, None, :] <= positions[:, :, None]
+        keys, values, key_pos, own = kv.heads_major(k), kv.heads_major(v), positions, None
+        mask = key_pos[:, None, :] <= positions[:, :, None]
+    else:  # the cache before this step's write, then the step's own key and value
+        keys, values = (cache_k, cache_v) if attend is None else (cache_k[:, :, :attend], cache_v[:, :, :attend])
+        key_pos = jnp.broadcast_to(jnp.arange(keys.shape[2]), (q.shape[0], keys.shape[2]))
+        own = (kv.heads_major(k), kv.heads_major(v), None if bias is None else bias(positions))
+        mask = key_pos[:, None, :] < positions[:, :, None]
     if window is not None:
         mask &= key_pos[:, None, :] > positions[:, :, None] - window
-    out = attention(q, keys, values, mask, scale, tp, None if bias is None else bias(key_pos))
+    out = attention(q, keys, values, mask, scale, tp, None if bias is None else bias(key_pos), own)
+    cache_k, cache_v = kv.write(cache_k, k, start), kv.write(cache_v, v, start)
     return out, cache_k, cache_v
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ryzen_jax import cache as kv
 from ryzen_jax.activations import activation
 from ryzen_jax.config import ModelConfig
 from ryzen_jax.layers import HIDDEN, MLP, Embedding, LayerNorm, MultiHeadAttention, attention, param
@@ -36,7 +37,7 @@ class Layer(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         q, k, v = self.attn.qkv(x)
         q = self.tp.constrain(q, ("batch", "length", "heads", "head_dim"))
-        a = self.attn.wo(attention(q, k, v, mask, self.scale, self.tp))
+        a = self.attn.wo(attention(q, kv.heads_major(k), kv.heads_major(v), mask, self.scale, self.tp))
         x = self.tp.constrain(self.attn_norm(x + a), HIDDEN)
         return self.tp.constrain(self.mlp_norm(x + self.mlp(x)), HIDDEN)
 

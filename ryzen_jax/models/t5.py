@@ -35,7 +35,7 @@ from ryzen_jax.sharding import TensorParallelConfig, pad_to_multiple
 @dataclasses.dataclass
 class T5Cache:
     """The decoder's state: its self-attention KV cache, and per decoder layer the
-    cross-attention keys/values of the encoder output (B, S, H, D), S padded to the
+    cross-attention keys/values of the encoder output (B, H, S, D), S padded to the
     cache length, with ``encoder_mask`` (B, S) True at real input positions."""
 
     self_kv: kv.KVCache
@@ -89,7 +89,7 @@ class T5Block(nnx.Module):
     def encode(self, x: jax.Array, mask: jax.Array, bias: jax.Array) -> jax.Array:
         """Encoder layer: bidirectional self-attention under ``mask`` (B, 1, S)."""
         q, k, v = self.attn.qkv(self.attn_norm(x))
-        x = self._add(x, self.attn.wo(attention(q, k, v, mask, 1.0, self.tp, bias)))
+        x = self._add(x, self.attn.wo(attention(q, kv.heads_major(k), kv.heads_major(v), mask, 1.0, self.tp, bias)))
         return self._add(x, self.mlp(self.mlp_norm(x)))
 
     def decode(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array, bias, *,
@@ -159,8 +159,11 @@ class T5ForConditionalGeneration(nnx.Module):
             raise ValueError(f"encoder input of {s} tokens is longer than max_len={max_len}; raise max_len")
         encoded = jnp.pad(encoded, ((0, 0), (0, max_len - s), (0, 0)))
         mask = self.tp.constrain(jnp.pad(mask, ((0, 0), (0, max_len - s))), ("batch", "cache_length"))
-        cross_k = [self.tp.constrain(layer.cross.wk(encoded), kv.CACHE_AXES) for layer in self.decoder.layers]
-        cross_v = [self.tp.constrain(layer.cross.wv(encoded), kv.CACHE_AXES) for layer in self.decoder.layers]
+        def heads(proj: nnx.Module) -> jax.Array:
+            return self.tp.constrain(kv.heads_major(proj(encoded)), kv.CACHE_AXES)
+
+        cross_k = [heads(layer.cross.wk) for layer in self.decoder.layers]
+        cross_v = [heads(layer.cross.wv) for layer in self.decoder.layers]
         self_kv = kv.init_cache(len(self.decoder.layers), b, max_len, self.cfg.num_heads, self.cfg.head_dim, self.tp,
                                 self.shared.embedding.dtype)
         return T5Cache(self_kv=self_kv, cross_k=cross_k, cross_v=cross_v, encoder_mask=mask)
@@ -171,7 +174,7 @@ class T5ForConditionalGeneration(nnx.Module):
         writing the cache; ``prefill``: the tokens start their sequences at position 0.
         Float32, vocab-sharded, padded vocabulary entries at -inf."""
         x = self.tp.constrain(self.shared(tokens), HIDDEN)
-        n = cache.self_kv.k[0].shape[1]
+        n = cache.self_kv.k[0].shape[2]
 
         def bias(key_pos: jax.Array) -> jax.Array:
             return self.decoder.position_bias(positions, key_pos, n)

@@ -64,3 +64,18 @@ def test_bytes_per_device(tp, hf_model_dir):
     small_inputs = batch * (vocab + 16 * 4 + 64) + 64
     assert per_device + cache <= mem.argument_size_in_bytes <= per_device + cache + small_inputs
     assert mem.alias_size_in_bytes >= cache  # the donated cache is updated in place
+
+
+@pytest.mark.parametrize("tp,batch", [(1, 1), (1, 4), (2, 2)])
+def test_decode_step_moves_no_cache(tp, batch, hf_model_dir):
+    """A decode step reads each layer's cache where it lies and writes one slot in place:
+    no instruction of the compiled step copies or transposes a whole cache layer (XLA:CPU
+    did both, every step, before the cache was heads-major and the write came last)."""
+    lm = rj.load_model(hf_model_dir("llama_gqa"), tp=tp, dtype="float32", progress=False)
+    g = lm.generator
+    layer = f"f32[{batch},{g.kv_heads // tp},{g.max_seq_len},{lm.config.head_dim}]"
+    moves = re.compile(r"= (\S+) (copy|transpose)\(")
+    hlo = g.decode_program(batch).as_text()
+    moved = [line.strip()[:160] for line in hlo.splitlines()
+             if (m := moves.search(line)) and m.group(1).split("{")[0] in (layer, layer.replace("[1,", "["))]
+    assert not moved, moved

@@ -64,3 +64,17 @@ def test_bfloat16_runs_close_to_float32(hf_model_dir):
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
     assert len(bf16.generator.generate([PROMPT], 8, stop_ids=[]).generated_ids[0]) == 8
+
+
+def test_compiler_options_an_xla_refuses_are_dropped_with_a_warning(caplog):
+    """Our XLA:CPU options are tuning: an XLA that does not know one still compiles the
+    program (without them) and says so, and the options are not tried again."""
+    from ryzen_jax.engine.generate import CPU_COMPILER_OPTIONS, compile_lowered
+
+    lowered = jax.jit(lambda x: x * 2 + 1).lower(jnp.ones(3))
+    assert np.array_equal(compile_lowered(lowered, dict(CPU_COMPILER_OPTIONS))(jnp.ones(3)), [3.0] * 3)
+    options = {"xla_no_such_option": True}
+    with caplog.at_level("WARNING"):
+        exe = compile_lowered(lowered, options)
+    assert np.array_equal(exe(jnp.ones(3)), [3.0] * 3)
+    assert "xla_no_such_option" in caplog.text and options == {}

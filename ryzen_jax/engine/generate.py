@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, any_penalized, any_sampled, sample
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
+
+log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
 #: most decode steps one dispatch runs (the non-streaming path asks for all of them)
@@ -173,14 +176,35 @@ class _Row:
     stop_device: bool = False  # ended by a stop string: the device still thinks it is live
 
 
+#: XLA:CPU options for our programs. Region-based copy insertion proves that a decode
+#: step's in-place cache writes need no defensive copies, where the default analysis
+#: copied every layer's cache on every step (a fifth of a batch-1 step on the benchmark's
+#: small shape). YNNPACK for matrix products only: reductions as XLA's own loops, which
+#: for a decode step's many small ones (norms, softmax) saved 4-7% of a batch-8 step.
+CPU_COMPILER_OPTIONS: dict[str, Any] = {
+    "xla_cpu_copy_insertion_use_region_analysis": True,
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+
+
 def compiler_options(mesh) -> dict[str, Any]:
-    """XLA options for our programs on ``mesh``'s platform. On CPU, region-based copy
-    insertion: it proves that a decode step's in-place cache writes need no defensive
-    copies, where the default analysis copied every layer's cache on every step (a
-    fifth of a batch-1 step on the benchmark's small shape)."""
-    if mesh.devices.flat[0].platform == "cpu":
-        return {"xla_cpu_copy_insertion_use_region_analysis": True}
-    return {}
+    """XLA options for our programs on ``mesh``'s platform (see ``CPU_COMPILER_OPTIONS``)."""
+    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else {}
+
+
+def compile_lowered(lowered, options: dict[str, Any]):
+    """``lowered.compile`` with ``options``; an XLA that does not know one of them (they
+    are tuning, not semantics) compiles without them, once warned."""
+    if not options:
+        return lowered.compile()
+    try:
+        return lowered.compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError as e:
+        if "option" not in str(e):
+            raise
+        log.warning("this XLA refused compiler options %s (%s); compiling without them", sorted(options), e)
+        options.clear()
+        return lowered.compile()
 
 
 class Generator:
@@ -202,6 +226,7 @@ class Generator:
         self.encoder_decoder = bool(getattr(self.cfg, "is_encoder_decoder", False))
         self.max_seq_len = resolve_max_seq_len(self.cfg, max_seq_len)
         self._compiled: dict[tuple, Any] = {}
+        self._options = compiler_options(tp.mesh)
         self.compile_count = 0
         self.compile_s = 0.0
         # Seeds for requests that give none: identical on every process (SPMD), fresh per run.
@@ -263,7 +288,7 @@ class Generator:
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = lower().compile(compiler_options=compiler_options(self.tp.mesh))
+            exe = compile_lowered(lower(), self._options)
             self.compile_s += time.perf_counter() - t0
             self.compile_count += 1
             self._compiled[key] = exe

@@ -67,7 +67,8 @@ def test_offline_run_reports_every_figure(bench, results):
             assert lat["n"] == (TINY["new_tokens"] - 1) * TINY["repeats"]
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
             for v in (run.ttft_ms, run.e2e_ms, run.tokens_per_s, run.decode_tokens_per_s, run.decode_step_ms,
-                      run.floor.bandwidth_ms, run.floor.compute_ms, run.step_over_bandwidth_floor):
+                      run.floor.bandwidth_ms, run.floor.compute_ms, run.step_over_bandwidth_floor,
+                      run.matmuls_alone_ms, run.step_over_matmuls_alone):
                 assert finite_positive(v)
             assert run.e2e_ms > run.ttft_ms
             assert [len(ids) for ids in run.generated_ids] == [TINY["new_tokens"]] * b.batch

@@ -58,6 +58,8 @@ class EngineRun:
     floor: Floors
     step_over_bandwidth_floor: float
     step_over_roofline: float  # against max(bandwidth floor, compute floor)
+    matmuls_alone_ms: float  # the step's matrix products alone on this backend (see time_matmuls_alone)
+    step_over_matmuls_alone: float
     comm: CommReport
     params_bytes_per_device: int
     cache_bytes_per_device: int
@@ -135,6 +137,48 @@ def time_decode_step(g: Generator, reqs: list[Request], repeats: int) -> float:
     return median(times[1:])
 
 
+def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) -> float:
+    """Seconds for the decode step's matrix products and nothing else: every projection
+    of every layer (q, k, v, o, gate, up, down) and the LM head, at this batch, in the
+    model's dtype, chained as a step chains them, with fresh weights in memory, on one
+    device. No attention over the cache, no norms, no sampling, no loop.
+
+    This is what the backend's own matmul kernels make of the step's weight reads. A
+    step cannot beat it; where it lies far above the bandwidth floor (XLA:CPU's
+    matrix-vector products stream weights slower than a copy), so does every program
+    built on those kernels. The median over ``repeats`` of ``calls`` chained calls."""
+    cfg = g.cfg
+    e, f, q_dim, kv_dim = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
+        cfg.num_kv_heads * cfg.head_dim
+    keys = iter(jax.random.split(jax.random.key(0), 7 * cfg.num_layers + 2))
+    dev = jax.devices()[0]
+
+    def w(*shape: int) -> jax.Array:
+        return jax.device_put(0.02 * jax.random.normal(next(keys), shape, g.dtype), dev)
+
+    layers = [dict(q=w(e, q_dim), k=w(e, kv_dim), v=w(e, kv_dim), o=w(q_dim, e), gate=w(e, f), up=w(e, f),
+                   down=w(f, e)) for _ in range(cfg.num_layers)]
+    head, x = w(cfg.vocab_size, e), w(batch, e)
+
+    @jax.jit
+    def chain(x, layers, head):
+        for m in layers:
+            x = x + (x @ m["q"]) @ m["o"] + (x @ m["k"])[:, :1] + (x @ m["v"])[:, :1]  # k, v kept live, cheaply
+            x = x + (jax.nn.silu(x @ m["gate"]) * (x @ m["up"])) @ m["down"]
+        logits = jnp.einsum("be,ve->bv", x, head)  # the head as ours is stored: (vocab, embed)
+        return x + logits[:, :1]
+
+    jax.block_until_ready(chain(x, layers, head))
+    times = []
+    for _ in range(repeats):
+        y, t0 = x, time.perf_counter()
+        for _ in range(calls):
+            y = chain(y, layers, head)
+        jax.block_until_ready(y)
+        times.append((time.perf_counter() - t0) / calls)
+    return median(times)
+
+
 def bytes_per_device(g: Generator, batch: int) -> tuple[int, int, int]:
     """(parameters, KV cache, XLA temporaries) bytes one device holds for the decode step."""
     params = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(g.state))
@@ -160,6 +204,7 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
     gaps = [x for _, run in stream for x in run]
     e2e = median([wall for wall, _ in plain])
     step = time_decode_step(g, reqs, repeats)
+    matmuls_ms = time_matmuls_alone(g, batch, repeats) * 1e3
     fl = floors(g, batch, prompt_len, new_tokens, hw)
     params, cache, temp = bytes_per_device(g, batch)
     cfg = g.cfg
@@ -171,6 +216,7 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
         token_latency_ms=summary_ms(gaps), e2e_ms=e2e * 1e3, tokens_per_s=batch * new_tokens / e2e,
         decode_tokens_per_s=median([r.decode_tokens_per_s for _, r in plain]), decode_step_ms=step_ms, floor=fl,
         step_over_bandwidth_floor=step_ms / fl.bandwidth_ms,
-        step_over_roofline=step_ms / max(fl.bandwidth_ms, fl.compute_ms), comm=comm, params_bytes_per_device=params,
+        step_over_roofline=step_ms / max(fl.bandwidth_ms, fl.compute_ms), matmuls_alone_ms=matmuls_ms,
+        step_over_matmuls_alone=step_ms / matmuls_ms, comm=comm, params_bytes_per_device=params,
         cache_bytes_per_device=cache, xla_temp_bytes_per_device=temp,
         token_latency_samples_ms=[x * 1e3 for x in gaps], generated_ids=plain[-1][1].generated_ids)

@@ -247,7 +247,7 @@ def _publish(tmp: str, out_dir: str) -> None:
         ) from err
 
 
-DEMO_NAME = "demo-llama-v2"  # bump with the checkpoint format
+DEMO_NAME = "demo-llama-v3"  # bump with the checkpoint format
 
 
 def ensure_demo_model(root: str | None = None) -> str:

@@ -31,37 +31,44 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, dtype, init=_init) -
 
 
 class ColumnParallelLinear(nnx.Module):
-    """``y = x W + b`` with W's output columns split over the ``model`` mesh axis.
+    """``y = x Wᵀ + b`` with W's output rows split over the ``model`` mesh axis.
 
-    ``out_features`` may be a tuple, e.g. ``(heads, head_dim)``, so the head split is
-    explicit in the weight's shape. No communication: each device produces its columns.
+    W is stored (out, in), as PyTorch stores it: XLA:CPU's matrix products stream a
+    weight faster in this orientation (the benchmark's small shape, its matmuls alone:
+    16% at batch 8, 4-6% at batch 1). ``out_features`` may be a tuple, e.g.
+    ``(heads, head_dim)``, so the head split is explicit in the weight's shape. No
+    communication: each device produces its own outputs.
     """
 
     def __init__(self, in_features: int, out_features: Sequence[int], out_axes: Axes, *, in_axis: str = "embed",
                  use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = param(rngs, (in_features, *out_features), (in_axis, *out_axes), dtype)
+        self.kernel = param(rngs, (*out_features, in_features), (*out_axes, in_axis), dtype)
         self.bias = param(rngs, tuple(out_features), out_axes, dtype, nnx.initializers.zeros) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.tensordot(x, self.kernel[...], axes=((x.ndim - 1,), (0,)))
+        w = self.kernel[...]
+        # one (out, in) matrix: XLA:CPU copied a 3-D kernel into (in, out) order every call
+        y = jnp.einsum("...i,oi->...o", x, w.reshape(-1, w.shape[-1])).reshape(*x.shape[:-1], *w.shape[:-1])
         if self.bias is not None:
             y = y + self.bias[...]
         return y
 
 
 class RowParallelLinear(nnx.Module):
-    """``y = x W + b`` with W's input rows split over ``model``: each device holds a
-    partial sum and XLA ends the layer with one all-reduce. The bias is replicated and
-    added once, after the reduction."""
+    """``y = x Wᵀ + b`` with W (out, in) split over ``model`` along its inputs: each
+    device holds a partial sum and XLA ends the layer with one all-reduce. The bias is
+    replicated and added once, after the reduction."""
 
     def __init__(self, in_features: Sequence[int], out_features: int, in_axes: Axes, *, out_axis: str = "embed",
                  use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = param(rngs, (*in_features, out_features), (*in_axes, out_axis), dtype)
+        self.kernel = param(rngs, (out_features, *in_features), (out_axis, *in_axes), dtype)
         self.bias = param(rngs, (out_features,), ("norm",), dtype, nnx.initializers.zeros) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel.ndim - 1
-        y = jnp.tensordot(x, self.kernel[...], axes=(tuple(range(x.ndim - k, x.ndim)), tuple(range(k))))
+        w = self.kernel[...]
+        k = w.ndim - 1
+        x = x.reshape(*x.shape[:x.ndim - k], -1)  # the input axes as one, like the kernel's below
+        y = jnp.einsum("...i,oi->...o", x, w.reshape(w.shape[0], -1))
         if self.bias is not None:
             y = y + self.bias[...]
         return y

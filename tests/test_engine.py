@@ -24,7 +24,7 @@ def test_column_then_row_parallel_is_one_all_reduce():
     w1, w2 = (np.asarray(state[k]["kernel"].get_value()) for k in ("col", "row"))
     for _, var in nnx.to_flat_state(state):  # place each parameter by its logical axes
         var.set_value(jax.device_put(var.get_value(), tp.sharding(var.get_metadata()["out_sharding"])))
-    assert state["col"]["kernel"].get_value().addressable_shards[0].data.shape == (32, 16)
+    assert state["col"]["kernel"].get_value().addressable_shards[0].data.shape == (16, 32)  # (out, in), out split
 
     def mlp(state, x):
         m = nnx.merge(graphdef, state)
@@ -32,7 +32,7 @@ def test_column_then_row_parallel_is_one_all_reduce():
 
     x = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
     f = jax.jit(mlp)
-    np.testing.assert_allclose(np.asarray(f(state, x)), np.maximum(x @ w1, 0) @ w2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(f(state, x)), np.maximum(x @ w1.T, 0) @ w2.T, rtol=1e-5, atol=1e-5)
     kinds = [k for k, _ in collectives(f.lower(state, x).compile().as_text())]
     assert kinds == ["all-reduce"]
 

@@ -156,17 +156,20 @@ def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) 
     def w(*shape: int) -> jax.Array:
         return jax.device_put(0.02 * jax.random.normal(next(keys), shape, g.dtype), dev)
 
-    layers = [dict(q=w(e, q_dim), k=w(e, kv_dim), v=w(e, kv_dim), o=w(q_dim, e), gate=w(e, f), up=w(e, f),
-                   down=w(f, e)) for _ in range(cfg.num_layers)]
+    # every weight (out, in), as our layers store it
+    layers = [dict(q=w(q_dim, e), k=w(kv_dim, e), v=w(kv_dim, e), o=w(e, q_dim), gate=w(f, e), up=w(f, e),
+                   down=w(e, f)) for _ in range(cfg.num_layers)]
     head, x = w(cfg.vocab_size, e), w(batch, e)
+
+    def mm(x: jax.Array, weight: jax.Array) -> jax.Array:
+        return jnp.einsum("bi,oi->bo", x, weight)
 
     @jax.jit
     def chain(x, layers, head):
         for m in layers:
-            x = x + (x @ m["q"]) @ m["o"] + (x @ m["k"])[:, :1] + (x @ m["v"])[:, :1]  # k, v kept live, cheaply
-            x = x + (jax.nn.silu(x @ m["gate"]) * (x @ m["up"])) @ m["down"]
-        logits = jnp.einsum("be,ve->bv", x, head)  # the head as ours is stored: (vocab, embed)
-        return x + logits[:, :1]
+            x = x + mm(mm(x, m["q"]), m["o"]) + mm(x, m["k"])[:, :1] + mm(x, m["v"])[:, :1]  # k, v live, cheaply
+            x = x + mm(jax.nn.silu(mm(x, m["gate"])) * mm(x, m["up"]), m["down"])
+        return x + mm(x, head)[:, :1]
 
     jax.block_until_ready(chain(x, layers, head))
     times = []

@@ -30,11 +30,12 @@ def _t(w: np.ndarray) -> np.ndarray:
 
 
 def llama_sources(cfg: ModelConfig) -> dict[str, Source]:
-    """Llama / Mistral / Qwen2: q/k/v (out, in) → (embed, heads, head_dim); o → (heads, head_dim, embed)."""
+    """Llama / Mistral / Qwen2: q/k/v (out, in) → (heads, head_dim, embed); o → (embed, heads, head_dim).
+    Our kernels keep PyTorch's (out, in) orientation, so this only names the head axes."""
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def heads_out(n: int) -> Transform:
-        return lambda w: w.T.reshape(e, n, d)
+        return lambda w: w.reshape(n, d, e)
 
     def heads_bias(n: int) -> Transform:
         return lambda b: b.reshape(n, d)
@@ -53,11 +54,11 @@ def llama_sources(cfg: ModelConfig) -> dict[str, Source]:
             out[ours + f"attn.{name}.kernel"] = (hf + f"self_attn.{proj}.weight", heads_out(n))
             if cfg.attention_bias:
                 out[ours + f"attn.{name}.bias"] = (hf + f"self_attn.{proj}.bias", heads_bias(n))
-        out[ours + "attn.wo.kernel"] = (hf + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, d, e))
+        out[ours + "attn.wo.kernel"] = (hf + "self_attn.o_proj.weight", lambda w: w.reshape(e, h, d))
         if cfg.o_bias:
             out[ours + "attn.wo.bias"] = (hf + "self_attn.o_proj.bias", _same)
         for name, proj in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-            out[ours + f"mlp.{name}.kernel"] = (hf + f"mlp.{proj}.weight", _t)
+            out[ours + f"mlp.{name}.kernel"] = (hf + f"mlp.{proj}.weight", _same)
             if cfg.mlp_bias:
                 out[ours + f"mlp.{name}.bias"] = (hf + f"mlp.{proj}.bias", _same)
     return out
@@ -73,10 +74,10 @@ def t5_sources(cfg: ModelConfig) -> dict[str, Source]:
     gated = cfg.hidden_act.startswith("gated-")
 
     def q_k_v(w: np.ndarray) -> np.ndarray:
-        return w.T.reshape(e, h, d)
+        return w.reshape(h, d, e)
 
     def o(w: np.ndarray) -> np.ndarray:
-        return w.T.reshape(h, d, e)
+        return w.reshape(e, h, d)
 
     out: dict[str, Source] = {"shared.embedding": ("shared.weight", _same)}
     if not cfg.tie_word_embeddings:
@@ -98,7 +99,7 @@ def t5_sources(cfg: ModelConfig) -> dict[str, Source]:
             out[ours + "mlp_norm.scale"] = (ff + "layer_norm.weight", _same)
             mlp = (("gate", "wi_0"), ("up", "wi_1")) if gated else (("up", "wi"),)
             for name, hf_name in (*mlp, ("down", "wo")):
-                out[ours + f"mlp.{name}.kernel"] = (ff + f"DenseReluDense.{hf_name}.weight", _t)
+                out[ours + f"mlp.{name}.kernel"] = (ff + f"DenseReluDense.{hf_name}.weight", _same)
     return out
 
 
@@ -108,9 +109,9 @@ def _layer_norm(ours: str, hf: Callable[[str], tuple[str, ...]], theirs: str) ->
 
 
 def gpt2_sources(cfg: ModelConfig) -> dict[str, Source]:
-    """GPT-2. Its Conv1D weights are already (in, out). The fused ``c_attn`` (E, 3E) is
-    [q | k | v] along the columns; each third becomes its own (embed, heads, head_dim)
-    kernel, so tp splits whole heads of q, k and v rather than columns of the fused
+    """GPT-2. Its Conv1D weights are (in, out), so each is transposed to our (out, in).
+    The fused ``c_attn`` (E, 3E) is [q | k | v] along the columns; each third becomes its
+    own (heads, head_dim, embed) kernel, so tp splits whole heads of q, k and v rather than columns of the fused
     matrix. ``GPT2LMHeadModel`` files prefix ``transformer.``; bare ``GPT2Model`` ones do not."""
     e, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
 
@@ -118,7 +119,7 @@ def gpt2_sources(cfg: ModelConfig) -> dict[str, Source]:
         return f"transformer.{name}", name
 
     def third(k: int) -> Transform:
-        return lambda w: w[:, k * e:(k + 1) * e].reshape(e, h, d)
+        return lambda w: w[:, k * e:(k + 1) * e].T.reshape(h, d, e)
 
     def third_bias(k: int) -> Transform:
         return lambda b: b[k * e:(k + 1) * e].reshape(h, d)
@@ -137,16 +138,16 @@ def gpt2_sources(cfg: ModelConfig) -> dict[str, Source]:
         for k, name in enumerate(("wq", "wk", "wv")):
             out[ours + f"attn.{name}.kernel"] = (hf(theirs + "attn.c_attn.weight"), third(k))
             out[ours + f"attn.{name}.bias"] = (hf(theirs + "attn.c_attn.bias"), third_bias(k))
-        out[ours + "attn.wo.kernel"] = (hf(theirs + "attn.c_proj.weight"), lambda w: w.reshape(h, d, e))
+        out[ours + "attn.wo.kernel"] = (hf(theirs + "attn.c_proj.weight"), lambda w: w.T.reshape(e, h, d))
         out[ours + "attn.wo.bias"] = (hf(theirs + "attn.c_proj.bias"), _same)
         for name, proj in (("up", "c_fc"), ("down", "c_proj")):
-            out[ours + f"mlp.{name}.kernel"] = (hf(theirs + f"mlp.{proj}.weight"), _same)
+            out[ours + f"mlp.{name}.kernel"] = (hf(theirs + f"mlp.{proj}.weight"), _t)
             out[ours + f"mlp.{name}.bias"] = (hf(theirs + f"mlp.{proj}.bias"), _same)
     return out
 
 
 def bert_sources(cfg: ModelConfig) -> dict[str, Source]:
-    """BERT encoder: nn.Linear weights (out, in) → (in, out), q/k/v split per head. The
+    """BERT encoder: nn.Linear weights kept (out, in), q/k/v split per head. The
     pooler is not read. ``BertModel`` files have no prefix; task models (``BertForMaskedLM``
     ...) prefix ``bert.``."""
     e, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
@@ -164,13 +165,13 @@ def bert_sources(cfg: ModelConfig) -> dict[str, Source]:
         ours, theirs = f"layers.{i}.", f"encoder.layer.{i}."
         for name, proj in (("wq", "query"), ("wk", "key"), ("wv", "value")):
             out[ours + f"attn.{name}.kernel"] = (hf(theirs + f"attention.self.{proj}.weight"),
-                                                 lambda w: w.T.reshape(e, h, d))
+                                                 lambda w: w.reshape(h, d, e))
             out[ours + f"attn.{name}.bias"] = (hf(theirs + f"attention.self.{proj}.bias"), lambda b: b.reshape(h, d))
-        out[ours + "attn.wo.kernel"] = (hf(theirs + "attention.output.dense.weight"), lambda w: w.T.reshape(h, d, e))
+        out[ours + "attn.wo.kernel"] = (hf(theirs + "attention.output.dense.weight"), lambda w: w.reshape(e, h, d))
         out[ours + "attn.wo.bias"] = (hf(theirs + "attention.output.dense.bias"), _same)
         out.update(_layer_norm(ours + "attn_norm", hf, theirs + "attention.output.LayerNorm"))
         for name, dense in (("up", "intermediate.dense"), ("down", "output.dense")):
-            out[ours + f"mlp.{name}.kernel"] = (hf(theirs + f"{dense}.weight"), _t)
+            out[ours + f"mlp.{name}.kernel"] = (hf(theirs + f"{dense}.weight"), _same)
             out[ours + f"mlp.{name}.bias"] = (hf(theirs + f"{dense}.bias"), _same)
         out.update(_layer_norm(ours + "mlp_norm", hf, theirs + "output.LayerNorm"))
     return out

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from ryzen_jax.sharding import LOGICAL_RULES
 
 FORMAT = "ryzen_jax-orbax"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: linear kernels stored (out, in), as PyTorch stores them
 LEAF = "value"  # each tensor's checkpoint holds the tree {LEAF: array}
 MARKER = "ryzen_jax.json"
 CHUNK_BYTES = 4 << 20
@@ -40,7 +40,8 @@ def read_marker(model_dir: str) -> dict:
     with open(os.path.join(model_dir, MARKER)) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{model_dir}/{MARKER} is not a ryzen_jax v{FORMAT_VERSION} checkpoint: {meta}")
+        raise ValueError(f"{model_dir}/{MARKER} is not a ryzen_jax v{FORMAT_VERSION} checkpoint: {meta}; convert the "
+                         "Hugging Face checkpoint again with scripts/convert_hf.py (or load its safetensors directly)")
     return meta
 
 

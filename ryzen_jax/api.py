@@ -42,6 +42,12 @@ class LoadedModel:
     bytes_read: int  # checkpoint bytes this process read (its own slices only)
     encoder: Encoder | None = None
 
+    def summary(self) -> str:
+        """One line for a CLI: what was loaded, how fast, on which mesh and dtype."""
+        runner = self.generator if self.generator is not None else self.encoder
+        return (f"loaded {self.config.model_type} in {self.load_s:.1f}s on mesh data={self.tp.dp_size} x "
+                f"model={self.tp.tp_size} ({jax.default_backend()}, {runner.dtype})")
+
 
 def default_dtype() -> str:
     """bfloat16 on accelerators, float32 on CPU (where bf16 matmuls are slow)."""

@@ -36,7 +36,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import jax
 
     import ryzen_jax as rj
     from ryzen_jax.runtime import is_main_process, progress_printer, setup_logging
@@ -48,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if lm.encoder is None:
             raise ValueError(f"{args.model} is a {lm.config.model_type} model, not an encoder-only one: "
                              "use scripts/generate.py for it")
-        say(f"loaded {lm.config.model_type} in {lm.load_s:.1f}s on mesh data={lm.tp.dp_size} x model={lm.tp.tp_size} "
-            f"({jax.default_backend()}, {lm.encoder.dtype})")
+        say(lm.summary())
         vectors = rj.embed(lm, args.text, pooling=args.pooling, normalize=args.normalize)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

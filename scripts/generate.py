@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                    stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
     try:
         lm = rj.load_model(model_dir, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
-        say(f"loaded {lm.config.model_type} in {lm.load_s:.1f}s on mesh data={lm.tp.dp_size} x model={lm.tp.tp_size} "
-            f"({jax.default_backend()}, {lm.generator.dtype})")
+        say(lm.summary())
         # Check every request and compile its shapes before the clock starts.
         ids = [rj.api.encode(lm, p) for p in prompts]
         batches = [[i] for i in ids] if args.stream else [ids]

@@ -43,8 +43,8 @@ def heads_major(x: jax.Array) -> jax.Array:
 
 
 def write(cache_layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write ``new`` (B, T, KV, D) into ``cache_layer`` (B, KV, S, D) at per-row offsets ``start`` (B,)."""
+    """Write ``new`` (B, KV, T, D) into ``cache_layer`` (B, KV, S, D) at per-row offsets ``start`` (B,)."""
     def one(c, x, s):
         return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=1)
 
-    return jax.vmap(one)(cache_layer, heads_major(new), start)
+    return jax.vmap(one)(cache_layer, new, start)

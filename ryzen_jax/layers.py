@@ -256,13 +256,14 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
     """
     q = tp.constrain(q, ("batch", "length", "heads", "head_dim"))
     start = positions[:, 0]
+    k, v = kv.heads_major(k), kv.heads_major(v)
     if prefill:
-        keys, values, key_pos, own = kv.heads_major(k), kv.heads_major(v), positions, None
+        keys, values, key_pos, own = k, v, positions, None
         mask = key_pos[:, None, :] <= positions[:, :, None]
     else:  # the cache before this step's write, then the step's own key and value
         keys, values = (cache_k, cache_v) if attend is None else (cache_k[:, :, :attend], cache_v[:, :, :attend])
         key_pos = jnp.broadcast_to(jnp.arange(keys.shape[2]), (q.shape[0], keys.shape[2]))
-        own = (kv.heads_major(k), kv.heads_major(v), None if bias is None else bias(positions))
+        own = (k, v, None if bias is None else bias(positions))
         mask = key_pos[:, None, :] < positions[:, :, None]
     if window is not None:
         mask &= key_pos[:, None, :] > positions[:, :, None] - window

@@ -18,6 +18,7 @@ from flax import nnx
 from ryzen_jax import cache as kv
 from ryzen_jax.activations import FeedForward
 from ryzen_jax.config import RopeScaling
+from ryzen_jax.kernels import linear
 from ryzen_jax.sharding import TensorParallelConfig
 
 Axes = tuple[str | None, ...]
@@ -48,7 +49,7 @@ class ColumnParallelLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.kernel[...]
         # one (out, in) matrix: XLA:CPU copied a 3-D kernel into (in, out) order every call
-        y = jnp.einsum("...i,oi->...o", x, w.reshape(-1, w.shape[-1])).reshape(*x.shape[:-1], *w.shape[:-1])
+        y = linear(x, w.reshape(-1, w.shape[-1])).reshape(*x.shape[:-1], *w.shape[:-1])
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -68,7 +69,7 @@ class RowParallelLinear(nnx.Module):
         w = self.kernel[...]
         k = w.ndim - 1
         x = x.reshape(*x.shape[:x.ndim - k], -1)  # the input axes as one, like the kernel's below
-        y = jnp.einsum("...i,oi->...o", x, w.reshape(w.shape[0], -1))
+        y = linear(x, w.reshape(w.shape[0], -1))
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -106,14 +107,14 @@ class Embedding(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...e,ve->...v", x, self.embedding[...])
+        return linear(x, self.embedding[...])
 
 
 def vocab_logits(x: jax.Array, head: jax.Array, vocab_size: int, tp: TensorParallelConfig) -> jax.Array:
     """The LM head: hidden states (B, T, E) against a vocab-sharded ``head`` (V, E),
     V padded to a multiple of tp. Float32 logits (B, T, V), still vocab-sharded, with
     the padded entries at -inf so that no sampler ever picks one."""
-    logits = jnp.einsum("bte,ve->btv", x, head).astype(jnp.float32)
+    logits = linear(x, head).astype(jnp.float32)
     if logits.shape[-1] != vocab_size:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     return tp.constrain(logits, ("batch", "length", "vocab"))

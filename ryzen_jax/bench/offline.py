@@ -21,7 +21,9 @@ import numpy as np
 from ryzen_jax.bench.comm import CommReport, decode_comm
 from ryzen_jax.bench.hardware import Hardware
 from ryzen_jax.bench.stats import median, summary_ms
-from ryzen_jax.engine.generate import DECODE_CHUNK, GenerationResult, Generator, Request, bucket
+from ryzen_jax import kernels
+from ryzen_jax.engine.generate import (DECODE_CHUNK, GenerationResult, Generator, Request, bucket, compile_lowered,
+                                       compiler_options)
 
 
 @dataclasses.dataclass
@@ -59,6 +61,7 @@ class EngineRun:
     step_over_bandwidth_floor: float
     step_over_roofline: float  # against max(bandwidth floor, compute floor)
     matmuls_alone_ms: float  # the step's matrix products alone on this backend (see time_matmuls_alone)
+    matmul_kernel: str  # what computes the step's products: our CPU kernel or XLA's dot
     step_over_matmuls_alone: float
     comm: CommReport
     params_bytes_per_device: int
@@ -143,10 +146,11 @@ def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) 
     model's dtype, chained as a step chains them, with fresh weights in memory, on one
     device. No attention over the cache, no norms, no sampling, no loop.
 
-    This is what the backend's own matmul kernels make of the step's weight reads. A
-    step cannot beat it; where it lies far above the bandwidth floor (XLA:CPU's
-    matrix-vector products stream weights slower than a copy), so does every program
-    built on those kernels. The median over ``repeats`` of ``calls`` chained calls."""
+    Each product is computed as the step computes it (``kernels.linear``: our CPU kernel
+    where it serves the mesh, else XLA's dot), compiled with the same options. This is
+    what those kernels make of the step's weight reads: a step cannot beat it, and the
+    step's time over it is what the rest of the program costs. The median over
+    ``repeats`` of ``calls`` chained calls."""
     cfg = g.cfg
     e, f, q_dim, kv_dim = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
         cfg.num_kv_heads * cfg.head_dim
@@ -161,16 +165,17 @@ def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) 
                    down=w(e, f)) for _ in range(cfg.num_layers)]
     head, x = w(cfg.vocab_size, e), w(batch, e)
 
-    def mm(x: jax.Array, weight: jax.Array) -> jax.Array:
-        return jnp.einsum("bi,oi->bo", x, weight)
+    mm = kernels.linear
 
-    @jax.jit
     def chain(x, layers, head):
         for m in layers:
             x = x + mm(mm(x, m["q"]), m["o"]) + mm(x, m["k"])[:, :1] + mm(x, m["v"])[:, :1]  # k, v live, cheaply
             x = x + mm(jax.nn.silu(mm(x, m["gate"])) * mm(x, m["up"]), m["down"])
         return x + mm(x, head)[:, :1]
 
+    with kernels.for_mesh(g.tp.mesh):
+        lowered = jax.jit(chain).lower(x, layers, head)
+    chain = compile_lowered(lowered, compiler_options(g.tp.mesh))
     jax.block_until_ready(chain(x, layers, head))
     times = []
     for _ in range(repeats):
@@ -211,7 +216,8 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
     fl = floors(g, batch, prompt_len, new_tokens, hw)
     params, cache, temp = bytes_per_device(g, batch)
     cfg = g.cfg
-    comm = decode_comm(g.decode_program(batch).as_text(), tp=g.tp.tp_size, batch=batch // g.tp.dp_size,
+    hlo = g.decode_program(batch).as_text()
+    comm = decode_comm(hlo, tp=g.tp.tp_size, batch=batch // g.tp.dp_size,
                        layers=cfg.num_layers, hidden=cfg.hidden_size, dtype_bytes=jnp.dtype(g.dtype).itemsize)
     step_ms = step * 1e3
     return EngineRun(
@@ -220,6 +226,6 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
         decode_tokens_per_s=median([r.decode_tokens_per_s for _, r in plain]), decode_step_ms=step_ms, floor=fl,
         step_over_bandwidth_floor=step_ms / fl.bandwidth_ms,
         step_over_roofline=step_ms / max(fl.bandwidth_ms, fl.compute_ms), matmuls_alone_ms=matmuls_ms,
-        step_over_matmuls_alone=step_ms / matmuls_ms, comm=comm, params_bytes_per_device=params,
+        matmul_kernel="ryzen_jax CPU kernel" if kernels.TARGET in hlo else "XLA dot", step_over_matmuls_alone=step_ms / matmuls_ms, comm=comm, params_bytes_per_device=params,
         cache_bytes_per_device=cache, xla_temp_bytes_per_device=temp,
         token_latency_samples_ms=[x * 1e3 for x in gaps], generated_ids=plain[-1][1].generated_ids)

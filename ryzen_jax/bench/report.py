@@ -86,7 +86,7 @@ def offline_table(r: BenchmarkResults) -> str:
                      f"(bandwidth), {f.flops / 1e9:.2f} GFLOP → {f.compute_ms:.2f} ms (compute); decode step = "
                      f"{b.ours.step_over_bandwidth_floor:.2f}x the bandwidth floor"
                      + (f" (tp=1: {b.tp1.step_over_bandwidth_floor:.2f}x)" if b.tp1 and r.tp != 1 else ""))
-        lines.append(f"  the step's matmuls alone on this backend: {b.ours.matmuls_alone_ms:.2f} ms "
+        lines.append(f"  the step's matmuls alone ({b.ours.matmul_kernel}): {b.ours.matmuls_alone_ms:.2f} ms "
                      f"({b.ours.matmuls_alone_ms / f.bandwidth_ms:.2f}x the bandwidth floor); decode step = "
                      f"{b.ours.step_over_matmuls_alone:.2f}x them")
         cm = b.ours.comm

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ryzen_jax import kernels
 from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, any_penalized, any_sampled, sample
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
@@ -288,7 +289,9 @@ class Generator:
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = compile_lowered(lower(), self._options)
+            with kernels.for_mesh(self.tp.mesh):  # our CPU matmul kernel where it serves this mesh
+                lowered = lower()
+            exe = compile_lowered(lowered, self._options)
             self.compile_s += time.perf_counter() - t0
             self.compile_count += 1
             self._compiled[key] = exe

@@ -1,0 +1,149 @@
+"""Our own CPU kernel for the decode step's matrix products, and when to use it.
+
+A decode step multiplies a few rows of activations (the batch) by every weight of the
+model; on a CPU that is a read of every weight. XLA:CPU's kernels stream a weight
+slower than the machine reads memory (README, Benchmarks), so for ``x · wᵀ`` with at
+most ``MAX_ROWS`` rows of float32 ``x``, on a one-device CPU mesh, ``linear`` calls
+``skinny_matmul.cc`` instead: an XLA FFI custom call that reads each weight row once,
+front to back, split by rows over XLA's intra-op threads. Everything else (prefill,
+GPUs, tensor-parallel meshes, whose partitioner must see a dot to split it) stays on
+XLA's own dot.
+
+The kernel is compiled at first use with the system's C++ compiler (``$CXX``, else
+``g++``) into ``$RYZEN_JAX_CACHE/kernels`` (``~/.cache/ryzen_jax/kernels``) and registered with XLA. Where it cannot be
+(no compiler, a CPU without AVX2 and FMA) a warning says why and XLA's dot is used;
+``RYZEN_JAX_CPU_KERNELS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from ryzen_jax.runtime import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("skinny_matmul.cc")
+TARGET = "ryzen_jax_skinny_matmul"
+#: rows of x up to which the kernel beats XLA:CPU's dot (the benchmark's small shape,
+#: its matmuls alone: 1.3x at batch 1, 1.6-1.9x at batch 2-8, level at 16)
+MAX_ROWS = 8
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+ENV_SWITCH = "RYZEN_JAX_CPU_KERNELS"
+
+_active: contextvars.ContextVar[bool] = contextvars.ContextVar("ryzen_jax_cpu_kernels", default=False)
+
+
+class KernelUnavailable(RuntimeError):
+    """The CPU kernel cannot be built or loaded here; the message says why."""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def build() -> Path:
+    """The compiled library, built once per source, jaxlib and flags; written to a
+    temporary name and renamed, so concurrent processes never load half a file."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= _cpu_flags():
+        raise KernelUnavailable("this CPU lacks AVX2 and FMA (x86-64 only)")
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        raise KernelUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'g++')!r} not on PATH); "
+                                "install g++ or set CXX")
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = Path(cache_root()) / "kernels" / f"skinny_matmul-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    log.info("building the CPU matmul kernel: %s", " ".join(cmd))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise KernelUnavailable(f"{cxx} failed to compile {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def load() -> bool:
+    """Build and register the kernel once per process; False (warned once) where it
+    cannot be, and the callers use XLA's dot."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("%s=0: the decode step's matmuls use XLA's dot", ENV_SWITCH)
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RyzenSkinnyMatmul), platform="cpu")
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        log.warning("the CPU matmul kernel is unavailable (%s); using XLA's dot, which is slower at decode "
+                    "(set %s=0 to silence this)", e, ENV_SWITCH)
+        return False
+    return True
+
+
+def usable_on(mesh) -> bool:
+    """One CPU device, and the kernel builds here: XLA's partitioner cannot split a
+    custom call across devices, so a larger mesh keeps XLA's dot."""
+    devices = mesh.devices.flat
+    return mesh.devices.size == 1 and devices[0].platform == "cpu" and load()
+
+
+@contextlib.contextmanager
+def for_mesh(mesh) -> Iterator[bool]:
+    """Trace programs for ``mesh`` inside this: ``linear`` then uses the kernel where it
+    can. Yields whether it may."""
+    token = _active.set(usable_on(mesh))
+    try:
+        yield _active.get()
+    finally:
+        _active.reset(token)
+
+
+def active() -> bool:
+    """Whether the program being traced may use the kernel (see ``for_mesh``)."""
+    return _active.get()
+
+
+def skinny_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x · wᵀ`` for x (m, in) and w (out, in), float32, by the kernel (``load`` first)."""
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x · wᵀ`` over x's last axis, for w stored (out, in): the kernel when tracing
+    for a mesh it serves and x has at most ``MAX_ROWS`` rows, else XLA's dot."""
+    rows = x.size // x.shape[-1] if x.shape[-1] else 0
+    if active() and 0 < rows <= MAX_ROWS and x.dtype == w.dtype == jnp.float32 and w.ndim == 2:
+        return skinny_matmul(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+    return jnp.einsum("...i,oi->...o", x, w)

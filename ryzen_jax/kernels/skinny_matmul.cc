@@ -1,0 +1,144 @@
+// y = x · wᵀ for a few rows of x (a decode step's batch) against a weight stored
+// (out, in), as our linear layers store it: the weight is streamed from memory once,
+// in address order, split by rows over XLA:CPU's intra-op threads.
+//
+// Why: at batch 1-8 a decode step is a read of every weight. XLA:CPU's own kernels
+// stream a weight at 14-20 GB/s on the 2-core benchmark machine, where a plain read
+// reaches 24-28 GB/s; these loops reach the latter at batch 1 and twice XLA's FLOP
+// rate at batch 8 (see README, Benchmarks).
+//
+// Built at first use by ryzen_jax.kernels (g++ -O3 -mavx2 -mfma) and registered as
+// an XLA FFI target for the CPU platform.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// One row of x: each weight row once, front to back, four independent sums.
+void rows_of_one(const float* x, const float* w, float* y, int64_t in, int64_t r0, int64_t r1) {
+  for (int64_t o = r0; o < r1; ++o) {
+    const float* wo = w + o * in;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= in; k += 32) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= in; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k), _mm256_loadu_ps(x + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < in; ++k) s += wo[k] * x[k];
+    y[o] = s;
+  }
+}
+
+// One weight row against T rows of x (T <= 8): T sums in registers; the row is read
+// once, front to back, and x (T·in floats) stays in L1.
+template <int T>
+void row_times(const float* x, const float* wo, float* y, int64_t in, int64_t out) {
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) {
+    __m256 wv = _mm256_loadu_ps(wo + k);
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * in + k), acc[t]);
+  }
+  for (int t = 0; t < T; ++t) {
+    float s = hsum(acc[t]);
+    for (int64_t kk = k; kk < in; ++kk) s += wo[kk] * x[t * in + kk];
+    y[t * out] = s;
+  }
+}
+
+// Several rows of x: each weight row once, against tiles of up to eight rows of x.
+void rows_of_many(const float* x, const float* w, float* y, int64_t m, int64_t in, int64_t out, int64_t r0,
+                  int64_t r1) {
+  for (int64_t o = r0; o < r1; ++o) {
+    const float* wo = w + o * in;
+    for (int64_t t = 0; t < m; t += 8) {
+      const float* xt = x + t * in;
+      float* yt = y + t * out + o;
+      switch (std::min<int64_t>(8, m - t)) {
+        case 8: row_times<8>(xt, wo, yt, in, out); break;
+        case 7: row_times<7>(xt, wo, yt, in, out); break;
+        case 6: row_times<6>(xt, wo, yt, in, out); break;
+        case 5: row_times<5>(xt, wo, yt, in, out); break;
+        case 4: row_times<4>(xt, wo, yt, in, out); break;
+        case 3: row_times<3>(xt, wo, yt, in, out); break;
+        case 2: row_times<2>(xt, wo, yt, in, out); break;
+        default: row_times<1>(xt, wo, yt, in, out); break;
+      }
+    }
+  }
+}
+
+// Rows of the weight handed out in chunks to whichever thread asks next.
+struct Job {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t m, in, out, chunk, chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void work() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      int64_t r0 = c * chunk, r1 = std::min(out, r0 + chunk);
+      if (m == 1) rows_of_one(x, w, y, in, r0, r1);
+      else rows_of_many(x, w, y, m, in, out, r0, r1);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("skinny_matmul: expected x (m, in) and w (out, in)");
+  auto job = std::make_shared<Job>();
+  job->x = x.typed_data();
+  job->w = w.typed_data();
+  job->y = y->typed_data();
+  job->m = xd[0];
+  job->in = xd[1];
+  job->out = wd[0];
+  // about 64 KiB of weight per chunk, an even number of rows
+  job->chunk = std::max<int64_t>(2, (65536 / std::max<int64_t>(1, job->in * 4)) & ~int64_t{1});
+  job->chunks = (job->out + job->chunk - 1) / job->chunk;
+  if (job->m == 0 || job->chunks == 0) return ffi::Error::Success();
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), job->chunks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->work(); });
+  job->work();
+  // A helper that starts late finds no chunk left and never touches the buffers;
+  // the shared pointer keeps the job itself alive for it.
+  while (job->done.load(std::memory_order_acquire) < job->chunks) _mm_pause();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenSkinnyMatmul, SkinnyMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,89 @@
+"""Our CPU matmul kernel (ryzen_jax.kernels): its products against NumPy in float64,
+where the programs use it (a decode step on one CPU device) and where they must not
+(prefill-sized inputs, tensor-parallel meshes), and the fallback to XLA's dot."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+import ryzen_jax as rj
+from ryzen_jax import kernels
+
+needs_kernel = pytest.mark.skipif(not kernels.load(), reason="the CPU kernel cannot be built here (see the warning)")
+
+
+def mesh(n: int):
+    return jax.make_mesh((1, n), ("data", "model"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:n])
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,out,inp", [(1, 4099, 520), (1, 7, 13), (2, 300, 1376), (3, 1, 7), (5, 33, 40),
+                                       (8, 2000, 64), (8, 5, 1)])
+def test_products_match_numpy(m, out, inp):
+    """Every row count the kernel takes, with input widths off its 8- and 32-wide steps
+    and enough output rows to be split over both threads."""
+    rng = np.random.default_rng(m * out + inp)
+    x = rng.standard_normal((m, inp), dtype=np.float32)
+    w = rng.standard_normal((out, inp), dtype=np.float32)
+    got = np.asarray(jax.jit(kernels.skinny_matmul)(x, w))
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(inp) * np.abs(want).max())
+
+
+def lowered(rows: int, m) -> str:
+    x, w = jnp.ones((rows, 1, 64)), jnp.ones((32, 64))
+    if m is None:
+        return jax.jit(kernels.linear).lower(x, w).as_text()
+    with kernels.for_mesh(m):
+        return jax.jit(kernels.linear).lower(x, w).as_text()
+
+
+@needs_kernel
+def test_linear_calls_the_kernel_only_where_it_serves():
+    """Up to MAX_ROWS rows on one CPU device: the kernel. More rows (a prefill), a
+    two-device mesh (the partitioner must see a dot to split it), or no mesh: XLA's dot."""
+    assert kernels.TARGET in lowered(1, mesh(1)) and kernels.TARGET in lowered(kernels.MAX_ROWS, mesh(1))
+    for text in (lowered(kernels.MAX_ROWS + 1, mesh(1)), lowered(2, mesh(2)), lowered(2, None)):
+        assert kernels.TARGET not in text and "dot_general" in text
+    x, w = jnp.ones((3, 64)), jnp.ones((32, 64))
+    with kernels.for_mesh(mesh(1)):
+        np.testing.assert_allclose(np.asarray(jax.jit(kernels.linear)(x, w)), np.full((3, 32), 64.0), rtol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tp", [1, 2])
+def test_decode_step_uses_the_kernel_on_one_device(tp, hf_model_dir):
+    """The decode program a Generator compiles calls the kernel at tp 1, never at tp 2;
+    the greedy tokens against Hugging Face are checked with it in tests/test_generation."""
+    lm = rj.load_model(hf_model_dir("llama_gqa"), tp=tp, dtype="float32", progress=False)
+    hlo = lm.generator.decode_program(2).as_text()
+    calls = hlo.count(f'custom_call_target="{kernels.TARGET}"')
+    n_layers = lm.config.num_layers
+    if tp == 1:
+        assert calls >= 7 * n_layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
+    else:
+        assert calls == 0
+
+
+def test_no_compiler_falls_back_to_xla_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    monkeypatch.setenv("RYZEN_JAX_CACHE", str(tmp_path))
+    if not {"avx2", "fma"} <= kernels._cpu_flags():
+        pytest.skip("this CPU lacks AVX2/FMA: the compiler is never asked for")
+    with pytest.raises(kernels.KernelUnavailable, match="no C.. compiler.*install g\\+\\+ or set CXX"):
+        kernels.build()
+    with caplog.at_level(logging.WARNING, logger="ryzen_jax.kernels"):
+        assert kernels.load.__wrapped__() is False
+    assert "unavailable" in caplog.text and "XLA's dot" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.load.__wrapped__() is False

@@ -59,16 +59,19 @@ def test_linear_calls_the_kernel_only_where_it_serves():
 @needs_kernel
 @pytest.mark.parametrize("tp", [1, 2])
 def test_decode_step_uses_the_kernel_on_one_device(tp, hf_model_dir):
-    """The decode program a Generator compiles calls the kernel at tp 1, never at tp 2;
-    the greedy tokens against Hugging Face are checked with it in tests/test_generation."""
+    """The decode program a Generator compiles calls the kernels at tp 1 (every product,
+    every layer's attention), never at tp 2; the greedy tokens against Hugging Face are
+    checked with them in tests/test_generation and the family tests."""
     lm = rj.load_model(hf_model_dir("llama_gqa"), tp=tp, dtype="float32", progress=False)
     hlo = lm.generator.decode_program(2).as_text()
     calls = hlo.count(f'custom_call_target="{kernels.TARGET}"')
+    attention = hlo.count(f'custom_call_target="{kernels.ATTENTION_TARGET}"')
     n_layers = lm.config.num_layers
     if tp == 1:
         assert calls >= 7 * n_layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
+        assert attention == n_layers
     else:
-        assert calls == 0
+        assert calls == attention == 0
 
 
 def test_no_compiler_falls_back_to_xla_with_a_warning(monkeypatch, tmp_path, caplog):
@@ -87,3 +90,58 @@ def test_no_compiler_falls_back_to_xla_with_a_warning(monkeypatch, tmp_path, cap
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     assert kernels.load.__wrapped__() is False
+
+
+def attention_reference(q, cache_k, cache_v, own_k, own_v, positions, scale, window):
+    """Softmax attention in float64, one query per row, written out plainly."""
+    b, _, h, d = q.shape
+    kv = cache_k.shape[1]
+    out = np.zeros((b, 1, h, d))
+    for r in range(b):
+        p = positions[r]
+        seen = [s for s in range(min(p, cache_k.shape[2])) if not window or s > p - window]
+        for head in range(h):
+            j = head // (h // kv)
+            keys = np.concatenate([cache_k[r, j, seen], own_k[r, j]]).astype(np.float64)
+            values = np.concatenate([cache_v[r, j, seen], own_v[r, j]]).astype(np.float64)
+            s = keys @ q[r, 0, head].astype(np.float64) * scale
+            w = np.exp(s - s.max())
+            out[r, 0, head] = w @ values / w.sum()
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,h,kv,d,length,window", [(3, 8, 4, 64, 40, None), (2, 4, 1, 32, 17, None),
+                                                    (4, 6, 6, 16, 50, 7), (1, 2, 2, 8, 9, None)])
+def test_decode_attention_matches_the_formula(b, h, kv, d, length, window):
+    """Grouped, multi-query and multi-head; rows at position 0 (own key only), mid-cache
+    and at the cache's end; a sliding window; head sizes 8 to 64."""
+    rng = np.random.default_rng(b * h + d)
+    q = rng.standard_normal((b, 1, h, d), dtype=np.float32)
+    cache_k, cache_v = (rng.standard_normal((b, kv, length, d), dtype=np.float32) for _ in range(2))
+    own_k, own_v = (rng.standard_normal((b, kv, 1, d), dtype=np.float32) for _ in range(2))
+    positions = np.array([0, length, length // 2, 3][:b], np.int32)
+    scale = d ** -0.5
+
+    def run(*args):
+        return kernels.decode_attention(*args, positions=jnp.asarray(positions), scale=scale, window=window)
+
+    with kernels.for_mesh(mesh(1)):
+        got = np.asarray(jax.jit(run)(q, cache_k, cache_v, own_k, own_v))
+    want = attention_reference(q, cache_k, cache_v, own_k, own_v, positions, scale, window)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+def test_decode_attention_only_where_it_serves():
+    """Outside a one-device CPU mesh, or for float16 or a head size off 8: None, and the
+    caller uses XLA's attention."""
+    q, c, o = jnp.ones((1, 1, 2, 8)), jnp.ones((1, 2, 4, 8)), jnp.ones((1, 2, 1, 8))
+    pos = jnp.zeros((1,), jnp.int32)
+    assert kernels.decode_attention(q, c, c, o, o, pos, 1.0, None) is None
+    with kernels.for_mesh(mesh(2)):
+        assert kernels.decode_attention(q, c, c, o, o, pos, 1.0, None) is None
+    with kernels.for_mesh(mesh(1)):
+        half = [a.astype(jnp.float16) for a in (q, c, c, o, o)]
+        assert kernels.decode_attention(*half, pos, 1.0, None) is None
+        assert kernels.decode_attention(q[..., :6], c[..., :6], c[..., :6], o[..., :6], o[..., :6], pos, 1.0,
+                                        None) is None

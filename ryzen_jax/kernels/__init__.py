@@ -1,15 +1,20 @@
-"""Our own CPU kernel for the decode step's matrix products, and when to use it.
+"""Our own CPU kernels for the decode step, and when to use them.
 
 A decode step multiplies a few rows of activations (the batch) by every weight of the
-model; on a CPU that is a read of every weight. XLA:CPU's kernels stream a weight
-slower than the machine reads memory (README, Benchmarks), so for ``x · wᵀ`` with at
-most ``MAX_ROWS`` rows of float32 ``x``, on a one-device CPU mesh, ``linear`` calls
-``skinny_matmul.cc`` instead: an XLA FFI custom call that reads each weight row once,
-front to back, split by rows over XLA's intra-op threads. Everything else (prefill,
-GPUs, tensor-parallel meshes, whose partitioner must see a dot to split it) stays on
-XLA's own dot.
+model and reads every row's KV cache; on a CPU both are reads of memory, and XLA:CPU's
+kernels for these shapes read slower than the machine can (README, Benchmarks). So
+while tracing for a one-device CPU mesh (``for_mesh``), in float32:
 
-The kernel is compiled at first use with the system's C++ compiler (``$CXX``, else
+* ``linear`` computes ``x · wᵀ`` with at most ``MAX_ROWS`` rows of ``x`` by
+  ``skinny_matmul.cc``, which reads each weight row once, front to back;
+* ``decode_attention`` (one query per row, no score bias) by ``decode_attention.cc``,
+  which reads only the cache positions each row holds.
+
+Both are XLA FFI custom calls, split over XLA's intra-op threads. Everything else
+(prefill, GPUs, tensor-parallel meshes, whose partitioner must see a dot to split it)
+stays on XLA's own operations.
+
+The kernels are compiled at first use with the system's C++ compiler (``$CXX``, else
 ``g++``) into ``$RYZEN_JAX_CACHE/kernels`` (``~/.cache/ryzen_jax/kernels``) and registered with XLA. Where it cannot be
 (no compiler, a CPU without AVX2 and FMA) a warning says why and XLA's dot is used;
 ``RYZEN_JAX_CPU_KERNELS=0`` turns it off.
@@ -34,13 +39,16 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 from ryzen_jax.runtime import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("skinny_matmul.cc")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("skinny_matmul.cc", "decode_attention.cc"))
+HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "ryzen_jax_skinny_matmul"
+ATTENTION_TARGET = "ryzen_jax_decode_attention"
 #: rows of x up to which the kernel beats XLA:CPU's dot (the benchmark's small shape,
 #: its matmuls alone: 1.3x at batch 1, 1.6-1.9x at batch 2-8, level at 16)
 MAX_ROWS = 8
@@ -74,20 +82,20 @@ def build() -> Path:
     if cxx is None:
         raise KernelUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'g++')!r} not on PATH); "
                                 "install g++ or set CXX")
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     tag = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = Path(cache_root()) / "kernels" / f"skinny_matmul-{tag}.so"
+    out = Path(cache_root()) / "kernels" / f"ryzen_jax_cpu-{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-    log.info("building the CPU matmul kernel: %s", " ".join(cmd))
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+    log.info("building the CPU kernels: %s", " ".join(cmd))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise KernelUnavailable(f"{cxx} failed to compile {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            raise KernelUnavailable(f"{cxx} failed to compile the kernels: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -105,8 +113,9 @@ def load() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RyzenSkinnyMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.RyzenDecodeAttention), platform="cpu")
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        log.warning("the CPU matmul kernel is unavailable (%s); using XLA's dot, which is slower at decode "
+        log.warning("the CPU kernels are unavailable (%s); using XLA's dot, which is slower at decode "
                     "(set %s=0 to silence this)", e, ENV_SWITCH)
         return False
     return True
@@ -147,3 +156,23 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     if active() and 0 < rows <= MAX_ROWS and x.dtype == w.dtype == jnp.float32 and w.ndim == 2:
         return skinny_matmul(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
     return jnp.einsum("...i,oi->...o", x, w)
+
+
+def decode_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, own_k: jax.Array, own_v: jax.Array,
+                     positions: jax.Array, scale: float, window: int | None) -> jax.Array | None:
+    """One decode step's attention by the kernel, or None where it does not serve (not
+    tracing for a mesh it serves, not float32, a head size not a multiple of 8).
+
+    q (B, 1, H, D); the cache (B, KV, S, D) before this step's write; the step's own key
+    and value (B, KV, 1, D); ``positions`` (B,): each row's query position, so it sees
+    cache positions below it (and above ``positions - window`` with a sliding window).
+    Returns (B, 1, H, D), as ``ryzen_jax.layers.attention`` would."""
+    b, t, h, d = q.shape
+    kv = cache_k.shape[1]
+    arrays = (q, cache_k, cache_v, own_k, own_v)
+    if not active() or t != 1 or d % 8 or h % kv or any(a.dtype != jnp.float32 for a in arrays):
+        return None
+    out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, kv, h // kv, d), jnp.float32))(
+        q.reshape(b, kv, h // kv, d), cache_k, cache_v, own_k, own_v, positions.astype(jnp.int32),
+        scale=np.float32(scale), window=np.int64(window or 0))
+    return out.reshape(b, 1, h, d)

@@ -13,22 +13,16 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <string>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
-}
+using ryzen_jax::hsum;
 
 // One row of x: each weight row once, front to back, four independent sums.
 void rows_of_one(const float* x, const float* w, float* y, int64_t in, int64_t r0, int64_t r1) {
@@ -89,48 +83,24 @@ void rows_of_many(const float* x, const float* w, float* y, int64_t m, int64_t i
   }
 }
 
-// Rows of the weight handed out in chunks to whichever thread asks next.
-struct Job {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t m, in, out, chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void work() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      int64_t r0 = c * chunk, r1 = std::min(out, r0 + chunk);
-      if (m == 1) rows_of_one(x, w, y, in, r0, r1);
-      else rows_of_many(x, w, y, m, in, out, r0, r1);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("skinny_matmul: expected x (m, in) and w (out, in)");
-  auto job = std::make_shared<Job>();
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
-  job->m = xd[0];
-  job->in = xd[1];
-  job->out = wd[0];
-  // about 64 KiB of weight per chunk, an even number of rows
-  job->chunk = std::max<int64_t>(2, (65536 / std::max<int64_t>(1, job->in * 4)) & ~int64_t{1});
-  job->chunks = (job->out + job->chunk - 1) / job->chunk;
-  if (job->m == 0 || job->chunks == 0) return ffi::Error::Success();
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), job->chunks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->work(); });
-  job->work();
-  // A helper that starts late finds no chunk left and never touches the buffers;
-  // the shared pointer keeps the job itself alive for it.
-  while (job->done.load(std::memory_order_acquire) < job->chunks) _mm_pause();
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t m = xd[0], in = xd[1], out = wd[0];
+  if (m == 0) return ffi::Error::Success();
+  // rows of the weight in chunks of about 64 KiB, an even number of rows
+  const int64_t chunk = std::max<int64_t>(2, (65536 / std::max<int64_t>(1, in * 4)) & ~int64_t{1});
+  ryzen_jax::parallel_for(pool, (out + chunk - 1) / chunk, [=](int64_t c) {
+    const int64_t r0 = c * chunk, r1 = std::min(out, r0 + chunk);
+    if (m == 1) rows_of_one(xp, wp, yp, in, r0, r1);
+    else rows_of_many(xp, wp, yp, m, in, out, r0, r1);
+  });
   return ffi::Error::Success();
 }
 

@@ -1,0 +1,151 @@
+// One decode step's attention for one layer, read straight from the KV cache: each
+// (row, KV head) pair streams the keys its query may see (positions below the row's
+// own, within the sliding window if there is one) once for all of its query heads,
+// then the values once, and adds the step's own key and value, which the cache does
+// not hold yet. Softmax in float32, as in ryzen_jax.layers.attention, whose result
+// this equals up to the order of the sums.
+//
+// Why: XLA:CPU runs a decode step's attention as batched dots of a few rows each,
+// which read the cache at 4-5 GB/s and always read the whole attend bucket; this
+// reads only the positions each row holds (README, Benchmarks).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using ryzen_jax::hsum;
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// e^x for x <= 0 (scores minus their maximum): 2^n · p(r), |r| <= ln2/2, p of degree
+// 6; relative error about 2e-7, float32's own rounding.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// p ← e^(p - max) / Σ, in place, over n scores.
+void softmax(float* p, int64_t n) {
+  float m = p[0];
+  for (int64_t j = 1; j < n; ++j) m = std::max(m, p[j]);
+  __m256 mv = _mm256_set1_ps(m), sv = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), mv));
+    _mm256_storeu_ps(p + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float s = hsum(sv);
+  for (; j < n; ++j) s += (p[j] = std::exp(p[j] - m));
+  const float inv = 1.0f / s;
+  for (j = 0; j < n; ++j) p[j] *= inv;
+}
+
+struct Layer {
+  const float *q, *k, *v, *own_k, *own_v;
+  const int32_t* positions;
+  float* out;
+  int64_t kv, groups, length, dim, window;
+  float scale;
+
+  // Pair i = (row, KV head): its query heads against the keys and values it may see.
+  void pair(int64_t i, std::vector<float>& scores) const {
+    const int64_t b = i / kv;
+    const int64_t pos = std::clamp<int64_t>(positions[b], 0, length);
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+    const int64_t n = pos - lo + 1;  // visible cache positions, then the own key
+    const float* keys = k + (i * length + lo) * dim;
+    const float* values = v + (i * length + lo) * dim;
+    const float* ok = own_k + i * dim;
+    const float* ov = own_v + i * dim;
+    scores.resize(groups * n);
+    for (int64_t j = 0; j + 1 < n; ++j) {  // each key once for every query head of the pair
+      const float* kj = keys + j * dim;
+      for (int64_t g = 0; g < groups; ++g) scores[g * n + j] = scale * dot(q + (i * groups + g) * dim, kj, dim);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      float* p = scores.data() + g * n;
+      p[n - 1] = scale * dot(q + (i * groups + g) * dim, ok, dim);
+      softmax(p, n);
+      float* o = out + (i * groups + g) * dim;
+      for (int64_t d0 = 0; d0 < dim; d0 += 32) {  // 32 output lanes in registers at a time
+        const int64_t w = std::min<int64_t>(32, dim - d0);
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t j = 0; j < n; ++j) {
+          const float* vj = (j + 1 < n ? values + j * dim : ov) + d0;
+          const __m256 pj = _mm256_set1_ps(p[j]);
+          for (int c = 0; c < w / 8; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < w / 8; ++c) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
+      }
+    }
+  }
+};
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> own_k, ffi::Buffer<ffi::F32> own_v,
+                           ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> out, float scale,
+                           int64_t window) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] || qd[3] % 8 != 0 ||
+      v.element_count() != k.element_count() || own_k.element_count() != size_t(qd[0] * qd[1] * qd[3]) ||
+      own_v.element_count() != own_k.element_count() || positions.element_count() != size_t(qd[0]))
+    return ffi::Error::InvalidArgument(
+        "decode_attention: expected q (B, KV, G, D), k and v (B, KV, S, D), own k and v (B, KV, 1, D), "
+        "positions (B,), D a multiple of 8");
+  Layer layer{q.typed_data(), k.typed_data(), v.typed_data(), own_k.typed_data(), own_v.typed_data(),
+              positions.typed_data(), out->typed_data(), qd[1], qd[2], kd[2], qd[3], window, scale};
+  ryzen_jax::parallel_for(pool, qd[0] * qd[1], [layer](int64_t i) {
+    thread_local std::vector<float> scores;
+    layer.pair(i, scores);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cache k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cache v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // own k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // own v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window"));

@@ -51,6 +51,11 @@ void row_times(const float* x, const float* wo, float* y, int64_t in, int64_t ou
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= in; k += 8) {
+    // With two or more rows of x the products take longer than the reads, and the
+    // hardware prefetcher alone let the memory idle meanwhile: ask 4 KiB ahead (rows
+    // are contiguous, so past this row's end is the next one's start). -5 to -10% at
+    // batch 4 and 8 on the small shape.
+    if (T >= 2 && (k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 4096, _MM_HINT_T0);
     __m256 wv = _mm256_loadu_ps(wo + k);
     for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * in + k), acc[t]);
   }

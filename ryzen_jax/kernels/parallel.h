@@ -3,7 +3,9 @@
 #pragma once
 
 #include <immintrin.h>
+#include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -17,6 +19,17 @@ inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// The cores this process may run on. XLA:CPU's pool has a thread per simulated device
+// (8 with --xla_force_host_platform_device_count=8), more than the cores: a kernel that
+// used them all would time-slice, its caller spinning while a helper waits for a core.
+inline int64_t cores() {
+  static const int64_t n = [] {
+    cpu_set_t set;
+    return sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+  }();
+  return n;
 }
 
 // body(i) for every i in [0, n): items are handed to whichever thread asks next, the
@@ -40,7 +53,7 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, Body body) {
   };
   if (n <= 0) return;
   auto loop = std::make_shared<Loop>(n, std::move(body));
-  for (int64_t h = std::min<int64_t>(pool.num_threads(), n) - 1; h > 0; --h) pool.Schedule([loop] { loop->work(); });
+  for (int64_t h = std::min({pool.num_threads(), cores(), n}) - 1; h > 0; --h) pool.Schedule([loop] { loop->work(); });
   loop->work();
   while (loop->done.load(std::memory_order_acquire) < n) _mm_pause();
 }

@@ -1,11 +1,12 @@
 // y = x · wᵀ for a few rows of x (a decode step's batch) against a weight stored
 // (out, in), as our linear layers store it: the weight is streamed from memory once,
-// in address order, split by rows over XLA:CPU's intra-op threads.
+// in address order, split by rows over the cores (parallel.h).
 //
 // Why: at batch 1-8 a decode step is a read of every weight. XLA:CPU's own kernels
 // stream a weight at 14-20 GB/s on the 2-core benchmark machine, where a plain read
-// reaches 24-28 GB/s; these loops reach the latter at batch 1 and twice XLA's FLOP
-// rate at batch 8 (see README, Benchmarks).
+// reaches 24-28 GB/s; these loops read the LM head at 21-28 GB/s at batch 1, and the
+// step's products alone take 1.2-1.3x less time at batch 1, 1.6-2x less at batch 2-8
+// (see README, Benchmarks).
 //
 // Built at first use by ryzen_jax.kernels (g++ -O3 -mavx2 -mfma) and registered as
 // an XLA FFI target for the CPU platform.

@@ -52,7 +52,7 @@ ATTENTION_TARGET = "ryzen_jax_decode_attention"
 #: rows of x up to which the kernel beats XLA:CPU's dot (the benchmark's small shape,
 #: its matmuls alone: 1.3x at batch 1, 1.6-1.9x at batch 2-8, level at 16)
 MAX_ROWS = 8
-FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-pthread", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "RYZEN_JAX_CPU_KERNELS"
 
 _active: contextvars.ContextVar[bool] = contextvars.ContextVar("ryzen_jax_cpu_kernels", default=False)

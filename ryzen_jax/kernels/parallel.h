@@ -1,5 +1,5 @@
 // What both CPU kernels share: a horizontal sum and a loop over work items split
-// between the calling thread and XLA:CPU's intra-op threads.
+// between the calling thread and helper threads.
 #pragma once
 
 #include <immintrin.h>
@@ -7,8 +7,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -32,19 +36,86 @@ inline int64_t cores() {
   return n;
 }
 
+struct Task {
+  virtual void work() = 0;
+  virtual ~Task() = default;
+};
+
+// cores() - 1 threads of our own that stay awake between kernel calls: a decode step
+// calls the kernels some 65 times, a few microseconds apart, and handing each call's
+// helper work to XLA's pool (a sleeping thread to wake, in a VM) cost 7-10% of a
+// batch-1 step (best of interleaved runs; level at batch 8). After SPIN of no work
+// they sleep until the next call.
+class Workers {
+ public:
+  static Workers& get() {
+    static Workers* w = new Workers(cores() - 1);  // never destroyed: its threads live as long as the process
+    return *w;
+  }
+
+  // Runs task->work() on every worker and returns true, or returns false at once if
+  // another call holds the workers (the caller then shares the work some other way).
+  bool start(std::shared_ptr<Task> task) {
+    if (threads_ == 0 || !busy_.try_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      task_ = std::move(task);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    return true;
+  }
+  void finish() { busy_.unlock(); }
+
+ private:
+  static constexpr auto SPIN = std::chrono::microseconds(200);
+
+  explicit Workers(int64_t threads) : threads_(threads) {
+    for (int64_t i = 0; i < threads; ++i) std::thread([this] { loop(); }).detach();
+  }
+
+  void loop() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      auto since = std::chrono::steady_clock::now();
+      for (int spins = 1; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        _mm_pause();
+        if (spins % 256 == 0 && std::chrono::steady_clock::now() - since > SPIN) {
+          std::unique_lock<std::mutex> lock(m_);
+          cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      std::shared_ptr<Task> task;
+      {
+        std::lock_guard<std::mutex> lock(m_);
+        seen = generation_.load(std::memory_order_acquire);
+        task = task_;
+      }
+      if (task) task->work();
+    }
+  }
+
+  int64_t threads_;
+  std::mutex busy_, m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::shared_ptr<Task> task_;
+};
+
 // body(i) for every i in [0, n): items are handed to whichever thread asks next, the
-// caller included, so the loop finishes even if no pool thread is free. A pool thread
+// caller included, so the loop finishes even if no other thread is free. A thread
 // that starts late finds no item left and never calls body; the shared state keeps
-// itself alive for it.
+// itself alive for it. Helpers: our Workers, or XLA:CPU's pool while another call
+// holds them.
 template <typename Body>
 void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, Body body) {
-  struct Loop {
+  struct Loop : Task {
     Loop(int64_t n, Body body) : n(n), body(std::move(body)) {}
     int64_t n;
     Body body;
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
-    void work() {
+    void work() override {
       for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
         body(i);
         done.fetch_add(1, std::memory_order_release);
@@ -53,9 +124,13 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, Body body) {
   };
   if (n <= 0) return;
   auto loop = std::make_shared<Loop>(n, std::move(body));
-  for (int64_t h = std::min({pool.num_threads(), cores(), n}) - 1; h > 0; --h) pool.Schedule([loop] { loop->work(); });
+  Workers& workers = Workers::get();
+  const bool ours = n > 1 && workers.start(loop);
+  if (!ours)
+    for (int64_t h = std::min({pool.num_threads(), cores(), n}) - 1; h > 0; --h) pool.Schedule([loop] { loop->work(); });
   loop->work();
   while (loop->done.load(std::memory_order_acquire) < n) _mm_pause();
+  if (ours) workers.finish();
 }
 
 }  // namespace ryzen_jax

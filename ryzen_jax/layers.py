@@ -259,17 +259,19 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
     q = tp.constrain(q, ("batch", "length", "heads", "head_dim"))
     start = positions[:, 0]
     k, v = kv.heads_major(k), kv.heads_major(v)
-    if prefill:
-        keys, values, key_pos, own, out = k, v, positions, None, None
-        mask = key_pos[:, None, :] <= positions[:, :, None]
-    else:  # the cache before this step's write, then the step's own key and value
-        # our CPU kernel where it serves (ryzen_jax.kernels): it reads only the positions each row holds
-        out = None if bias is not None else kernels.decode_attention(q, cache_k, cache_v, k, v, start, scale, window)
-        keys, values = (cache_k, cache_v) if attend is None else (cache_k[:, :, :attend], cache_v[:, :, :attend])
-        key_pos = jnp.broadcast_to(jnp.arange(keys.shape[2]), (q.shape[0], keys.shape[2]))
-        own = (k, v, None if bias is None else bias(positions))
-        mask = key_pos[:, None, :] < positions[:, :, None]
+    # a decode step on our CPU kernel where it serves (ryzen_jax.kernels): it reads only
+    # the cache positions each row holds; otherwise (None) XLA's attention below
+    out = None if prefill or bias is not None else kernels.decode_attention(q, cache_k, cache_v, k, v, start,
+                                                                             scale, window)
     if out is None:
+        if prefill:
+            keys, values, key_pos, own = k, v, positions, None
+            mask = key_pos[:, None, :] <= positions[:, :, None]
+        else:  # the cache before this step's write, then the step's own key and value
+            keys, values = (cache_k, cache_v) if attend is None else (cache_k[:, :, :attend], cache_v[:, :, :attend])
+            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[2]), (q.shape[0], keys.shape[2]))
+            own = (k, v, None if bias is None else bias(positions))
+            mask = key_pos[:, None, :] < positions[:, :, None]
         if window is not None:
             mask &= key_pos[:, None, :] > positions[:, :, None] - window
         out = attention(q, keys, values, mask, scale, tp, None if bias is None else bias(key_pos), own)

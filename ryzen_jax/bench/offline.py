@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ryzen_jax import kernels
 from ryzen_jax.bench.comm import CommReport, decode_comm
 from ryzen_jax.bench.hardware import Hardware
 from ryzen_jax.bench.stats import median, summary_ms
-from ryzen_jax import kernels
 from ryzen_jax.engine.generate import (DECODE_CHUNK, GenerationResult, Generator, Request, bucket, compile_lowered,
                                        compiler_options)
 
@@ -226,6 +226,7 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
         decode_tokens_per_s=median([r.decode_tokens_per_s for _, r in plain]), decode_step_ms=step_ms, floor=fl,
         step_over_bandwidth_floor=step_ms / fl.bandwidth_ms,
         step_over_roofline=step_ms / max(fl.bandwidth_ms, fl.compute_ms), matmuls_alone_ms=matmuls_ms,
-        matmul_kernel="ryzen_jax CPU kernel" if kernels.TARGET in hlo else "XLA dot", step_over_matmuls_alone=step_ms / matmuls_ms, comm=comm, params_bytes_per_device=params,
+        matmul_kernel="ryzen_jax CPU kernel" if kernels.TARGET in hlo else "XLA dot",
+        step_over_matmuls_alone=step_ms / matmuls_ms, comm=comm, params_bytes_per_device=params,
         cache_bytes_per_device=cache, xla_temp_bytes_per_device=temp,
         token_latency_samples_ms=[x * 1e3 for x in gaps], generated_ids=plain[-1][1].generated_ids)

@@ -289,7 +289,7 @@ class Generator:
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            with kernels.for_mesh(self.tp.mesh):  # our CPU matmul kernel where it serves this mesh
+            with kernels.for_mesh(self.tp.mesh):  # our CPU kernels where they serve this mesh
                 lowered = lower()
             exe = compile_lowered(lowered, self._options)
             self.compile_s += time.perf_counter() - t0

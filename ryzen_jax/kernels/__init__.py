@@ -10,14 +10,15 @@ while tracing for a one-device CPU mesh (``for_mesh``), in float32:
 * ``decode_attention`` (one query per row, no score bias) by ``decode_attention.cc``,
   which reads only the cache positions each row holds.
 
-Both are XLA FFI custom calls, split over XLA's intra-op threads. Everything else
+Both are XLA FFI custom calls, split over the process's cores (``parallel.h``). Everything else
 (prefill, GPUs, tensor-parallel meshes, whose partitioner must see a dot to split it)
 stays on XLA's own operations.
 
 The kernels are compiled at first use with the system's C++ compiler (``$CXX``, else
-``g++``) into ``$RYZEN_JAX_CACHE/kernels`` (``~/.cache/ryzen_jax/kernels``) and registered with XLA. Where it cannot be
-(no compiler, a CPU without AVX2 and FMA) a warning says why and XLA's dot is used;
-``RYZEN_JAX_CPU_KERNELS=0`` turns it off.
+``g++``) into ``$RYZEN_JAX_CACHE/kernels`` (``~/.cache/ryzen_jax/kernels``) and
+registered with XLA. Where they cannot be (no compiler, a CPU without AVX2 and FMA) a
+warning says why and XLA's operations are used; ``RYZEN_JAX_CPU_KERNELS=0`` turns them
+off.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _active: contextvars.ContextVar[bool] = contextvars.ContextVar("ryzen_jax_cpu_ke
 
 
 class KernelUnavailable(RuntimeError):
-    """The CPU kernel cannot be built or loaded here; the message says why."""
+    """The CPU kernels cannot be built or loaded here; the message says why."""
 
 
 def _cpu_flags() -> set[str]:
@@ -105,42 +106,42 @@ def build() -> Path:
 
 @functools.cache
 def load() -> bool:
-    """Build and register the kernel once per process; False (warned once) where it
-    cannot be, and the callers use XLA's dot."""
+    """Build and register the kernels once per process; False (warned once) where they
+    cannot be, and the callers use XLA's operations."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
-        log.info("%s=0: the decode step's matmuls use XLA's dot", ENV_SWITCH)
+        log.info("%s=0: the decode step uses XLA's operations, not our CPU kernels", ENV_SWITCH)
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RyzenSkinnyMatmul), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.RyzenDecodeAttention), platform="cpu")
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        log.warning("the CPU kernels are unavailable (%s); using XLA's dot, which is slower at decode "
+        log.warning("the CPU kernels are unavailable (%s); using XLA's dot and attention, which are slower at decode "
                     "(set %s=0 to silence this)", e, ENV_SWITCH)
         return False
     return True
 
 
 def usable_on(mesh) -> bool:
-    """One CPU device, and the kernel builds here: XLA's partitioner cannot split a
-    custom call across devices, so a larger mesh keeps XLA's dot."""
+    """One CPU device, and the kernels build here: XLA's partitioner cannot split a
+    custom call across devices, so a larger mesh keeps XLA's operations."""
     devices = mesh.devices.flat
     return mesh.devices.size == 1 and devices[0].platform == "cpu" and load()
 
 
 @contextlib.contextmanager
-def for_mesh(mesh) -> Iterator[bool]:
-    """Trace programs for ``mesh`` inside this: ``linear`` then uses the kernel where it
-    can. Yields whether it may."""
+def for_mesh(mesh) -> Iterator[None]:
+    """Trace programs for ``mesh`` inside this: ``linear`` and ``decode_attention`` then
+    use the kernels where they serve."""
     token = _active.set(usable_on(mesh))
     try:
-        yield _active.get()
+        yield
     finally:
         _active.reset(token)
 
 
 def active() -> bool:
-    """Whether the program being traced may use the kernel (see ``for_mesh``)."""
+    """Whether the program being traced may use the kernels (see ``for_mesh``)."""
     return _active.get()
 
 

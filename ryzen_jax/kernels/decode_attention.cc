@@ -23,20 +23,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using ryzen_jax::dot;
 using ryzen_jax::hsum;
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-  int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  float s = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
-}
 
 // e^x for x <= 0 (scores minus their maximum): 2^n · p(r), |r| <= ln2/2, p of degree
 // 6; relative error about 2e-7, float32's own rounding.

@@ -25,23 +25,9 @@ namespace {
 
 using ryzen_jax::hsum;
 
-// One row of x: each weight row once, front to back, four independent sums.
+// One row of x: each weight row once, front to back.
 void rows_of_one(const float* x, const float* w, float* y, int64_t in, int64_t r0, int64_t r1) {
-  for (int64_t o = r0; o < r1; ++o) {
-    const float* wo = w + o * in;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 32 <= in; k += 32) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k), _mm256_loadu_ps(x + k), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    for (; k + 8 <= in; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k), _mm256_loadu_ps(x + k), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < in; ++k) s += wo[k] * x[k];
-    y[o] = s;
-  }
+  for (int64_t o = r0; o < r1; ++o) y[o] = ryzen_jax::dot(w + o * in, x, in);
 }
 
 // One weight row against T rows of x (T <= 8): T sums in registers; the row is read

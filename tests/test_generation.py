@@ -15,7 +15,7 @@ from transformers import LogitsProcessorList, MinPLogitsWarper, RepetitionPenalt
     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import ryzen_jax as rj
-from ryzen_jax.engine.sampling import SamplingArrays, filtered_logits
+from ryzen_jax.engine.sampling import SamplingArrays, filtered_logits, greedy_tokens
 from ryzen_jax.engine.text import Detokenizer
 from tests import hf_models
 
@@ -72,6 +72,20 @@ def test_processors_match_transformers(hf_llama):
         assert 1 < kept.sum() < len(kept)
         prob = lambda x: np.exp(x[kept] - x[kept].max()) / np.exp(x[kept] - x[kept].max()).sum()  # noqa: E731
         np.testing.assert_allclose(prob(ours), prob(theirs), atol=1e-5)
+
+
+def test_greedy_tokens_match_torch_argmax():
+    """The greedy pick is torch's argmax (the one HF's greedy search takes): ties go to
+    the first index, -inf rows to 0, and a NaN wins wherever it stands."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((6, 32000)).astype(np.float32)
+    rows[1, [7, 300, 31999]] = 50.0  # a three-way tie
+    rows[2] = -np.inf
+    rows[3, 31999] = 99.0  # the last entry
+    rows[4, [11, 12000]] = np.nan
+    rows[5] = np.round(rows[5])  # many ties at the maximum
+    ours = np.asarray(jax.jit(greedy_tokens)(rows))
+    np.testing.assert_array_equal(ours, torch.argmax(torch.from_numpy(rows), dim=-1).numpy())
 
 
 def test_sampled_frequencies_follow_the_transformers_distribution(llama, hf_llama):

@@ -122,6 +122,17 @@ def any_penalized(s: SamplingArrays) -> jax.Array:
     return jnp.any(s.penalty != 1)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis (the first index of the largest value; NaN counts as
+    largest, as in ``jnp.argmax``), as two plain reductions: XLA:CPU runs ``argmax``'s
+    paired value-and-index reduction as a scalar loop, 0.14 ms for a 32000-entry row and
+    0.57 ms for 8 rows on the benchmark machine, against 0.01 and 0.10 ms for these."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    n = logits.shape[-1]
+    return jnp.min(jnp.where(hit, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+
+
 def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, index: jax.Array,
            sampled: jax.Array | None = None, penalized: jax.Array | None = None) -> jax.Array:
     """Next token per row from float32 ``logits`` (B, V). ``seen`` (B, V): tokens
@@ -134,7 +145,7 @@ def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, index: jax.Arr
     once from replicated settings, so the tests cost no communication."""
     penalized = any_penalized(s) if penalized is None else penalized
     chosen = jax.lax.cond(penalized, lambda: penalize(logits, seen, s.penalty), lambda: logits)
-    greedy = jnp.argmax(chosen, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(chosen)
 
     def draw() -> jax.Array:
         keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seed, index)

@@ -4,6 +4,7 @@ where the programs use it (a decode step on one CPU device) and where they must 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -23,15 +24,18 @@ def mesh(n: int):
 
 
 @needs_kernel
+@pytest.mark.parametrize("wide", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not kernels.has_avx512(), reason="this CPU has no AVX-512"))], ids=["avx2", "avx512"])
 @pytest.mark.parametrize("m,out,inp", [(1, 4099, 520), (1, 7, 13), (2, 300, 1376), (3, 1, 7), (5, 33, 40),
-                                       (8, 2000, 64), (8, 5, 1)])
-def test_products_match_numpy(m, out, inp):
-    """Every row count the kernel takes, with input widths off its 8- and 32-wide steps
-    and enough output rows to be split over both threads."""
+                                       (8, 2000, 64), (8, 5, 1), (6, 2051, 517), (8, 3, 33)])
+def test_products_match_numpy(m, out, inp, wide):
+    """Every row count the kernel takes, in each of its loops, with input widths off its
+    8-, 16- and 32-wide steps, odd output counts (the AVX-512 loop takes weight rows in
+    pairs) and enough output rows to be split over both threads."""
     rng = np.random.default_rng(m * out + inp)
     x = rng.standard_normal((m, inp), dtype=np.float32)
     w = rng.standard_normal((out, inp), dtype=np.float32)
-    got = np.asarray(jax.jit(kernels.skinny_matmul)(x, w))
+    got = np.asarray(jax.jit(functools.partial(kernels.skinny_matmul, wide=wide))(x, w))
     want = x.astype(np.float64) @ w.T.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(inp) * np.abs(want).max())
 

@@ -6,7 +6,8 @@ kernels for these shapes read slower than the machine can (README, Benchmarks). 
 while tracing for a one-device CPU mesh (``for_mesh``), in float32:
 
 * ``linear`` computes ``x · wᵀ`` with at most ``MAX_ROWS`` rows of ``x`` by
-  ``skinny_matmul.cc``, which reads each weight row once, front to back;
+  ``skinny_matmul.cc``, which reads each weight row once, front to back (from two
+  rows of ``x`` up in 512-bit registers where the CPU has AVX-512);
 * ``decode_attention`` (one query per row, no score bias) by ``decode_attention.cc``,
   which reads only the cache positions each row holds.
 
@@ -145,9 +146,19 @@ def active() -> bool:
     return _active.get()
 
 
-def skinny_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x · wᵀ`` for x (m, in) and w (out, in), float32, by the kernel (``load`` first)."""
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+@functools.cache
+def has_avx512() -> bool:
+    """Whether this CPU runs the kernel's 512-bit loop (two rows of x or more)."""
+    return "avx512f" in _cpu_flags()
+
+
+def skinny_matmul(x: jax.Array, w: jax.Array, *, wide: bool | None = None) -> jax.Array:
+    """``x · wᵀ`` for x (m, in) and w (out, in), float32, by the kernel (``load`` first).
+    ``wide``: use the AVX-512 loop where the CPU has it (default: where it has it); the
+    AVX2 loop otherwise, and always for one row, whose product is a read of memory."""
+    wide = has_avx512() if wide is None else wide
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(
+        x, w, wide=np.int64(bool(wide)))
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -10,15 +10,17 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 
 import jax
 import pytest
 
+import ryzen_jax as rj
 from ryzen_jax.bench import (BenchmarkConfig, BenchmarkConfigError, DistributedInferenceBenchmark, PRESETS,
                              ShapeError, peer, serving)
 from ryzen_jax.bench.comm import collectives as bench_collectives, shape_bytes
 from ryzen_jax.bench.report import offline_table, to_jsonable
-from ryzen_jax.bench.shapes import check_fits
+from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, random_prompts
 from tests.test_structure import collectives as structure_collectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,11 +113,34 @@ def test_communication_is_the_megatron_count_of_the_compiled_step(bench, results
 
 
 @pytest.mark.skipif(not peer.available(), reason="torch is not installed")
+def test_peer_generates_eos_like_any_token_as_ours_ignores_it(cache_dir, tmp_path):
+    """Every request runs to its last token on both sides: EOS neither stops a row nor is
+    forbidden (transformers' min_new_tokens would forbid it), as ours with ignore_eos.
+    The checkpoint is made to call EOS the token its greedy continuation emits third."""
+    dims = PRESETS["tiny"]
+    path = ensure_checkpoint(dims, cache_dir)
+    prompts = random_prompts(1, 8, dims.vocab_size, seed=3)
+    _, _, [free] = peer.Peer(path).generate(prompts, 12)
+    eos_path = str(tmp_path / "eos")
+    shutil.copytree(path, eos_path)
+    for name in ("config.json", "generation_config.json"):
+        with open(os.path.join(eos_path, name)) as f:
+            cfg = json.load(f)
+        cfg["eos_token_id"] = free[2]
+        with open(os.path.join(eos_path, name), "w") as f:
+            json.dump(cfg, f)
+    _, gaps, [theirs] = peer.Peer(eos_path).generate(prompts, 12)
+    assert theirs == free and len(gaps) == 11
+    ours = rj.generate(rj.load_model(eos_path, tp=1, progress=False), prompts, max_new_tokens=12, ignore_eos=True)
+    assert list(ours[0].generated_ids) == theirs
+
+
+@pytest.mark.skipif(not peer.available(), reason="torch is not installed")
 def test_peer_runs_on_the_same_weights(results):
     assert results.peer_skipped is None
     for b in results.batches:
         p = b.peer
-        assert p.batch == b.batch and p.torch_threads >= 1
+        assert p.batch == b.batch and p.torch_threads >= 1 and p.device == "cpu"  # ours runs on the CPU here
         assert 0 < p.token_latency_ms["p50"] <= p.token_latency_ms["p99"]
         assert finite_positive(p.tokens_per_s) and finite_positive(p.ttft_ms)
         assert b.same_tokens_as_peer == 1.0  # greedy, float32, same checkpoint: the same tokens

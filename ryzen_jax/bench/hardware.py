@@ -96,7 +96,7 @@ def measure(dtype: str = "float32", *, megabytes: int = 256, repeats: int = 5) -
     """Describe the machine and measure its bandwidth and matmul floors."""
     dev = jax.devices()[0]
     bw = measure_bandwidth(megabytes, repeats, dev)
-    n = 1024
+    n = 1024 if dev.platform == "cpu" else 8192  # an accelerator's peak needs far larger products
     try:
         load = os.getloadavg()
     except OSError:

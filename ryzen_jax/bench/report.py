@@ -54,8 +54,10 @@ def offline_table(r: BenchmarkResults) -> str:
     load = f", load average {hw.load_average[0]:.1f}" if hw.load_average else ""
     lines = [f"shape {c.model_size!r}: {r.params / 1e6:.1f}M parameters, {c.dtype}, prompt {c.seq_len}, "
              f"{c.new_tokens} new tokens, greedy",
-             f"machine: {hw.backend} ({hw.cpu_model}, {hw.cpu_count} cores{load}), {hw.devices} devices; "
-             f"bandwidth {hw.bandwidth_gbps:.1f} GB/s, matmul {hw.matmul_gflops:.0f} GFLOP/s"]
+             f"machine: {hw.backend}{'' if hw.backend == 'cpu' else f' ({hw.device_kind})'} "
+             f"({hw.cpu_model}, {hw.cpu_count} cores{load}), {hw.devices} devices; "
+             f"bandwidth {hw.bandwidth_gbps:.1f} GB/s, matmul {hw.matmul_gflops:.0f} GFLOP/s"
+             + next((f"; HF on {b.peer.device} ({b.peer.torch_threads} threads)" for b in r.batches if b.peer), "")]
     peer_name = "HF" if r.peer_skipped is None else f"HF ({r.peer_skipped})"
     for b in r.batches:
         heads = [f"ours tp={r.tp}"] + (["ours tp=1"] if b.tp1 and r.tp != 1 else []) + [peer_name, "×HF"]

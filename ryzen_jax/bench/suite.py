@@ -164,9 +164,9 @@ class DistributedInferenceBenchmark:
 
         peers: dict[int, PeerRun] = {}
         if run_peer:
-            p = peer_mod.Peer(path, c.dtype)
+            p = peer_mod.Peer(path, c.dtype, peer_mod.peer_device(jax.default_backend()))
             for b in c.batch_sizes:
-                say(f"peer (Hugging Face transformers): batch {b}")
+                say(f"peer (Hugging Face transformers on {p.device}): batch {b}")
                 peers[b] = p.measure(prompts[b], c.new_tokens, repeats=c.repeats)
             del p
             gc.collect()

@@ -16,6 +16,7 @@ import jax
 import pytest
 
 import ryzen_jax as rj
+from ryzen_jax import kernels
 from ryzen_jax.bench import (BenchmarkConfig, BenchmarkConfigError, DistributedInferenceBenchmark, PRESETS,
                              ShapeError, peer, serving)
 from ryzen_jax.bench.comm import collectives as bench_collectives, shape_bytes
@@ -63,6 +64,9 @@ def test_offline_run_reports_every_figure(bench, results):
     hw = r.hardware
     assert finite_positive(hw.bandwidth_gbps) and finite_positive(hw.matmul_gflops)
     assert hw.bandwidth_gbps == max(hw.bandwidth_by_method.values())
+    # every way this machine streams memory counts, our decode kernel's included
+    methods = {"numpy_copy", "xla_sum", "xla_gemv"} | ({"ryzen_jax_gemv"} if kernels.register() else set())
+    assert set(hw.bandwidth_by_method) == methods
     for b in r.batches:
         for run in (b.ours, b.tp1):
             lat = run.token_latency_ms
@@ -221,7 +225,6 @@ def test_hlo_shape_bytes():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import ryzen_jax as rj
     from ryzen_jax.demo import write_demo_hf_checkpoint
     from ryzen_jax.serve import Server
     from tests.test_server import Running

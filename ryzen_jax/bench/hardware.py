@@ -4,8 +4,9 @@ FLOP rate (FLOPs ÷ this = the compute floor).
 
 Each figure is the best of a few repetitions: a capability, not an average. On CPU
 the bandwidth is the highest of a NumPy copy and XLA's own streaming reads (a sum and
-a matrix-vector product, the decode step's pattern), over arrays far larger than the
-caches; on an accelerator, XLA's reads and copies on one device.
+a matrix-vector product, the decode step's pattern) and our CPU kernel's
+matrix-vector read (``ryzen_jax.kernels``), over arrays far larger than the caches;
+on an accelerator, XLA's reads and copies on one device.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ryzen_jax import kernels
 
 
 @dataclasses.dataclass
@@ -67,6 +70,11 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 5, device: jax.Device
     v = jax.device_put(jnp.ones((1, w.shape[0]), jnp.float32), device)
     gemv = jax.jit(lambda v, w: v @ w)
     out["xla_gemv"] = w.nbytes / _best_time(lambda: gemv(v, w), repeats) / 1e9
+    if device.platform == "cpu" and kernels.register():
+        # our decode kernel's own read of a weight (one row of x): it streams faster
+        # than the methods above, so without it a decode step could beat its "floor"
+        stream, row = jax.jit(kernels.skinny_matmul), jnp.ones((1, w.shape[1]), jnp.float32)
+        out["ryzen_jax_gemv"] = w.nbytes / _best_time(lambda: stream(row, w), repeats) / 1e9
     if device.platform != "cpu":
         scale = jax.jit(lambda x: x * 2)
         out["xla_copy"] = 2 * x.nbytes / _best_time(lambda: scale(x), repeats) / 1e9

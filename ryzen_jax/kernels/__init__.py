@@ -107,11 +107,20 @@ def build() -> Path:
 
 @functools.cache
 def load() -> bool:
-    """Build and register the kernels once per process; False (warned once) where they
-    cannot be, and the callers use XLA's operations."""
+    """Whether the decode step may use the kernels: not switched off (``ENV_SWITCH``)
+    and :func:`register` succeeds; False (said once) otherwise, and the callers use
+    XLA's operations."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         log.info("%s=0: the decode step uses XLA's operations, not our CPU kernels", ENV_SWITCH)
         return False
+    return register()
+
+
+@functools.cache
+def register() -> bool:
+    """Build and register the kernels once per process, whatever ``ENV_SWITCH`` says (the
+    benchmark's bandwidth probe uses them either way); False, warned once, where they
+    cannot be."""
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RyzenSkinnyMatmul), platform="cpu")

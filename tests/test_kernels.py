@@ -116,10 +116,10 @@ def attention_reference(q, cache_k, cache_v, own_k, own_v, positions, scale, win
 
 @needs_kernel
 @pytest.mark.parametrize("b,h,kv,d,length,window", [(3, 8, 4, 64, 40, None), (2, 4, 1, 32, 17, None),
-                                                    (4, 6, 6, 16, 50, 7), (1, 2, 2, 8, 9, None)])
+                                                    (4, 6, 6, 16, 50, 7), (1, 2, 2, 8, 9, None), (2, 4, 2, 40, 23, None)])
 def test_decode_attention_matches_the_formula(b, h, kv, d, length, window):
     """Grouped, multi-query and multi-head; rows at position 0 (own key only), mid-cache
-    and at the cache's end; a sliding window; head sizes 8 to 64."""
+    and at the cache's end; a sliding window; head sizes 8 to 64 (40: a part of the 32-lane step)."""
     rng = np.random.default_rng(b * h + d)
     q = rng.standard_normal((b, 1, h, d), dtype=np.float32)
     cache_k, cache_v = (rng.standard_normal((b, kv, length, d), dtype=np.float32) for _ in range(2))

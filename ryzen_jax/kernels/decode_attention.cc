@@ -7,7 +7,9 @@
 //
 // Why: XLA:CPU runs a decode step's attention as batched dots of a few rows each,
 // which read the cache at 4-5 GB/s and always read the whole attend bucket; this
-// reads only the positions each row holds (README, Benchmarks).
+// reads only the positions each row holds (README, Benchmarks). Scores eight keys at a
+// time and values two positions at a time (scores_of, weighted_sum): one layer at
+// batch 8 of the small shape, 192 positions, took 127 us on one core, now 82 us.
 
 #include <immintrin.h>
 
@@ -62,6 +64,59 @@ void softmax(float* p, int64_t n) {
   for (j = 0; j < n; ++j) p[j] *= inv;
 }
 
+// The 8 sums of a[0..7] in one vector: [Σa0, Σa1, ..., Σa7] (a transpose by pairwise
+// adds: 9 shuffles and adds where eight separate horizontal sums take 40).
+inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// s[j] = scale · q·keys[j] for j < n: eight keys at a time, their sums in eight
+// registers reduced together (hsum8), the rest one by one.
+inline void scores_of(const float* q, const float* keys, int64_t n, int64_t dim, float scale, float* s) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 acc[8];
+    for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
+    const float* kj = keys + j * dim;
+    for (int64_t c = 0; c < dim; c += 8) {
+      const __m256 qc = _mm256_loadu_ps(q + c);
+      for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kj + t * dim + c), acc[t]);
+    }
+    _mm256_storeu_ps(s + j, _mm256_mul_ps(sv, hsum8(acc)));
+  }
+  for (; j < n; ++j) s[j] = scale * dot(q, keys + j * dim, dim);
+}
+
+// o = Σ_j p[j] · values[j] over j < n, plus p[n] · own: 32 output lanes in registers
+// at a time, two positions per step into two sets of sums, so consecutive FMAs do not
+// wait on each other (one set made this loop 3x slower than the scores).
+inline void weighted_sum(const float* p, const float* values, int64_t n, const float* own, int64_t dim, float* o) {
+  for (int64_t d0 = 0; d0 < dim; d0 += 32) {
+    const int lanes = int(std::min<int64_t>(32, dim - d0) / 8);
+    __m256 a[4], b[4];
+    for (int c = 0; c < 4; ++c) a[c] = b[c] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const __m256 p0 = _mm256_set1_ps(p[j]), p1 = _mm256_set1_ps(p[j + 1]);
+      const float* v0 = values + j * dim + d0;
+      for (int c = 0; c < lanes; ++c) {
+        a[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a[c]);
+        b[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v0 + dim + 8 * c), b[c]);
+      }
+    }
+    for (; j <= n; ++j) {  // an odd position left, then the own value
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      const float* vj = (j < n ? values + j * dim : own) + d0;
+      for (int c = 0; c < lanes; ++c) a[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), a[c]);
+    }
+    for (int c = 0; c < lanes; ++c) _mm256_storeu_ps(o + d0 + 8 * c, _mm256_add_ps(a[c], b[c]));
+  }
+}
+
 struct Layer {
   const float *q, *k, *v, *own_k, *own_v;
   const int32_t* positions;
@@ -80,25 +135,13 @@ struct Layer {
     const float* ok = own_k + i * dim;
     const float* ov = own_v + i * dim;
     scores.resize(groups * n);
-    for (int64_t j = 0; j + 1 < n; ++j) {  // each key once for every query head of the pair
-      const float* kj = keys + j * dim;
-      for (int64_t g = 0; g < groups; ++g) scores[g * n + j] = scale * dot(q + (i * groups + g) * dim, kj, dim);
-    }
     for (int64_t g = 0; g < groups; ++g) {
+      // the pair's keys are read from memory once: the next query heads find them in cache
       float* p = scores.data() + g * n;
+      scores_of(q + (i * groups + g) * dim, keys, n - 1, dim, scale, p);
       p[n - 1] = scale * dot(q + (i * groups + g) * dim, ok, dim);
       softmax(p, n);
-      float* o = out + (i * groups + g) * dim;
-      for (int64_t d0 = 0; d0 < dim; d0 += 32) {  // 32 output lanes in registers at a time
-        const int64_t w = std::min<int64_t>(32, dim - d0);
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t j = 0; j < n; ++j) {
-          const float* vj = (j + 1 < n ? values + j * dim : ov) + d0;
-          const __m256 pj = _mm256_set1_ps(p[j]);
-          for (int c = 0; c < w / 8; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
-        }
-        for (int c = 0; c < w / 8; ++c) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
-      }
+      weighted_sum(p, values, n - 1, ov, dim, out + (i * groups + g) * dim);
     }
   }
 };

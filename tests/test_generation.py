@@ -4,17 +4,20 @@ compile discipline (no compilation after warm-up)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 import torch
 import transformers
 from transformers import LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, \
     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import ryzen_jax as rj
+from ryzen_jax import kernels
 from ryzen_jax.engine.sampling import SamplingArrays, filtered_logits, greedy_tokens
 from ryzen_jax.engine.text import Detokenizer
 from tests import hf_models
@@ -74,17 +77,29 @@ def test_processors_match_transformers(hf_llama):
         np.testing.assert_allclose(prob(ours), prob(theirs), atol=1e-5)
 
 
-def test_greedy_tokens_match_torch_argmax():
-    """The greedy pick is torch's argmax (the one HF's greedy search takes): ties go to
-    the first index, -inf rows to 0, and a NaN wins wherever it stands."""
-    rng = np.random.default_rng(0)
-    rows = rng.standard_normal((6, 32000)).astype(np.float32)
-    rows[1, [7, 300, 31999]] = 50.0  # a three-way tie
+@pytest.mark.parametrize("path", ["xla", "kernel"])
+@pytest.mark.parametrize("vocab", [32000, 32003, 5])
+def test_greedy_tokens_match_torch_argmax(path, vocab):
+    """The greedy pick is torch's argmax (the one HF's greedy search takes), by XLA's
+    reductions and by our CPU kernel (one-device CPU mesh): ties go to the first index,
+    -inf rows to 0, and a NaN wins wherever it stands; vocabularies off the kernel's
+    8-wide step."""
+    if path == "kernel" and not kernels.load():
+        pytest.skip("the CPU kernels cannot be built here")
+    rng = np.random.default_rng(vocab)
+    rows = rng.standard_normal((8, vocab)).astype(np.float32)
+    rows[1, [1, 3, vocab - 1]] = 50.0  # a three-way tie, the last in the tail
     rows[2] = -np.inf
-    rows[3, 31999] = 99.0  # the last entry
-    rows[4, [11, 12000]] = np.nan
+    rows[3, vocab - 1] = 99.0  # the last entry
+    rows[4, [vocab // 2, 2]] = np.nan
     rows[5] = np.round(rows[5])  # many ties at the maximum
-    ours = np.asarray(jax.jit(greedy_tokens)(rows))
+    rows[6, vocab - 1] = np.nan  # a NaN in the tail only
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:1])
+    with kernels.for_mesh(mesh) if path == "kernel" else contextlib.nullcontext():
+        pick = jax.jit(lambda x: greedy_tokens(x))  # a fresh trace: jit's cache does not know the mesh context
+        text = pick.lower(rows).as_text()
+        ours = np.asarray(pick(rows))
+    assert (kernels.GREEDY_TARGET in text) == (path == "kernel")
     np.testing.assert_array_equal(ours, torch.argmax(torch.from_numpy(rows), dim=-1).numpy())
 
 

@@ -9,7 +9,8 @@ while tracing for a one-device CPU mesh (``for_mesh``), in float32:
   ``skinny_matmul.cc``, which reads each weight row once, front to back (from two
   rows of ``x`` up in 512-bit registers where the CPU has AVX-512);
 * ``decode_attention`` (one query per row, no score bias) by ``decode_attention.cc``,
-  which reads only the cache positions each row holds.
+  which reads only the cache positions each row holds;
+* ``greedy`` (each row's argmax of the logits) by ``greedy.cc``, in one pass.
 
 Both are XLA FFI custom calls, split over the process's cores (``parallel.h``). Everything else
 (prefill, GPUs, tensor-parallel meshes, whose partitioner must see a dot to split it)
@@ -47,10 +48,11 @@ from ryzen_jax.runtime import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("skinny_matmul.cc", "decode_attention.cc"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("skinny_matmul.cc", "decode_attention.cc", "greedy.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "ryzen_jax_skinny_matmul"
 ATTENTION_TARGET = "ryzen_jax_decode_attention"
+GREEDY_TARGET = "ryzen_jax_greedy"
 #: rows of x up to which the kernel beats XLA:CPU's dot (the benchmark's small shape,
 #: its matmuls alone: 1.3x at batch 1, 1.6-1.9x at batch 2-8, level at 16)
 MAX_ROWS = 8
@@ -125,6 +127,7 @@ def register() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RyzenSkinnyMatmul), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.RyzenDecodeAttention), platform="cpu")
+        jax.ffi.register_ffi_target(GREEDY_TARGET, jax.ffi.pycapsule(lib.RyzenGreedy), platform="cpu")
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
         log.warning("the CPU kernels are unavailable (%s); using XLA's dot and attention, which are slower at decode "
                     "(set %s=0 to silence this)", e, ENV_SWITCH)
@@ -197,3 +200,11 @@ def decode_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, own_k
         q.reshape(b, kv, h // kv, d), cache_k, cache_v, own_k, own_v, positions.astype(jnp.int32),
         scale=np.float32(scale), window=np.int64(window or 0))
     return out.reshape(b, 1, h, d)
+
+
+def greedy(logits: jax.Array) -> jax.Array | None:
+    """Each row's index of its largest logit (the first on ties, the first NaN if any),
+    by the kernel, for float32 logits (rows, vocab); None where it does not serve."""
+    if not active() or logits.ndim != 2 or logits.dtype != jnp.float32 or logits.shape[1] == 0:
+        return None
+    return jax.ffi.ffi_call(GREEDY_TARGET, jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32))(logits)

@@ -12,7 +12,7 @@ while tracing for a one-device CPU mesh (``for_mesh``), in float32:
   which reads only the cache positions each row holds;
 * ``greedy`` (each row's argmax of the logits) by ``greedy.cc``, in one pass.
 
-Both are XLA FFI custom calls, split over the process's cores (``parallel.h``). Everything else
+All three are XLA FFI custom calls, split over the process's cores (``parallel.h``). Everything else
 (prefill, GPUs, tensor-parallel meshes, whose partitioner must see a dot to split it)
 stays on XLA's own operations.
 
@@ -129,7 +129,7 @@ def register() -> bool:
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.RyzenDecodeAttention), platform="cpu")
         jax.ffi.register_ffi_target(GREEDY_TARGET, jax.ffi.pycapsule(lib.RyzenGreedy), platform="cpu")
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        log.warning("the CPU kernels are unavailable (%s); using XLA's dot and attention, which are slower at decode "
+        log.warning("the CPU kernels are unavailable (%s); using XLA's operations, which are slower at decode "
                     "(set %s=0 to silence this)", e, ENV_SWITCH)
         return False
     return True

@@ -456,11 +456,13 @@ class Generator:
                     row.stop_device = False
             dispatched += steps_per_dispatch
             out, d, cache = decode[self.attend_for(min(start + dispatched, limit))](self.state, cache, d, args[3], n_steps)
-            if steps_per_dispatch == DECODE_CHUNK and pending is None:
-                pending = out  # run one chunk ahead: the host reads chunk k while the device runs k + 1
+            if pending is None:
+                # run one dispatch ahead: the host reads dispatch k while the device runs k + 1,
+                # so the device never waits on the host (a row the host stops meanwhile, by a
+                # stop string, runs one more dispatch whose tokens are dropped)
+                pending = out
                 continue
-            if pending is not None:
-                out, pending = pending, out
+            out, pending = pending, out
             (host,) = fetch([out])
             decoded += int((host[:n] >= 0).sum())
             yield self.take(rows, host)

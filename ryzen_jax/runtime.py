@@ -79,7 +79,9 @@ def is_main_process() -> bool:
 
 def add_mesh_args(ap) -> None:
     """The mesh and precision flags every model-running CLI takes: --tp, --dp, --dtype."""
-    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices the model allows)")
+    ap.add_argument("--tp", type=int, default=None,
+                    help="tensor-parallel size (default: all devices the model allows; 1 on CPU in one process, "
+                         "whose simulated devices share its cores)")
     ap.add_argument("--dp", type=int, default=1, help="data-parallel size")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="default: bfloat16 on GPU, float32 on CPU")

@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"no --model given: using the demo model at {model_dir} "
             "(Llama architecture, RANDOM weights: the text is gibberish; pass --model DIR for a real one)")
     if jax.default_backend() == "cpu":
-        say(f"no accelerator found: running on {len(jax.devices())} simulated CPU devices")
+        say(f"no accelerator found: {len(jax.devices())} simulated CPU devices"
+            + ("; tp defaults to 1 on them (they share this machine's cores), --tp N runs the tensor-parallel path"
+               if args.tp is None and jax.process_count() == 1 else ""))
     main_process = is_main_process()
     show = print if main_process and not args.json else (lambda *a, **k: None)
     prompts = args.prompt or DEFAULT_PROMPTS

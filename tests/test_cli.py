@@ -58,13 +58,18 @@ def test_generate_on_a_converted_checkpoint_matches_hf(tmp_path):
 
 
 def test_default_demo_model_on_four_cpu_devices(tmp_path):
-    """No --model: the demo checkpoint is built on first use and runs at tp=4; its tokens
-    are HF's greedy tokens for the same seeded weights."""
-    out, err = run_generate("--max-new-tokens", "8", env={"RYZEN_JAX_CACHE": str(tmp_path / "cache")})
-    assert "RANDOM weights" in err and "4 simulated CPU devices" in err
-    assert out["tp"] == 4 and out["dtype"] == "float32"
+    """No --model: the demo checkpoint is built on first use. On CPU in one process tp
+    defaults to 1 (the 4 simulated devices share the cores) and --tp 4 splits it; both
+    give HF's greedy tokens for the same seeded weights."""
+    env = {"RYZEN_JAX_CACHE": str(tmp_path / "cache")}
+    out, err = run_generate("--max-new-tokens", "8", env=env)
+    assert "RANDOM weights" in err and "4 simulated CPU devices; tp defaults to 1" in err
+    assert out["tp"] == 1 and out["dtype"] == "float32"
+    split, err = run_generate("--max-new-tokens", "8", "--tp", "4", env=env)
+    assert split["tp"] == 4 and "tp defaults to 1" not in err
     hf_dir = write_demo_hf_checkpoint(str(tmp_path / "demo_hf"))
-    for o in out["outputs"]:
+    for o, s in zip(out["outputs"], split["outputs"]):
         assert o["generated_ids"] == hf_greedy(hf_dir, o["prompt_ids"], len(o["generated_ids"]))
+        assert s["generated_ids"] == hf_greedy(hf_dir, s["prompt_ids"], len(s["generated_ids"]))
         assert isinstance(o["text"], str)
     assert os.path.isfile(tmp_path / "cache" / DEMO_NAME / "ryzen_jax.json")

@@ -64,18 +64,23 @@ def test_linear_calls_the_kernel_only_where_it_serves():
 @pytest.mark.parametrize("tp", [1, 2])
 def test_decode_step_uses_the_kernel_on_one_device(tp, hf_model_dir):
     """The decode program a Generator compiles calls the kernels at tp 1 (every product,
-    every layer's attention), never at tp 2; the greedy tokens against Hugging Face are
-    checked with them in tests/test_generation and the family tests."""
+    every layer's attention, the greedy pick), never at tp 2; so does the prefill program's
+    greedy pick, whoever traced it first. The greedy
+    tokens against Hugging Face are checked with them in tests/test_generation and the
+    family tests."""
     lm = rj.load_model(hf_model_dir("llama_gqa"), tp=tp, dtype="float32", progress=False)
+    lm.generator.decode_inputs(2)  # traces (and compiles) the prefill program first, as the batcher may
     hlo = lm.generator.decode_program(2).as_text()
-    calls = hlo.count(f'custom_call_target="{kernels.TARGET}"')
-    attention = hlo.count(f'custom_call_target="{kernels.ATTENTION_TARGET}"')
+    prefill = lm.generator.prefill_program(2, 16).as_text()
+    count = lambda text, target: text.count(f'custom_call_target="{target}"')  # noqa: E731
+    calls, attention = count(hlo, kernels.TARGET), count(hlo, kernels.ATTENTION_TARGET)
+    greedy = count(hlo, kernels.GREEDY_TARGET), count(prefill, kernels.GREEDY_TARGET)
     n_layers = lm.config.num_layers
     if tp == 1:
         assert calls >= 7 * n_layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
-        assert attention == n_layers
+        assert attention == n_layers and greedy == (1, 1)
     else:
-        assert calls == attention == 0
+        assert calls == attention == 0 and greedy == (0, 0)
 
 
 def test_no_compiler_falls_back_to_xla_with_a_warning(monkeypatch, tmp_path, caplog):

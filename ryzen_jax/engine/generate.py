@@ -344,7 +344,8 @@ class Generator:
         """Abstract (cache, decode state, sampling settings) of a batch exactly as prefill
         leaves them: shapes, dtypes and placements."""
         args = self._abstract_prefill_inputs(batch, MIN_BUCKET)
-        shapes = self._prefill.eval_shape(*args)
+        with kernels.for_mesh(self.tp.mesh):  # jit keeps this trace for the prefill program: trace it as _compile does
+            shapes = self._prefill.eval_shape(*args)
         placed = self.prefill_program(batch, MIN_BUCKET).output_shardings
         _, d, cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, placed)
         return cache, d, args[3]

@@ -27,11 +27,12 @@ def mesh(n: int):
 @pytest.mark.parametrize("wide", [False, pytest.param(True, marks=pytest.mark.skipif(
     not kernels.has_avx512(), reason="this CPU has no AVX-512"))], ids=["avx2", "avx512"])
 @pytest.mark.parametrize("m,out,inp", [(1, 4099, 520), (1, 7, 13), (2, 300, 1376), (3, 1, 7), (5, 33, 40),
-                                       (8, 2000, 64), (8, 5, 1), (6, 2051, 517), (8, 3, 33)])
+                                       (8, 2000, 64), (8, 5, 1), (6, 2051, 517), (8, 3, 33), (11, 70, 24),
+                                       (16, 1030, 129)])
 def test_products_match_numpy(m, out, inp, wide):
-    """Every row count the kernel takes, in each of its loops, with input widths off its
-    8-, 16- and 32-wide steps, odd output counts (the AVX-512 loop takes weight rows in
-    pairs) and enough output rows to be split over both threads."""
+    """Row counts up to 16 (tiles of eight and what is left), in each of its loops, with
+    input widths off its 8-, 16- and 32-wide steps, odd output counts and enough output
+    rows to be split over both threads."""
     rng = np.random.default_rng(m * out + inp)
     x = rng.standard_normal((m, inp), dtype=np.float32)
     w = rng.standard_normal((out, inp), dtype=np.float32)

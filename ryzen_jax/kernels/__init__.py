@@ -53,9 +53,6 @@ HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "ryzen_jax_skinny_matmul"
 ATTENTION_TARGET = "ryzen_jax_decode_attention"
 GREEDY_TARGET = "ryzen_jax_greedy"
-#: rows of x up to which the kernel beats XLA:CPU's dot (the benchmark's small shape,
-#: its matmuls alone: 1.3x at batch 1, 1.6-1.9x at batch 2-8, level at 16)
-MAX_ROWS = 8
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-pthread", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "RYZEN_JAX_CPU_KERNELS"
 
@@ -75,6 +72,18 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+@functools.cache
+def has_avx512() -> bool:
+    """Whether this CPU runs the kernel's 512-bit loop (two rows of x or more)."""
+    return "avx512f" in _cpu_flags()
+
+
+#: rows of x up to which the kernel beats XLA:CPU's dot (the benchmark's small shape, its
+#: matmuls alone): on AVX2, 1.3x at batch 1, 1.6-1.9x at batch 2-8, level at 16; with
+#: AVX-512, 2x at batch 8, 1.3x at 16, 0.6x at 32
+MAX_ROWS = 16 if has_avx512() else 8
 
 
 def build() -> Path:
@@ -156,12 +165,6 @@ def for_mesh(mesh) -> Iterator[None]:
 def active() -> bool:
     """Whether the program being traced may use the kernels (see ``for_mesh``)."""
     return _active.get()
-
-
-@functools.cache
-def has_avx512() -> bool:
-    """Whether this CPU runs the kernel's 512-bit loop (two rows of x or more)."""
-    return "avx512f" in _cpu_flags()
 
 
 def skinny_matmul(x: jax.Array, w: jax.Array, *, wide: bool | None = None) -> jax.Array:

@@ -41,21 +41,44 @@ def test_products_match_numpy(m, out, inp, wide):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(inp) * np.abs(want).max())
 
 
-def lowered(rows: int, m) -> str:
-    x, w = jnp.ones((rows, 1, 64)), jnp.ones((32, 64))
+@needs_kernel
+@pytest.mark.parametrize("wide", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not kernels.has_avx512(), reason="this CPU has no AVX-512"))], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("m,out,inp", [(1, 4099, 520), (3, 7, 13), (8, 2051, 517), (16, 300, 64)])
+def test_bfloat16_products_match_numpy(m, out, inp, wide):
+    """bfloat16 x and w: the float64 product of the same bfloat16 values, rounded once to
+    bfloat16 (within one of its steps: the sums are float32, in another order)."""
+    rng = np.random.default_rng(m + out + inp)
+    x = jnp.asarray(rng.standard_normal((m, inp), dtype=np.float32), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((out, inp), dtype=np.float32), jnp.bfloat16)
+    got = jax.jit(functools.partial(kernels.skinny_matmul, wide=wide))(x, w)
+    assert got.dtype == jnp.bfloat16 and got.shape == (m, out)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 1e-30))) - 7)  # one bfloat16 step at |want|
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= step + 1e-5 * np.sqrt(inp))
+    rounded = np.asarray(jnp.asarray(want.astype(np.float32), jnp.bfloat16), np.float64)
+    assert np.mean(np.asarray(got, np.float64) == rounded) > 0.95  # round to nearest, not truncation
+
+
+def lowered(rows: int, m, dtype=jnp.float32) -> str:
+    x, w = jnp.ones((rows, 1, 64), dtype), jnp.ones((32, 64), dtype)
+    fresh = jax.jit(lambda x, w: kernels.linear(x, w))  # a trace of its own: jit's cache does not see for_mesh
     if m is None:
-        return jax.jit(kernels.linear).lower(x, w).as_text()
+        return fresh.lower(x, w).as_text()
     with kernels.for_mesh(m):
-        return jax.jit(kernels.linear).lower(x, w).as_text()
+        return fresh.lower(x, w).as_text()
 
 
 @needs_kernel
 def test_linear_calls_the_kernel_only_where_it_serves():
-    """Up to MAX_ROWS rows on one CPU device: the kernel. More rows (a prefill), a
-    two-device mesh (the partitioner must see a dot to split it), or no mesh: XLA's dot."""
+    """Up to MAX_ROWS rows on one CPU device, float32 or bfloat16: the kernel. More rows
+    (a prefill), a two-device mesh (the partitioner must see a dot to split it), no
+    mesh, or float16: XLA's dot."""
     assert kernels.TARGET in lowered(1, mesh(1)) and kernels.TARGET in lowered(kernels.MAX_ROWS, mesh(1))
     for text in (lowered(kernels.MAX_ROWS + 1, mesh(1)), lowered(2, mesh(2)), lowered(2, None)):
         assert kernels.TARGET not in text and "dot_general" in text
+    assert kernels.BF16_TARGET in lowered(2, mesh(1), jnp.bfloat16)  # bfloat16 too; float16 is XLA's
+    assert "ryzen_jax" not in lowered(2, mesh(1), jnp.float16) and "dot_general" in lowered(2, mesh(1), jnp.float16)
     x, w = jnp.ones((3, 64)), jnp.ones((32, 64))
     with kernels.for_mesh(mesh(1)):
         np.testing.assert_allclose(np.asarray(jax.jit(kernels.linear)(x, w)), np.full((3, 32), 64.0), rtol=1e-6)

@@ -3,11 +3,13 @@
 A decode step multiplies a few rows of activations (the batch) by every weight of the
 model and reads every row's KV cache; on a CPU both are reads of memory, and XLA:CPU's
 kernels for these shapes read slower than the machine can (README, Benchmarks). So
-while tracing for a one-device CPU mesh (``for_mesh``), in float32:
+while tracing for a one-device CPU mesh (``for_mesh``), in float32 (the products in
+bfloat16 too):
 
 * ``linear`` computes ``x · wᵀ`` with at most ``MAX_ROWS`` rows of ``x`` by
   ``skinny_matmul.cc``, which reads each weight row once, front to back (from two
-  rows of ``x`` up in 512-bit registers where the CPU has AVX-512);
+  rows of ``x`` up in 512-bit registers where the CPU has AVX-512; a bfloat16 weight
+  is half the bytes to read);
 * ``decode_attention`` (one query per row, no score bias) by ``decode_attention.cc``,
   which reads only the cache positions each row holds;
 * ``greedy`` (each row's argmax of the logits) by ``greedy.cc``, in one pass.
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("skinny_matmul.cc", "decode_attention.cc", "greedy.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "ryzen_jax_skinny_matmul"
+BF16_TARGET = "ryzen_jax_skinny_matmul_bf16"
 ATTENTION_TARGET = "ryzen_jax_decode_attention"
 GREEDY_TARGET = "ryzen_jax_greedy"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-pthread", "-shared", "-fPIC", "-w")
@@ -135,6 +138,7 @@ def register() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RyzenSkinnyMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(BF16_TARGET, jax.ffi.pycapsule(lib.RyzenSkinnyMatmulBf16), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.RyzenDecodeAttention), platform="cpu")
         jax.ffi.register_ffi_target(GREEDY_TARGET, jax.ffi.pycapsule(lib.RyzenGreedy), platform="cpu")
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
@@ -167,20 +171,27 @@ def active() -> bool:
     return _active.get()
 
 
+#: what the matmul kernel takes: x and w of one of these dtypes, y of the same
+MATMUL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
 def skinny_matmul(x: jax.Array, w: jax.Array, *, wide: bool | None = None) -> jax.Array:
-    """``x · wᵀ`` for x (m, in) and w (out, in), float32, by the kernel (``load`` first).
-    ``wide``: use the AVX-512 loop where the CPU has it (default: where it has it); the
-    AVX2 loop otherwise, and always for one row, whose product is a read of memory."""
+    """``x · wᵀ`` for x (m, in) and w (out, in), both float32 or both bfloat16 (float32
+    sums, the result in their dtype), by the kernel (``load`` first). ``wide``: use the
+    AVX-512 loop where the CPU has it (default: where it has it); the AVX2 loop
+    otherwise, and always for one row, whose product is a read of memory."""
     wide = has_avx512() if wide is None else wide
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(
+    target = TARGET if x.dtype == jnp.float32 else BF16_TARGET
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), x.dtype))(
         x, w, wide=np.int64(bool(wide)))
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x · wᵀ`` over x's last axis, for w stored (out, in): the kernel when tracing
-    for a mesh it serves and x has at most ``MAX_ROWS`` rows, else XLA's dot."""
+    for a mesh it serves, x has at most ``MAX_ROWS`` rows and both are float32 or both
+    bfloat16; else XLA's dot."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    if active() and 0 < rows <= MAX_ROWS and x.dtype == w.dtype == jnp.float32 and w.ndim == 2:
+    if active() and 0 < rows <= MAX_ROWS and x.dtype == w.dtype and x.dtype in MATMUL_DTYPES and w.ndim == 2:
         return skinny_matmul(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
     return jnp.einsum("...i,oi->...o", x, w)
 

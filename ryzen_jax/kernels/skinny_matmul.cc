@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -29,16 +30,32 @@ namespace ffi = xla::ffi;
 namespace {
 
 using ryzen_jax::hsum;
+using ryzen_jax::load8;
+using ryzen_jax::widen;
+
+// The output in float32, or rounded to bfloat16 (to nearest, ties to even, as XLA
+// rounds; a NaN stays a NaN).
+inline void put(float* y, float v) { *y = v; }
+inline void put(uint16_t* y, float v) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &v, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    *y = uint16_t((bits >> 16) | 0x40u);
+    return;
+  }
+  *y = uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 // One row of x: each weight row once, front to back.
-void rows_of_one(const float* x, const float* w, float* y, int64_t in, int64_t r0, int64_t r1) {
-  for (int64_t o = r0; o < r1; ++o) y[o] = ryzen_jax::dot(w + o * in, x, in);
+template <typename W, typename Y>
+void rows_of_one(const float* x, const W* w, Y* y, int64_t in, int64_t r0, int64_t r1) {
+  for (int64_t o = r0; o < r1; ++o) put(y + o, ryzen_jax::dot(w + o * in, x, in));
 }
 
 // One weight row against T rows of x (T <= 8): T sums in registers; the row is read
 // once, front to back, and x (T·in floats) stays in L1.
-template <int T>
-void row_times(const float* x, const float* wo, float* y, int64_t in, int64_t out) {
+template <int T, typename W, typename Y>
+void row_times(const float* x, const W* wo, Y* y, int64_t in, int64_t out) {
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   int64_t k = 0;
@@ -48,57 +65,61 @@ void row_times(const float* x, const float* wo, float* y, int64_t in, int64_t ou
     // are contiguous, so past this row's end is the next one's start). -5 to -10% at
     // batch 4 and 8 on the small shape.
     if (T >= 2 && (k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 4096, _MM_HINT_T0);
-    __m256 wv = _mm256_loadu_ps(wo + k);
+    __m256 wv = load8(wo + k);
     for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * in + k), acc[t]);
   }
   for (int t = 0; t < T; ++t) {
     float s = hsum(acc[t]);
-    for (int64_t kk = k; kk < in; ++kk) s += wo[kk] * x[t * in + kk];
-    y[t * out] = s;
+    for (int64_t kk = k; kk < in; ++kk) s += widen(wo[kk]) * x[t * in + kk];
+    put(y + t * out, s);
   }
 }
 
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
 // row_times in 512-bit registers, for CPUs with AVX-512: one weight row against T rows
-// of x (T <= 8), the row's tail by a masked load. Twice row_times' width per step pays
-// at 8 rows of x (the small shape's products alone: 4.8-5.0 -> 4.0-4.3 ms, the LM head
-// 1.8-1.9 -> 1.4-1.5 ms on a 2-core AVX-512 EPYC) and is level below; pairs of weight
-// rows (16 sums) were slower from 3 to 6 rows. The prefetch runs 8 KiB ahead: 4 KiB
-// left this loop waiting on memory (LM head 1.7 ms), 16 KiB was no better.
-template <int T>
-__attribute__((target("avx512f"))) void row_times_512(const float* x, const float* wo, float* y, int64_t in,
+// of x (T <= 8), the row's last few inputs one by one. Twice row_times' width per step
+// pays at 8 rows of x (the small shape's products alone: 4.8-5.0 -> 4.0-4.3 ms, the LM
+// head 1.8-1.9 -> 1.4-1.5 ms on a 2-core AVX-512 EPYC) and is level below; pairs of
+// weight rows (16 sums) were slower from 3 to 6 rows. The prefetch runs 8 KiB ahead:
+// 4 KiB left this loop waiting on memory (LM head 1.7 ms), 16 KiB was no better.
+template <int T, typename W, typename Y>
+__attribute__((target("avx512f"))) void row_times_512(const float* x, const W* wo, Y* y, int64_t in,
                                                       int64_t out) {
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= in; k += 16) {
     _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 8192, _MM_HINT_T0);
-    const __m512 wv = _mm512_loadu_ps(wo + k);
+    const __m512 wv = load16(wo + k);
     for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * in + k), acc[t]);
   }
-  if (k < in) {
-    const __mmask16 mask = __mmask16((1u << (in - k)) - 1);
-    const __m512 wv = _mm512_maskz_loadu_ps(mask, wo + k);
-    for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + t * in + k), acc[t]);
+  for (int t = 0; t < T; ++t) {
+    float s = _mm512_reduce_add_ps(acc[t]);
+    for (int64_t kk = k; kk < in; ++kk) s += widen(wo[kk]) * x[t * in + kk];
+    put(y + t * out, s);
   }
-  for (int t = 0; t < T; ++t) y[t * out] = _mm512_reduce_add_ps(acc[t]);
 }
 
 // One weight row against T rows of x by the AVX-512 loop (Wide) or the AVX2 one.
-template <bool Wide, int T>
-void row_by(const float* x, const float* wo, float* y, int64_t in, int64_t out) {
+template <bool Wide, int T, typename W, typename Y>
+void row_by(const float* x, const W* wo, Y* y, int64_t in, int64_t out) {
   if constexpr (Wide) row_times_512<T>(x, wo, y, in, out);
   else row_times<T>(x, wo, y, in, out);
 }
 
 // Several rows of x: each weight row once, against tiles of up to eight rows of x.
-template <bool Wide>
-void rows_of_many(const float* x, const float* w, float* y, int64_t m, int64_t in, int64_t out, int64_t r0,
-                  int64_t r1) {
+template <bool Wide, typename W, typename Y>
+void rows_of_many(const float* x, const W* w, Y* y, int64_t m, int64_t in, int64_t out, int64_t r0, int64_t r1) {
   for (int64_t o = r0; o < r1; ++o) {
-    const float* wo = w + o * in;
+    const W* wo = w + o * in;
     for (int64_t t = 0; t < m; t += 8) {
       const float* xt = x + t * in;
-      float* yt = y + t * out + o;
+      Y* yt = y + t * out + o;
       switch (std::min<int64_t>(8, m - t)) {
         case 8: row_by<Wide, 8>(xt, wo, yt, in, out); break;
         case 7: row_by<Wide, 7>(xt, wo, yt, in, out); break;
@@ -113,31 +134,55 @@ void rows_of_many(const float* x, const float* w, float* y, int64_t m, int64_t i
   }
 }
 
-ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y, int64_t wide) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("skinny_matmul: expected x (m, in) and w (out, in)");
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  const int64_t m = xd[0], in = xd[1], out = wd[0];
-  if (m == 0) return ffi::Error::Success();
+// y (m, out) = x (m, in) · w (out, in)ᵀ, x as float32 (a bfloat16 x widened first: it
+// is at most a few rows), split over the cores by chunks of weight rows.
+template <typename W, typename Y>
+void matmul(ffi::ThreadPool& pool, const float* xp, const W* wp, Y* yp, int64_t m, int64_t in, int64_t out,
+            bool wide) {
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  const bool use_512 = wide != 0 && has_avx512 && m > 1;
+  const bool use_512 = wide && has_avx512 && m > 1;
   // Rows of the weight in chunks of 64-256 KiB, an even number of rows, at least two per
   // core. Each chunk starts with no prefetch under way, so fewer, longer chunks stream
   // faster: a 2.8 MB weight at 8 rows of x took 80 us in 64 KiB chunks, 64 us in 256 KiB
   // ones; 512 KiB left a 0.5 MB weight to one core.
-  const int64_t bytes = std::clamp<int64_t>(out * in * 4 / (2 * ryzen_jax::cores()), 65536, 262144);
-  const int64_t chunk = std::max<int64_t>(2, (bytes / std::max<int64_t>(1, in * 4)) & ~int64_t{1});
+  const int64_t row_bytes = std::max<int64_t>(1, in * int64_t(sizeof(W)));
+  const int64_t bytes = std::clamp<int64_t>(out * row_bytes / (2 * ryzen_jax::cores()), 65536, 262144);
+  const int64_t chunk = std::max<int64_t>(2, (bytes / row_bytes) & ~int64_t{1});
   ryzen_jax::parallel_for(pool, (out + chunk - 1) / chunk, [=](int64_t c) {
     const int64_t r0 = c * chunk, r1 = std::min(out, r0 + chunk);
     if (m == 1) rows_of_one(xp, wp, yp, in, r0, r1);
     else if (use_512) rows_of_many<true>(xp, wp, yp, m, in, out, r0, r1);
     else rows_of_many<false>(xp, wp, yp, m, in, out, r0, r1);
   });
+}
+
+bool shapes_ok(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
+  return xd.size() == 2 && wd.size() == 2 && xd[1] == wd[1];
+}
+
+ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y, int64_t wide) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (!shapes_ok(xd, wd)) return ffi::Error::InvalidArgument("skinny_matmul: expected x (m, in) and w (out, in)");
+  if (xd[0] > 0) matmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0], wide != 0);
+  return ffi::Error::Success();
+}
+
+// bfloat16 x and w, bfloat16 y, float32 sums (as XLA's bfloat16 dot): half the bytes
+// of a float32 weight to stream.
+ffi::Error SkinnyMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                            ffi::ResultBuffer<ffi::BF16> y, int64_t wide) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (!shapes_ok(xd, wd))
+    return ffi::Error::InvalidArgument("skinny_matmul_bf16: expected x (m, in) and w (out, in)");
+  const int64_t n = xd[0] * xd[1];
+  if (xd[0] == 0) return ffi::Error::Success();
+  thread_local std::vector<float> xf;
+  xf.resize(n);
+  const auto* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  for (int64_t i = 0; i < n; ++i) xf[i] = widen(xb[i]);
+  matmul(pool, xf.data(), reinterpret_cast<const uint16_t*>(w.untyped_data()),
+         reinterpret_cast<uint16_t*>(y->untyped_data()), xd[0], xd[1], wd[0], wide != 0);
   return ffi::Error::Success();
 }
 
@@ -149,4 +194,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenSkinnyMatmul, SkinnyMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("wide"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenSkinnyMatmulBf16, SkinnyMatmulBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<int64_t>("wide"));

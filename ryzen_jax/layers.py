@@ -105,7 +105,8 @@ class Embedding(nnx.Module):
         self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0)
+        table = self.embedding[...]  # gathered as bits: XLA:CPU widens a bfloat16 table to float32 to gather
+        return kv.from_bits(jnp.take(kv.as_bits(table), tokens, axis=0), table.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return linear(x, self.embedding[...])
@@ -274,7 +275,8 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
             mask = key_pos[:, None, :] < positions[:, :, None]
         if window is not None:
             mask &= key_pos[:, None, :] > positions[:, :, None] - window
-        out = attention(q, keys, values, mask, scale, tp, None if bias is None else bias(key_pos), own)
+        # (a float32 cache under bfloat16 queries, kernels.cache_dtype: the result in the queries' dtype)
+        out = attention(q, keys, values, mask, scale, tp, None if bias is None else bias(key_pos), own).astype(q.dtype)
     cache_k, cache_v = kv.write(cache_k, k, start), kv.write(cache_v, v, start)
     return out, cache_k, cache_v
 

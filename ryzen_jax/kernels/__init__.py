@@ -3,8 +3,8 @@
 A decode step multiplies a few rows of activations (the batch) by every weight of the
 model and reads every row's KV cache; on a CPU both are reads of memory, and XLA:CPU's
 kernels for these shapes read slower than the machine can (README, Benchmarks). So
-while tracing for a one-device CPU mesh (``for_mesh``), in float32 (the products in
-bfloat16 too):
+while tracing for a one-device CPU mesh (``for_mesh``), in float32 or bfloat16 (whose
+KV cache is then float32, ``cache_dtype``):
 
 * ``linear`` computes ``x · wᵀ`` with at most ``MAX_ROWS`` rows of ``x`` by
   ``skinny_matmul.cc``, which reads each weight row once, front to back (from two
@@ -171,8 +171,8 @@ def active() -> bool:
     return _active.get()
 
 
-#: what the matmul kernel takes: x and w of one of these dtypes, y of the same
-MATMUL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+#: what the kernels compute in (the attention's cache is float32 either way)
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def skinny_matmul(x: jax.Array, w: jax.Array, *, wide: bool | None = None) -> jax.Array:
@@ -191,7 +191,7 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     for a mesh it serves, x has at most ``MAX_ROWS`` rows and both are float32 or both
     bfloat16; else XLA's dot."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    if active() and 0 < rows <= MAX_ROWS and x.dtype == w.dtype and x.dtype in MATMUL_DTYPES and w.ndim == 2:
+    if active() and 0 < rows <= MAX_ROWS and x.dtype == w.dtype and x.dtype in KERNEL_DTYPES and w.ndim == 2:
         return skinny_matmul(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
     return jnp.einsum("...i,oi->...o", x, w)
 
@@ -199,7 +199,9 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 def decode_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, own_k: jax.Array, own_v: jax.Array,
                      positions: jax.Array, scale: float, window: int | None) -> jax.Array | None:
     """One decode step's attention by the kernel, or None where it does not serve (not
-    tracing for a mesh it serves, not float32, a head size not a multiple of 8).
+    tracing for a mesh it serves, a cache not float32 (see ``cache_dtype``), queries
+    neither float32 nor bfloat16, a head size not a multiple of 8). Bfloat16 queries and
+    own keys and values are widened to float32 and the result rounded back.
 
     q (B, 1, H, D); the cache (B, KV, S, D) before this step's write; the step's own key
     and value (B, KV, 1, D); ``positions`` (B,): each row's query position, so it sees
@@ -207,13 +209,24 @@ def decode_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, own_k
     Returns (B, 1, H, D), as ``ryzen_jax.layers.attention`` would."""
     b, t, h, d = q.shape
     kv = cache_k.shape[1]
-    arrays = (q, cache_k, cache_v, own_k, own_v)
-    if not active() or t != 1 or d % 8 or h % kv or any(a.dtype != jnp.float32 for a in arrays):
+    if (not active() or t != 1 or d % 8 or h % kv or cache_k.dtype != jnp.float32 or cache_v.dtype != jnp.float32
+            or q.dtype not in KERNEL_DTYPES or any(a.dtype != q.dtype for a in (own_k, own_v))):
         return None
+    dtype = q.dtype
+    q, own_k, own_v = (a.astype(jnp.float32) for a in (q, own_k, own_v))
     out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, kv, h // kv, d), jnp.float32))(
         q.reshape(b, kv, h // kv, d), cache_k, cache_v, own_k, own_v, positions.astype(jnp.int32),
         scale=np.float32(scale), window=np.int64(window or 0))
-    return out.reshape(b, 1, h, d)
+    return out.reshape(b, 1, h, d).astype(dtype)
+
+
+def cache_dtype(dtype) -> jnp.dtype:
+    """The dtype a model of ``dtype`` keeps its KV cache in: float32 for a bfloat16 model
+    traced for our kernels (XLA:CPU has no bfloat16 scatter, so a decode step's write of
+    its new keys widened the whole bfloat16 cache to float32 and back: 20 of a batch-8
+    step's 31 ms on the small shape, 2048 positions), else ``dtype`` itself."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if active() and dtype == jnp.bfloat16 else dtype
 
 
 def greedy(logits: jax.Array) -> jax.Array | None:

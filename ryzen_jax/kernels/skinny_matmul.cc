@@ -31,20 +31,8 @@ namespace {
 
 using ryzen_jax::hsum;
 using ryzen_jax::load8;
+using ryzen_jax::put;
 using ryzen_jax::widen;
-
-// The output in float32, or rounded to bfloat16 (to nearest, ties to even, as XLA
-// rounds; a NaN stays a NaN).
-inline void put(float* y, float v) { *y = v; }
-inline void put(uint16_t* y, float v) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &v, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    *y = uint16_t((bits >> 16) | 0x40u);
-    return;
-  }
-  *y = uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 
 // One row of x: each weight row once, front to back.
 template <typename W, typename Y>

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ryzen_jax import cache as kv
+from ryzen_jax import kernels
 from ryzen_jax.layers import vocab_logits
 
 
@@ -30,8 +31,11 @@ class DecoderOnlyLM:
     ``self.embed`` (an ``Embedding``)."""
 
     def cache_shape(self) -> tuple[int, int, int, jnp.dtype]:
-        """(layers, KV heads held (replicated up to tp), head_dim, dtype) of the KV cache."""
-        return self.cfg.num_layers, self.tp.kv_heads(self.cfg.num_kv_heads), self.cfg.head_dim, self.embed.embedding.dtype
+        """(layers, KV heads held (replicated up to tp), head_dim, dtype) of the KV cache;
+        the dtype is the model's, but float32 for bfloat16 on our CPU kernels
+        (``kernels.cache_dtype``: decided while tracing)."""
+        dtype = kernels.cache_dtype(self.embed.embedding.dtype)
+        return self.cfg.num_layers, self.tp.kv_heads(self.cfg.num_kv_heads), self.cfg.head_dim, dtype
 
     def new_cache(self, batch: int, max_len: int) -> kv.KVCache:
         layers, kv_heads, head_dim, dtype = self.cache_shape()

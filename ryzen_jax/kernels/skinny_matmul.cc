@@ -12,6 +12,10 @@
 // has AVX-512 and the caller asks for it (the ``wide`` attribute), they run in 512-bit
 // registers (row_times_512).
 //
+// Weights are float32 or bfloat16 (SkinnyMatmulBf16: half the bytes to stream), widened
+// to float32 as they are read; x is float32 (a bfloat16 x widened first), the sums are
+// float32, and a bfloat16 result is rounded to nearest even, as XLA's bfloat16 dot does.
+//
 // Built at first use by ryzen_jax.kernels (g++ -O3 -mavx2 -mfma; the AVX-512 loop by
 // its own target attribute, run only where the CPU reports AVX-512F) and registered as
 // an XLA FFI target for the CPU platform.

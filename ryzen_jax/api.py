@@ -92,10 +92,11 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     """Load an HF directory or a converted checkpoint onto a (dp × tp) mesh.
 
     ``tp`` defaults to the largest split of the visible devices that the model allows,
-    except on CPU in one process, where it is 1 (``default_tp``); ``dtype`` to bfloat16 on accelerators and float32 on CPU. ``max_seq_len`` bounds
-    prompt + generated tokens (default: the model's context, at most 2048) and fixes
-    the cache size. ``warmup`` compiles every prompt-length bucket at batch 1 now, so
-    no single request compiles later. JAX's persistent compilation cache is turned on
+    except on CPU in one process, where it is 1 (``default_tp``); ``dtype`` to bfloat16
+    on accelerators and float32 on CPU. ``max_seq_len`` bounds prompt + generated tokens
+    (default: the model's context, at most 2048) and fixes the cache size. ``warmup``
+    compiles every prompt-length bucket at batch 1 now, so no single request compiles
+    later. JAX's persistent compilation cache is turned on
     (``$RYZEN_JAX_CACHE/xla``; ``RYZEN_JAX_COMPILE_CACHE=DIR|off``) unless the caller
     already configured one, so a second start skips compiling.
     """

@@ -42,19 +42,6 @@ def heads_major(x: jax.Array) -> jax.Array:
     return x.swapaxes(1, 2)
 
 
-def as_bits(x: jax.Array) -> jax.Array:
-    """A 16-bit float array as its bits (uint16; other dtypes as they are). Moving data
-    (a scatter, a gather) is the same on the bits, and XLA:CPU has neither for bfloat16:
-    it widens the whole operand to float32 first (a 65 MB embedding table at every
-    decode step of the small shape)."""
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if jnp.dtype(x.dtype).itemsize == 2 else x
-
-
-def from_bits(x: jax.Array, dtype) -> jax.Array:
-    """The inverse of :func:`as_bits` for an array of ``dtype``."""
-    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
-
-
 def write(cache_layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Write ``new`` (B, KV, T, D) into ``cache_layer`` (B, KV, S, D) at per-row offsets ``start`` (B,)."""
     def one(c, x, s):

@@ -96,6 +96,16 @@ class MLP(nnx.Module):
         return self.down(h)
 
 
+def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table[ids]`` along the first axis, moved as bits for 16-bit floats: XLA:CPU
+    has no bfloat16 gather and widened the whole table to float32 first (65 MB at every
+    decode step of the benchmark's small shape)."""
+    if jnp.dtype(table.dtype).itemsize != 2:
+        return jnp.take(table, ids, axis=0)
+    bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
+    return jax.lax.bitcast_convert_type(bits, table.dtype)
+
+
 class Embedding(nnx.Module):
     """Vocab-parallel embedding table ``(vocab, embed)``: each device holds a slice of
     the vocabulary; a lookup is a masked local gather plus one all-reduce, and
@@ -105,8 +115,7 @@ class Embedding(nnx.Module):
         self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        table = self.embedding[...]  # gathered as bits: XLA:CPU widens a bfloat16 table to float32 to gather
-        return kv.from_bits(jnp.take(kv.as_bits(table), tokens, axis=0), table.dtype)
+        return gather_rows(self.embedding[...], tokens)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return linear(x, self.embedding[...])

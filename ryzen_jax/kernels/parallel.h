@@ -40,19 +40,6 @@ inline float widen(uint16_t v) {
   return f;
 }
 
-// An output in float32, or rounded to bfloat16 (to nearest, ties to even, as XLA
-// rounds; a NaN stays a NaN).
-inline void put(float* y, float v) { *y = v; }
-inline void put(uint16_t* y, float v) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &v, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    *y = uint16_t((bits >> 16) | 0x40u);
-    return;
-  }
-  *y = uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 // Σ a[i]·b[i] over n values (a float32 or bfloat16, b float32): four independent sums,
 // so the FMAs overlap.
 template <typename A>

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -35,8 +36,20 @@ namespace {
 
 using ryzen_jax::hsum;
 using ryzen_jax::load8;
-using ryzen_jax::put;
 using ryzen_jax::widen;
+
+// An output in float32, or rounded to bfloat16 (to nearest, ties to even, as XLA
+// rounds; a NaN stays a NaN).
+inline void put(float* y, float v) { *y = v; }
+inline void put(uint16_t* y, float v) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &v, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    *y = uint16_t((bits >> 16) | 0x40u);
+    return;
+  }
+  *y = uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 // One row of x: each weight row once, front to back.
 template <typename W, typename Y>
@@ -148,50 +161,43 @@ void matmul(ffi::ThreadPool& pool, const float* xp, const W* wp, Y* yp, int64_t 
   });
 }
 
-bool shapes_ok(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
-  return xd.size() == 2 && wd.size() == 2 && xd[1] == wd[1];
-}
-
-ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y, int64_t wide) {
+// One handler for both dtypes: float32 (E = float), and bfloat16 (E = its 16 bits)
+// with float32 sums, as XLA's bfloat16 dot, and half the bytes of a float32 weight.
+template <ffi::DataType T>
+ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> y,
+                        int64_t wide) {
+  using E = std::conditional_t<T == ffi::DataType::F32, float, uint16_t>;
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (!shapes_ok(xd, wd)) return ffi::Error::InvalidArgument("skinny_matmul: expected x (m, in) and w (out, in)");
-  if (xd[0] > 0) matmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0], wide != 0);
-  return ffi::Error::Success();
-}
-
-// bfloat16 x and w, bfloat16 y, float32 sums (as XLA's bfloat16 dot): half the bytes
-// of a float32 weight to stream.
-ffi::Error SkinnyMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                            ffi::ResultBuffer<ffi::BF16> y, int64_t wide) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (!shapes_ok(xd, wd))
-    return ffi::Error::InvalidArgument("skinny_matmul_bf16: expected x (m, in) and w (out, in)");
-  const int64_t n = xd[0] * xd[1];
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("skinny_matmul: expected x (m, in) and w (out, in)");
   if (xd[0] == 0) return ffi::Error::Success();
-  thread_local std::vector<float> xf;
-  xf.resize(n);
-  const auto* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  for (int64_t i = 0; i < n; ++i) xf[i] = widen(xb[i]);
-  matmul(pool, xf.data(), reinterpret_cast<const uint16_t*>(w.untyped_data()),
-         reinterpret_cast<uint16_t*>(y->untyped_data()), xd[0], xd[1], wd[0], wide != 0);
+  const E* xe = reinterpret_cast<const E*>(x.untyped_data());
+  const float* xf = nullptr;
+  if constexpr (std::is_same_v<E, float>) {
+    xf = xe;
+  } else {  // x is a few rows: widened once, here
+    thread_local std::vector<float> widened;
+    widened.resize(xd[0] * xd[1]);
+    for (size_t i = 0; i < widened.size(); ++i) widened[i] = widen(xe[i]);
+    xf = widened.data();
+  }
+  matmul(pool, xf, reinterpret_cast<const E*>(w.untyped_data()), reinterpret_cast<E*>(y->untyped_data()), xd[0],
+         xd[1], wd[0], wide != 0);
   return ffi::Error::Success();
+}
+
+template <ffi::DataType T>
+auto binding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<T>>()
+      .template Attr<int64_t>("wide");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenSkinnyMatmul, SkinnyMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("wide"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenSkinnyMatmulBf16, SkinnyMatmulBf16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Attr<int64_t>("wide"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenSkinnyMatmul, SkinnyMatmul<ffi::DataType::F32>, binding<ffi::DataType::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenSkinnyMatmulBf16, SkinnyMatmul<ffi::DataType::BF16>,
+                              binding<ffi::DataType::BF16>());

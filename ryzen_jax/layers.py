@@ -212,7 +212,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     q = q.reshape(b, t, kv, g, d)
 
     def scores_of(keys: jax.Array, bias: jax.Array | None) -> jax.Array:
-        s = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32,
+                       precision=kernels.dot_precision(q, keys)) * scale
         return s if bias is None else s + bias.astype(jnp.float32).reshape(bias.shape[0], kv, g, t, bias.shape[-1])
 
     scores = jnp.where(mask[:, None, None, :, :], scores_of(k, bias), jnp.finfo(jnp.float32).min)
@@ -220,9 +221,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
         scores = jnp.concatenate([scores, scores_of(own[0], own[2])], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     # (b, k, g, t, d) then to (b, t, k, g, d): V is the dot's right operand as it lies, uncopied
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs[..., :k.shape[2]], v)
+    precision = kernels.dot_precision(v)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs[..., :k.shape[2]], v, precision=precision)
     if own is not None:
-        out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., k.shape[2]:], own[1])
+        out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., k.shape[2]:], own[1], precision=precision)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     return tp.constrain(out, ("batch", "length", "heads", "head_dim"))
 

@@ -82,3 +82,17 @@ def test_batch_of_different_lengths_matches_each_alone(hf_model_dir):
     out = lm.generator.generate(prompts, 16, stop_ids=[])
     for p, got in zip(prompts, out.generated_ids):
         assert got == hf_models.greedy(model, p, 16)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_models_ask_xla_for_float32_products(dtype, hf_model_dir):
+    """Every matrix product of a float32 model's prefill and decode programs asks XLA for
+    HIGHEST precision: on NVIDIA GPUs from Ampere on, XLA's default for float32 is
+    TensorFloat-32 (ten mantissa bits), which the parity above (1e-4, run on a GPU by
+    scripts/gpu_check.sh) would not survive. A bfloat16 model keeps XLA's default. tp 2,
+    so that every product is XLA's dot, not our CPU kernel."""
+    lm = rj.load_model(hf_model_dir("llama_gqa"), tp=2, dtype=dtype, progress=False)
+    for program in (lm.generator.prefill_program(2, 16), lm.generator.decode_program(2)):
+        dots = [line for line in program.as_text().splitlines() if " dot(" in line]
+        highest = [line for line in dots if "operand_precision={highest,highest}" in line]
+        assert dots and len(highest) == (len(dots) if dtype == "float32" else 0), dots[:2]

@@ -186,6 +186,16 @@ def skinny_matmul(x: jax.Array, w: jax.Array, *, wide: bool | None = None) -> ja
         x, w, wide=np.int64(bool(wide)))
 
 
+def dot_precision(*operands: jax.Array) -> jax.lax.Precision | None:
+    """The precision to ask of XLA's dot for these operands: ``HIGHEST`` when any is
+    float32, since XLA's default on NVIDIA GPUs from Ampere on (A100, H100, H200) is
+    TensorFloat-32, ten mantissa bits, and a float32 model must compute in float32 to
+    give its float32 reference's tokens (PyTorch keeps float32 matmuls float32 by
+    default); ``None`` (the default) for 16-bit operands. XLA:CPU computes float32 in
+    float32 either way."""
+    return jax.lax.Precision.HIGHEST if any(o.dtype == jnp.float32 for o in operands) else None
+
+
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x · wᵀ`` over x's last axis, for w stored (out, in): the kernel when tracing
     for a mesh it serves, x has at most ``MAX_ROWS`` rows and both are float32 or both
@@ -193,7 +203,7 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     if active() and 0 < rows <= MAX_ROWS and x.dtype == w.dtype and x.dtype in KERNEL_DTYPES and w.ndim == 2:
         return skinny_matmul(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
-    return jnp.einsum("...i,oi->...o", x, w)
+    return jnp.einsum("...i,oi->...o", x, w, precision=dot_precision(x, w))
 
 
 def decode_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, own_k: jax.Array, own_v: jax.Array,

@@ -28,35 +28,39 @@ def mesh(n: int):
     return jax.make_mesh((1, n), ("data", "model"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:n])
 
 
+def loop_params(*names: str) -> list:
+    """The matmul kernel's loops as test parameters, skipped where this CPU lacks one."""
+    return [pytest.param(n, marks=pytest.mark.skipif(n not in kernels.loops(), reason=f"this CPU has no {n}"))
+            for n in names]
+
+
 @needs_kernel
-@pytest.mark.parametrize("wide", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not kernels.has_avx512(), reason="this CPU has no AVX-512"))], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("loop", loop_params("avx2", "avx512"))
 @pytest.mark.parametrize("m,out,inp", [(1, 4099, 520), (1, 7, 13), (2, 300, 1376), (3, 1, 7), (5, 33, 40),
                                        (8, 2000, 64), (8, 5, 1), (6, 2051, 517), (8, 3, 33), (11, 70, 24),
                                        (16, 1030, 129)])
-def test_products_match_numpy(m, out, inp, wide):
+def test_products_match_numpy(m, out, inp, loop):
     """Row counts up to 16 (tiles of eight and what is left), in each of its loops, with
     input widths off its 8-, 16- and 32-wide steps, odd output counts and enough output
     rows to be split over both threads."""
     rng = np.random.default_rng(m * out + inp)
     x = rng.standard_normal((m, inp), dtype=np.float32)
     w = rng.standard_normal((out, inp), dtype=np.float32)
-    got = np.asarray(jax.jit(functools.partial(kernels.skinny_matmul, wide=wide))(x, w))
+    got = np.asarray(jax.jit(functools.partial(kernels.skinny_matmul, loop=loop))(x, w))
     want = x.astype(np.float64) @ w.T.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(inp) * np.abs(want).max())
 
 
 @needs_kernel
-@pytest.mark.parametrize("wide", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not kernels.has_avx512(), reason="this CPU has no AVX-512"))], ids=["avx2", "avx512"])
-@pytest.mark.parametrize("m,out,inp", [(1, 4099, 520), (3, 7, 13), (8, 2051, 517), (16, 300, 64)])
-def test_bfloat16_products_match_numpy(m, out, inp, wide):
+@pytest.mark.parametrize("loop", loop_params("avx2", "avx512", "avx512_bf16"))
+@pytest.mark.parametrize("m,out,inp", [(1, 4099, 520), (3, 7, 13), (2, 33, 96), (8, 2051, 517), (16, 300, 64)])
+def test_bfloat16_products_match_numpy(m, out, inp, loop):
     """bfloat16 x and w: the float64 product of the same bfloat16 values, rounded once to
     bfloat16 (within one of its steps: the sums are float32, in another order)."""
     rng = np.random.default_rng(m + out + inp)
     x = jnp.asarray(rng.standard_normal((m, inp), dtype=np.float32), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((out, inp), dtype=np.float32), jnp.bfloat16)
-    got = jax.jit(functools.partial(kernels.skinny_matmul, wide=wide))(x, w)
+    got = jax.jit(functools.partial(kernels.skinny_matmul, loop=loop))(x, w)
     assert got.dtype == jnp.bfloat16 and got.shape == (m, out)
     want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
     step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 1e-30))) - 7)  # one bfloat16 step at |want|

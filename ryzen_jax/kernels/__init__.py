@@ -8,8 +8,9 @@ KV cache is then float32, ``cache_dtype``):
 
 * ``linear`` computes ``x · wᵀ`` with at most ``MAX_ROWS`` rows of ``x`` by
   ``skinny_matmul.cc``, which reads each weight row once, front to back (from two
-  rows of ``x`` up in 512-bit registers where the CPU has AVX-512; a bfloat16 weight
-  is half the bytes to read);
+  rows of ``x`` up in 512-bit registers where the CPU has AVX-512, and in bfloat16 by
+  AVX512_BF16's dot-product instruction where it has that; a bfloat16 weight is half
+  the bytes to read);
 * ``decode_attention`` (one query per row, no score bias) by ``decode_attention.cc``,
   which reads only the cache positions each row holds;
 * ``greedy`` (each row's argmax of the logits) by ``greedy.cc``, in one pass.
@@ -81,6 +82,19 @@ def _cpu_flags() -> set[str]:
 def has_avx512() -> bool:
     """Whether this CPU runs the kernel's 512-bit loop (two rows of x or more)."""
     return "avx512f" in _cpu_flags()
+
+
+#: the matmul kernel's loops for two rows of x or more, by its ``loop`` attribute: 256-bit
+#: registers, 512-bit ones, and (bfloat16 only) AVX512_BF16's dot-product instruction
+LOOPS = {"avx2": 0, "avx512": 1, "avx512_bf16": 2}
+
+
+@functools.cache
+def loops() -> tuple[str, ...]:
+    """The matmul kernel's loops this CPU runs, the fastest last."""
+    flags = _cpu_flags()
+    have = {"avx2": True, "avx512": "avx512f" in flags, "avx512_bf16": {"avx512f", "avx512_bf16"} <= flags}
+    return tuple(name for name in LOOPS if have[name])
 
 
 #: rows of x up to which the kernel beats XLA:CPU's dot (the benchmark's small shape, its
@@ -175,15 +189,18 @@ def active() -> bool:
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def skinny_matmul(x: jax.Array, w: jax.Array, *, wide: bool | None = None) -> jax.Array:
+def skinny_matmul(x: jax.Array, w: jax.Array, *, loop: str | None = None) -> jax.Array:
     """``x · wᵀ`` for x (m, in) and w (out, in), both float32 or both bfloat16 (float32
-    sums, the result in their dtype), by the kernel (``load`` first). ``wide``: use the
-    AVX-512 loop where the CPU has it (default: where it has it); the AVX2 loop
-    otherwise, and always for one row, whose product is a read of memory."""
-    wide = has_avx512() if wide is None else wide
+    sums, the result in their dtype), by the kernel (``load`` first). ``loop``: one of
+    ``LOOPS`` for two rows of x or more (default: the fastest of ``loops()``; a loop the
+    CPU lacks, or ``avx512_bf16`` for float32, runs as the one below it); one row is
+    always the AVX2 loop, whose product is a read of memory."""
+    loop = loops()[-1] if loop is None else loop
+    if loop not in LOOPS:
+        raise ValueError(f"loop {loop!r}: expected one of {sorted(LOOPS)}")
     target = TARGET if x.dtype == jnp.float32 else BF16_TARGET
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), x.dtype))(
-        x, w, wide=np.int64(bool(wide)))
+        x, w, loop=np.int64(LOOPS[loop]))
 
 
 def dot_precision(*operands: jax.Array) -> jax.lax.Precision | None:

@@ -8,16 +8,18 @@
 // step's products alone take 1.2-1.3x less time at batch 1, 1.6-2x less at batch 2-8
 // (see README, Benchmarks).
 //
-// From two rows of x up the products, not only the reads, set the pace; where the CPU
-// has AVX-512 and the caller asks for it (the ``wide`` attribute), they run in 512-bit
-// registers (row_times_512).
+// From two rows of x up the products, not only the reads, set the pace; the ``loop``
+// attribute picks how they run: in 256-bit registers (AVX2, row_times), in 512-bit ones
+// (AVX-512, row_times_512), or, for bfloat16, by AVX512_BF16's dot-product instruction
+// (row_times_bf16); a loop the CPU lacks falls back to the one below it.
 //
-// Weights are float32 or bfloat16 (SkinnyMatmulBf16: half the bytes to stream), widened
-// to float32 as they are read; x is float32 (a bfloat16 x widened first), the sums are
-// float32, and a bfloat16 result is rounded to nearest even, as XLA's bfloat16 dot does.
+// Weights are float32 or bfloat16 (RyzenSkinnyMatmulBf16: half the bytes to stream),
+// widened to float32 as they are read; x is float32 (a bfloat16 x widened first, but
+// for the AVX512_BF16 loop), the sums are float32, and a bfloat16 result is rounded to
+// nearest even, as XLA's bfloat16 dot does.
 //
-// Built at first use by ryzen_jax.kernels (g++ -O3 -mavx2 -mfma; the AVX-512 loop by
-// its own target attribute, run only where the CPU reports AVX-512F) and registered as
+// Built at first use by ryzen_jax.kernels (g++ -O3 -mavx2 -mfma; the AVX-512 loops by
+// their own target attributes, run only where the CPU reports them) and registered as
 // an XLA FFI target for the CPU platform.
 
 #include <immintrin.h>
@@ -110,33 +112,85 @@ __attribute__((target("avx512f"))) void row_times_512(const float* x, const W* w
   }
 }
 
-// One weight row against T rows of x by the AVX-512 loop (Wide) or the AVX2 one.
-template <bool Wide, int T, typename W, typename Y>
-void row_by(const float* x, const W* wo, Y* y, int64_t in, int64_t out) {
-  if constexpr (Wide) row_times_512<T>(x, wo, y, in, out);
+// bfloat16 weight and x on CPUs with AVX512_BF16: each instruction multiplies 32
+// bfloat16 pairs and adds them into 16 float32 sums (products exact, sums float32), so
+// neither the weight nor x is widened. At 8 rows of x a bfloat16 product is arithmetic
+// more than reading, and the widening loop above took as long as float32's (the small
+// shape's products alone at batch 8: 4.7-6.0 ms, against a 1.9 ms floor).
+template <int T, typename Y>
+__attribute__((target("avx512f,avx512bf16"))) void row_times_bf16(const uint16_t* x, const uint16_t* wo, Y* y,
+                                                                 int64_t in, int64_t out) {
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= in; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 8192, _MM_HINT_T0);
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wo + k);
+    for (int t = 0; t < T; ++t)
+      acc[t] = _mm512_dpbf16_ps(acc[t], wv, (__m512bh)_mm512_loadu_si512(x + t * in + k));
+  }
+  for (int t = 0; t < T; ++t) {
+    float s = _mm512_reduce_add_ps(acc[t]);
+    for (int64_t kk = k; kk < in; ++kk) s += widen(wo[kk]) * widen(x[t * in + kk]);
+    put(y + t * out, s);
+  }
+}
+
+// The loops for two rows of x or more, as the ``loop`` attribute names them.
+enum class Loop : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+
+// One weight row against T rows of x by the chosen loop; x is float32 but for
+// kAvx512Bf16, which reads the bfloat16 x as it is.
+template <Loop L, int T, typename X, typename W, typename Y>
+void row_by(const X* x, const W* wo, Y* y, int64_t in, int64_t out) {
+  if constexpr (L == Loop::kAvx512Bf16) row_times_bf16<T>(x, wo, y, in, out);
+  else if constexpr (L == Loop::kAvx512) row_times_512<T>(x, wo, y, in, out);
   else row_times<T>(x, wo, y, in, out);
 }
 
 // Several rows of x: each weight row once, against tiles of up to eight rows of x.
-template <bool Wide, typename W, typename Y>
-void rows_of_many(const float* x, const W* w, Y* y, int64_t m, int64_t in, int64_t out, int64_t r0, int64_t r1) {
+template <Loop L, typename X, typename W, typename Y>
+void rows_of_many(const X* x, const W* w, Y* y, int64_t m, int64_t in, int64_t out, int64_t r0, int64_t r1) {
   for (int64_t o = r0; o < r1; ++o) {
     const W* wo = w + o * in;
     for (int64_t t = 0; t < m; t += 8) {
-      const float* xt = x + t * in;
+      const X* xt = x + t * in;
       Y* yt = y + t * out + o;
       switch (std::min<int64_t>(8, m - t)) {
-        case 8: row_by<Wide, 8>(xt, wo, yt, in, out); break;
-        case 7: row_by<Wide, 7>(xt, wo, yt, in, out); break;
-        case 6: row_by<Wide, 6>(xt, wo, yt, in, out); break;
-        case 5: row_by<Wide, 5>(xt, wo, yt, in, out); break;
-        case 4: row_by<Wide, 4>(xt, wo, yt, in, out); break;
-        case 3: row_by<Wide, 3>(xt, wo, yt, in, out); break;
-        case 2: row_by<Wide, 2>(xt, wo, yt, in, out); break;
-        default: row_by<Wide, 1>(xt, wo, yt, in, out); break;
+        case 8: row_by<L, 8>(xt, wo, yt, in, out); break;
+        case 7: row_by<L, 7>(xt, wo, yt, in, out); break;
+        case 6: row_by<L, 6>(xt, wo, yt, in, out); break;
+        case 5: row_by<L, 5>(xt, wo, yt, in, out); break;
+        case 4: row_by<L, 4>(xt, wo, yt, in, out); break;
+        case 3: row_by<L, 3>(xt, wo, yt, in, out); break;
+        case 2: row_by<L, 2>(xt, wo, yt, in, out); break;
+        default: row_by<L, 1>(xt, wo, yt, in, out); break;
       }
     }
   }
+}
+
+// The chunk of weight rows each task reads: 64-256 KiB, an even number of rows, at
+// least two chunks per core. Each chunk starts with no prefetch under way, so fewer,
+// longer chunks stream faster: a 2.8 MB weight at 8 rows of x took 80 us in 64 KiB
+// chunks, 64 us in 256 KiB ones; 512 KiB left a 0.5 MB weight to one core.
+inline int64_t chunk_rows(int64_t in, int64_t out, int64_t element_bytes) {
+  const int64_t row_bytes = std::max<int64_t>(1, in * element_bytes);
+  const int64_t bytes = std::clamp<int64_t>(out * row_bytes / (2 * ryzen_jax::cores()), 65536, 262144);
+  return std::max<int64_t>(2, (bytes / row_bytes) & ~int64_t{1});
+}
+
+// y (m, out) = x (m, in) · w (out, in)ᵀ for two rows of x or more, bfloat16 x and w
+// both, on CPUs with AVX512_BF16 (row_times_bf16), split over the cores by chunks of
+// weight rows.
+template <typename Y>
+void matmul_bf16(ffi::ThreadPool& pool, const uint16_t* xp, const uint16_t* wp, Y* yp, int64_t m, int64_t in,
+                 int64_t out) {
+  const int64_t chunk = chunk_rows(in, out, sizeof(uint16_t));
+  ryzen_jax::parallel_for(pool, (out + chunk - 1) / chunk, [=](int64_t c) {
+    const int64_t r0 = c * chunk, r1 = std::min(out, r0 + chunk);
+    rows_of_many<Loop::kAvx512Bf16>(xp, wp, yp, m, in, out, r0, r1);
+  });
 }
 
 // y (m, out) = x (m, in) · w (out, in)ᵀ, x as float32 (a bfloat16 x widened first: it
@@ -146,43 +200,46 @@ void matmul(ffi::ThreadPool& pool, const float* xp, const W* wp, Y* yp, int64_t 
             bool wide) {
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
   const bool use_512 = wide && has_avx512 && m > 1;
-  // Rows of the weight in chunks of 64-256 KiB, an even number of rows, at least two per
-  // core. Each chunk starts with no prefetch under way, so fewer, longer chunks stream
-  // faster: a 2.8 MB weight at 8 rows of x took 80 us in 64 KiB chunks, 64 us in 256 KiB
-  // ones; 512 KiB left a 0.5 MB weight to one core.
-  const int64_t row_bytes = std::max<int64_t>(1, in * int64_t(sizeof(W)));
-  const int64_t bytes = std::clamp<int64_t>(out * row_bytes / (2 * ryzen_jax::cores()), 65536, 262144);
-  const int64_t chunk = std::max<int64_t>(2, (bytes / row_bytes) & ~int64_t{1});
+  const int64_t chunk = chunk_rows(in, out, sizeof(W));
   ryzen_jax::parallel_for(pool, (out + chunk - 1) / chunk, [=](int64_t c) {
     const int64_t r0 = c * chunk, r1 = std::min(out, r0 + chunk);
     if (m == 1) rows_of_one(xp, wp, yp, in, r0, r1);
-    else if (use_512) rows_of_many<true>(xp, wp, yp, m, in, out, r0, r1);
-    else rows_of_many<false>(xp, wp, yp, m, in, out, r0, r1);
+    else if (use_512) rows_of_many<Loop::kAvx512>(xp, wp, yp, m, in, out, r0, r1);
+    else rows_of_many<Loop::kAvx2>(xp, wp, yp, m, in, out, r0, r1);
   });
+}
+
+inline bool has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  return has;
 }
 
 // One handler for both dtypes: float32 (E = float), and bfloat16 (E = its 16 bits)
 // with float32 sums, as XLA's bfloat16 dot, and half the bytes of a float32 weight.
 template <ffi::DataType T>
 ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> y,
-                        int64_t wide) {
+                        int64_t loop) {
   using E = std::conditional_t<T == ffi::DataType::F32, float, uint16_t>;
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("skinny_matmul: expected x (m, in) and w (out, in)");
   if (xd[0] == 0) return ffi::Error::Success();
   const E* xe = reinterpret_cast<const E*>(x.untyped_data());
+  const E* we = reinterpret_cast<const E*>(w.untyped_data());
+  E* ye = reinterpret_cast<E*>(y->untyped_data());
   const float* xf = nullptr;
   if constexpr (std::is_same_v<E, float>) {
     xf = xe;
+  } else if (Loop(loop) == Loop::kAvx512Bf16 && xd[0] > 1 && has_avx512_bf16()) {
+    matmul_bf16(pool, xe, we, ye, xd[0], xd[1], wd[0]);
+    return ffi::Error::Success();
   } else {  // x is a few rows: widened once, here
     thread_local std::vector<float> widened;
     widened.resize(xd[0] * xd[1]);
     for (size_t i = 0; i < widened.size(); ++i) widened[i] = widen(xe[i]);
     xf = widened.data();
   }
-  matmul(pool, xf, reinterpret_cast<const E*>(w.untyped_data()), reinterpret_cast<E*>(y->untyped_data()), xd[0],
-         xd[1], wd[0], wide != 0);
+  matmul(pool, xf, we, ye, xd[0], xd[1], wd[0], Loop(loop) != Loop::kAvx2);
   return ffi::Error::Success();
 }
 
@@ -193,7 +250,7 @@ auto binding() {
       .template Arg<ffi::Buffer<T>>()
       .template Arg<ffi::Buffer<T>>()
       .template Ret<ffi::Buffer<T>>()
-      .template Attr<int64_t>("wide");
+      .template Attr<int64_t>("loop");
 }
 
 }  // namespace

@@ -97,11 +97,15 @@ class MLP(nnx.Module):
 
 
 def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """``table[ids]`` along the first axis, moved as bits for 16-bit floats: XLA:CPU
-    has no bfloat16 gather and widened the whole table to float32 first (65 MB at every
-    decode step of the benchmark's small shape)."""
+    """``table[ids]`` along the first axis. XLA:CPU has no bfloat16 gather: it widens
+    the table to float32 first, and in a decode loop hoists that out of the loop, a copy
+    of the whole table at every dispatch. Where the CPU kernels serve, a bfloat16 table
+    is read by ``kernels.take_rows``; elsewhere a 16-bit one moves as bits (XLA:CPU
+    still copies it once per dispatch at tp > 1; half float32's bytes)."""
     if jnp.dtype(table.dtype).itemsize != 2:
         return jnp.take(table, ids, axis=0)
+    if (rows := kernels.take_rows(table, ids)) is not None:
+        return rows
     bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
     return jax.lax.bitcast_convert_type(bits, table.dtype)
 

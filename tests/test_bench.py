@@ -65,7 +65,7 @@ def test_offline_run_reports_every_figure(bench, results):
     assert finite_positive(hw.bandwidth_gbps) and finite_positive(hw.matmul_gflops)
     assert hw.bandwidth_gbps == max(hw.bandwidth_by_method.values())
     # every way this machine streams memory counts, our decode kernel's included
-    methods = {"numpy_copy", "xla_sum", "xla_gemv"} | ({"ryzen_jax_gemv"} if kernels.register() else set())
+    methods = {"numpy_copy", "xla_sum", "xla_gemv"} | ({"ryzen_jax_gemv", "ryzen_jax_gemv_bf16"} if kernels.register() else set())
     assert set(hw.bandwidth_by_method) == methods
     for b in r.batches:
         for run in (b.ours, b.tp1):

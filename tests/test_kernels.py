@@ -131,8 +131,11 @@ def test_bfloat16_decode_on_the_kernels_tracks_hf(hf_model_dir):
     lm = rj.load_model(model_dir, tp=1, dtype="bfloat16", progress=False)
     gen = lm.generator
     hlo = gen.decode_program(1).as_text()
-    for target in (kernels.BF16_TARGET, kernels.ATTENTION_TARGET, kernels.GREEDY_TARGET):
+    for target in (kernels.BF16_TARGET, kernels.ATTENTION_TARGET, kernels.GREEDY_TARGET, kernels.TAKE_ROWS_TARGET):
         assert f'custom_call_target="{target}"' in hlo, target
+    # the embedding is read where it lies: no float32 or bit copy of the table per dispatch
+    table = "{},{}]".format(*gen.state["embed"]["embedding"].get_value().shape)
+    assert not [line for line in hlo.splitlines() if f"= f32[{table}" in line or f"= u16[{table}" in line]
 
     def prefill(state, tokens, lengths):
         return nnx.merge(gen.graphdef, state).prefill(tokens, lengths, 64)
@@ -242,3 +245,19 @@ def test_decode_attention_only_where_it_serves():
         assert kernels.decode_attention(*bf16_cache, pos, 1.0, None) is None
         assert kernels.decode_attention(q[..., :6], c[..., :6], c[..., :6], o[..., :6], o[..., :6], pos, 1.0,
                                         None) is None
+
+
+@needs_kernel
+def test_take_rows_matches_numpy():
+    """A bfloat16 lookup by the kernel where it serves: numpy's rows, ids of any shape,
+    an id outside the table a row of NaN (as jnp.take); elsewhere (no mesh, float32) None."""
+    table = jnp.asarray(np.random.default_rng(0).standard_normal((50, 24), dtype=np.float32), jnp.bfloat16)
+    ids = jnp.asarray([[3, 49, 0], [7, 50, -1]], jnp.int32)
+    with kernels.for_mesh(mesh(1)):
+        got = np.asarray(jax.jit(kernels.take_rows)(table, ids), np.float32)
+    want = np.asarray(table, np.float32)[np.clip(np.asarray(ids), 0, 49)]
+    assert got.shape == (2, 3, 24)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1, 0], want[1, 0])
+    assert np.isnan(got[1, 1:]).all()
+    assert kernels.take_rows(table, ids) is None and kernels.take_rows(table.astype(jnp.float32), ids) is None

@@ -13,11 +13,13 @@ KV cache is then float32, ``cache_dtype``):
   the bytes to read);
 * ``decode_attention`` (one query per row, no score bias) by ``decode_attention.cc``,
   which reads only the cache positions each row holds;
-* ``greedy`` (each row's argmax of the logits) by ``greedy.cc``, in one pass.
+* ``greedy`` (each row's argmax of the logits) by ``greedy.cc``, in one pass;
+* ``take_rows`` (a bfloat16 embedding lookup) by ``take_rows.cc``, rows copied as they lie.
 
-All three are XLA FFI custom calls, split over the process's cores (``parallel.h``). Everything else
-(prefill, GPUs, tensor-parallel meshes, whose partitioner must see a dot to split it)
-stays on XLA's own operations.
+All four are XLA FFI custom calls, the first three split over the process's cores
+(``parallel.h``). Everything else (a prefill's products and attention, GPUs,
+tensor-parallel meshes, whose partitioner must see a dot to split it) stays on XLA's
+own operations.
 
 The kernels are compiled at first use with the system's C++ compiler (``$CXX``, else
 ``g++``) into ``$RYZEN_JAX_CACHE/kernels`` (``~/.cache/ryzen_jax/kernels``) and
@@ -51,12 +53,14 @@ from ryzen_jax.runtime import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("skinny_matmul.cc", "decode_attention.cc", "greedy.cc"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("skinny_matmul.cc", "decode_attention.cc", "greedy.cc",
+                                                              "take_rows.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "ryzen_jax_skinny_matmul"
 BF16_TARGET = "ryzen_jax_skinny_matmul_bf16"
 ATTENTION_TARGET = "ryzen_jax_decode_attention"
 GREEDY_TARGET = "ryzen_jax_greedy"
+TAKE_ROWS_TARGET = "ryzen_jax_take_rows"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-pthread", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "RYZEN_JAX_CPU_KERNELS"
 
@@ -155,6 +159,7 @@ def register() -> bool:
         jax.ffi.register_ffi_target(BF16_TARGET, jax.ffi.pycapsule(lib.RyzenSkinnyMatmulBf16), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.RyzenDecodeAttention), platform="cpu")
         jax.ffi.register_ffi_target(GREEDY_TARGET, jax.ffi.pycapsule(lib.RyzenGreedy), platform="cpu")
+        jax.ffi.register_ffi_target(TAKE_ROWS_TARGET, jax.ffi.pycapsule(lib.RyzenTakeRows), platform="cpu")
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
         log.warning("the CPU kernels are unavailable (%s); using XLA's operations, which are slower at decode "
                     "(set %s=0 to silence this)", e, ENV_SWITCH)
@@ -193,8 +198,9 @@ def skinny_matmul(x: jax.Array, w: jax.Array, *, loop: str | None = None) -> jax
     """``x · wᵀ`` for x (m, in) and w (out, in), both float32 or both bfloat16 (float32
     sums, the result in their dtype), by the kernel (``load`` first). ``loop``: one of
     ``LOOPS`` for two rows of x or more (default: the fastest of ``loops()``; a loop the
-    CPU lacks, or ``avx512_bf16`` for float32, runs as the one below it); one row is
-    always the AVX2 loop, whose product is a read of memory."""
+    CPU lacks, or ``avx512_bf16`` for float32, runs as the one below it). One row, a
+    read of memory, is always the AVX2 loop but for ``avx512_bf16``, which reads bfloat16
+    faster."""
     loop = loops()[-1] if loop is None else loop
     if loop not in LOOPS:
         raise ValueError(f"loop {loop!r}: expected one of {sorted(LOOPS)}")
@@ -265,3 +271,15 @@ def greedy(logits: jax.Array) -> jax.Array | None:
     if not active() or logits.ndim != 2 or logits.dtype != jnp.float32 or logits.shape[1] == 0:
         return None
     return jax.ffi.ffi_call(GREEDY_TARGET, jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32))(logits)
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array | None:
+    """``table[ids]`` for a bfloat16 table (rows, dim) and integer ids of any shape, by
+    the kernel (an id outside the table: a row of NaN, as ``jnp.take``); None where it
+    does not serve."""
+    if not active() or table.ndim != 2 or table.dtype != jnp.bfloat16:
+        return None
+    flat = ids.reshape(-1).astype(jnp.int32)
+    out = jax.ffi.ffi_call(TAKE_ROWS_TARGET, jax.ShapeDtypeStruct((flat.shape[0], table.shape[1]), table.dtype))(
+        table, flat)
+    return out.reshape(*ids.shape, table.shape[1])

@@ -11,7 +11,7 @@
 // From two rows of x up the products, not only the reads, set the pace; the ``loop``
 // attribute picks how they run: in 256-bit registers (AVX2, row_times), in 512-bit ones
 // (AVX-512, row_times_512), or, for bfloat16, by AVX512_BF16's dot-product instruction
-// (row_times_bf16); a loop the CPU lacks falls back to the one below it.
+// (row_times_bf16, from one row up); a loop the CPU lacks falls back to the one below.
 //
 // Weights are float32 or bfloat16 (RyzenSkinnyMatmulBf16: half the bytes to stream),
 // widened to float32 as they are read; x is float32 (a bfloat16 x widened first, but
@@ -116,7 +116,8 @@ __attribute__((target("avx512f"))) void row_times_512(const float* x, const W* w
 // bfloat16 pairs and adds them into 16 float32 sums (products exact, sums float32), so
 // neither the weight nor x is widened. At 8 rows of x a bfloat16 product is arithmetic
 // more than reading, and the widening loop above took as long as float32's (the small
-// shape's products alone at batch 8: 4.7-6.0 ms, against a 1.9 ms floor).
+// shape's products alone at batch 8: 4.7-6.0 ms, against a 1.9 ms floor); at one row
+// the widening loop read the "1B" shape's LM head in 2.8-3.2 ms, this one in 1.8.
 template <int T, typename Y>
 __attribute__((target("avx512f,avx512bf16"))) void row_times_bf16(const uint16_t* x, const uint16_t* wo, Y* y,
                                                                  int64_t in, int64_t out) {
@@ -180,8 +181,7 @@ inline int64_t chunk_rows(int64_t in, int64_t out, int64_t element_bytes) {
   return std::max<int64_t>(2, (bytes / row_bytes) & ~int64_t{1});
 }
 
-// y (m, out) = x (m, in) · w (out, in)ᵀ for two rows of x or more, bfloat16 x and w
-// both, on CPUs with AVX512_BF16 (row_times_bf16), split over the cores by chunks of
+// y (m, out) = x (m, in) · w (out, in)ᵀ for bfloat16 x and w, on CPUs with AVX512_BF16 (row_times_bf16), split over the cores by chunks of
 // weight rows.
 template <typename Y>
 void matmul_bf16(ffi::ThreadPool& pool, const uint16_t* xp, const uint16_t* wp, Y* yp, int64_t m, int64_t in,
@@ -230,7 +230,7 @@ ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<T> x, ffi::Buffer<T> w
   const float* xf = nullptr;
   if constexpr (std::is_same_v<E, float>) {
     xf = xe;
-  } else if (Loop(loop) == Loop::kAvx512Bf16 && xd[0] > 1 && has_avx512_bf16()) {
+  } else if (Loop(loop) == Loop::kAvx512Bf16 && has_avx512_bf16()) {
     matmul_bf16(pool, xe, we, ye, xd[0], xd[1], wd[0]);
     return ffi::Error::Success();
   } else {  // x is a few rows: widened once, here

@@ -20,10 +20,14 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from typing import Iterator
 
+import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+
+from ryzen_jax.checkpoint.safetensors_io import write_safetensors
 
 VOCAB_SIZE = 512
 HIDDEN_SIZE = 256
@@ -141,7 +145,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str) -> None:
     fast.save_pretrained(out_dir)
 
 
-def save_configs(out_dir: str, dims: LlamaDims = DEMO_DIMS) -> None:
+def save_configs(out_dir: str, dims: LlamaDims = DEMO_DIMS, dtype: str = "float32") -> None:
     """Write ``config.json`` and ``generation_config.json`` through transformers."""
     from transformers import GenerationConfig, LlamaConfig
 
@@ -159,7 +163,7 @@ def save_configs(out_dir: str, dims: LlamaDims = DEMO_DIMS) -> None:
         tie_word_embeddings=False,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
-        dtype="float32",
+        dtype=dtype,
     ).save_pretrained(out_dir)
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID).save_pretrained(out_dir)
 
@@ -185,17 +189,23 @@ def weight_shapes(dims: LlamaDims = DEMO_DIMS) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_weights(seed: int, dims: LlamaDims = DEMO_DIMS) -> dict[str, np.ndarray]:
-    """Seeded float32 weights: embedding ~ N(0, 1), linear ~ N(0, 1/fan_in), norms = 1."""
+#: the dtypes a random checkpoint may be written in
+CHECKPOINT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def random_weights(seed: int, dims: LlamaDims = DEMO_DIMS,
+                   dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
+    """Seeded weights, one tensor at a time, in ``weight_shapes`` order: embedding
+    ~ N(0, 1), linear ~ N(0, 1/fan_in), norms = 1; drawn in float32 and, for bfloat16,
+    rounded to nearest, so both dtypes hold the same model."""
     rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
     for name, shape in weight_shapes(dims).items():
         if len(shape) == 1:
-            out[name] = np.ones(shape, dtype=np.float32)
-            continue
-        std = 1.0 if name == "model.embed_tokens.weight" else 1.0 / np.sqrt(shape[1])
-        out[name] = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
-    return out
+            w = np.ones(shape, dtype=np.float32)
+        else:
+            w = rng.standard_normal(shape, dtype=np.float32)
+            w *= np.float32(1.0 if name == "model.embed_tokens.weight" else 1.0 / np.sqrt(shape[1]))
+        yield name, w.astype(CHECKPOINT_DTYPES[dtype], copy=False)
 
 
 def _is_complete(path: str) -> bool:
@@ -207,10 +217,14 @@ def write_demo_hf_checkpoint(out_dir: str, *, seed: int = 0) -> str:
     return write_hf_checkpoint(out_dir, DEMO_DIMS, seed=seed, tokenizer=True)
 
 
-def write_hf_checkpoint(out_dir: str, dims: LlamaDims, *, seed: int = 0, tokenizer: bool = False) -> str:
+def write_hf_checkpoint(out_dir: str, dims: LlamaDims, *, seed: int = 0, tokenizer: bool = False,
+                        dtype: str = "float32", progress: bool = False) -> str:
     """Write a Llama-architecture Hugging Face model directory of size ``dims`` with
-    seeded random float32 weights (and, with ``tokenizer``, the locally trained one),
-    atomically; an existing complete directory is kept. Returns out_dir."""
+    seeded random weights in ``dtype`` (float32 or bfloat16; and, with ``tokenizer``,
+    the locally trained tokenizer), atomically and one tensor at a time (``progress``:
+    a bar of them on stderr); an existing complete directory is kept. Returns out_dir."""
+    if dtype not in CHECKPOINT_DTYPES:
+        raise ValueError(f"checkpoint dtype {dtype!r}: expected one of {sorted(CHECKPOINT_DTYPES)}")
     if _is_complete(out_dir):
         return out_dir
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -219,8 +233,11 @@ def write_hf_checkpoint(out_dir: str, dims: LlamaDims, *, seed: int = 0, tokeniz
     try:
         if tokenizer:
             save_tokenizer(train_tokenizer(), tmp)
-        save_configs(tmp, dims)
-        save_file(random_weights(seed, dims), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_configs(tmp, dims, dtype)
+        specs = {name: (CHECKPOINT_DTYPES[dtype], shape) for name, shape in weight_shapes(dims).items()}
+        tensors = tqdm(random_weights(seed, dims, dtype), total=len(specs), desc=f"writing {dtype} weights",
+                       unit="tensor", disable=not progress, leave=False)
+        write_safetensors(os.path.join(tmp, "model.safetensors"), specs, tensors, metadata={"format": "pt"})
         _make_readable(tmp)
         _publish(tmp, out_dir)
     finally:

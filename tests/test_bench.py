@@ -269,3 +269,39 @@ def test_serving_counts_failures_and_names_an_absent_server(server):
         serving.run(serving.ServingConfig(base_url="http://127.0.0.1:9", num_prompts=1))
     with pytest.raises(serving.ServingConfigError, match="request_rate must be > 0"):
         serving.ServingConfig(request_rate=0)
+
+
+@pytest.mark.skipif(not peer.available(), reason="torch is not installed")
+def test_a_bfloat16_run_reads_a_bfloat16_checkpoint_of_the_same_weights(cache_dir):
+    """A bfloat16 benchmark gets its own checkpoint, in half the bytes: what transformers
+    loads from it equals the float32 checkpoint's weights rounded to bfloat16 by PyTorch,
+    tensor by tensor; and its memory check asks half as much (a "7B" shape fits 20 GiB
+    in bfloat16, not in float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dims = PRESETS["tiny"]
+    f32, bf16 = ensure_checkpoint(dims, cache_dir), ensure_checkpoint(dims, cache_dir, dtype="bfloat16")
+    assert f32 != bf16
+    size = lambda d: os.path.getsize(os.path.join(d, "model.safetensors"))  # noqa: E731
+    assert abs(size(bf16) - size(f32) / 2) < 4096
+    a = AutoModelForCausalLM.from_pretrained(f32, dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(bf16).state_dict()  # the dtype its config names
+    assert a.keys() == b.keys()
+    for name in a:
+        assert b[name].dtype == torch.bfloat16 and torch.equal(a[name].to(torch.bfloat16), b[name]), name
+    check_fits(PRESETS["7B"], "bfloat16", available=20 * 2**30)
+    with pytest.raises(ShapeError, match="in float32 \\(--dtype bfloat16 needs half\\)"):
+        check_fits(PRESETS["7B"], "float32", available=20 * 2**30)
+
+
+def test_a_later_higher_bandwidth_lowers_the_floors(results):
+    """The floors are rescaled when the bandwidth measured after our runs is higher:
+    twice the bandwidth, half the floor, twice the step's ratio over it."""
+    from ryzen_jax.bench.offline import with_bandwidth
+
+    run = results.batches[0].ours
+    faster = with_bandwidth(run, 10.0, 20.0)
+    assert faster.floor.bandwidth_ms == pytest.approx(run.floor.bandwidth_ms / 2)
+    assert faster.step_over_bandwidth_floor == pytest.approx(2 * run.step_over_bandwidth_floor)
+    assert faster.decode_step_ms == run.decode_step_ms and faster.floor.weight_bytes == run.floor.weight_bytes

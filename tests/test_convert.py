@@ -108,3 +108,33 @@ def test_conversion_memory_is_about_the_largest_tensor(tmp_path):
     print(f"conversion peak {peak / 1e6:.2f} MB, largest tensor {largest / 1e6:.2f} MB, "
           f"one layer {layer / 1e6:.1f} MB, model {total / 1e6:.1f} MB")
     assert peak < 3 * largest < layer
+
+
+def test_streamed_safetensors_writer_reads_back_through_the_reference_library(tmp_path):
+    """Our one-tensor-at-a-time writer against the safetensors library (via PyTorch, for
+    bfloat16): every tensor's dtype, shape and bytes, and the metadata; a tensor that is
+    not the one its spec names, or one too many, is refused."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    from ryzen_jax.checkpoint.safetensors_io import write_safetensors
+
+    rng = np.random.default_rng(0)
+    arrays = {"a.weight": rng.standard_normal((5, 3), dtype=np.float32),
+              "b": rng.standard_normal((7,), dtype=np.float32).astype(ml_dtypes.bfloat16),
+              "c.ids": np.arange(6, dtype=np.int64).reshape(2, 3)}
+    specs = {k: (v.dtype, v.shape) for k, v in arrays.items()}
+    path = str(tmp_path / "model.safetensors")
+    write_safetensors(path, specs, iter(arrays.items()), metadata={"format": "pt"})
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(arrays)
+        for name, want in arrays.items():
+            got = f.get_tensor(name)
+            if want.dtype == ml_dtypes.bfloat16:
+                assert got.dtype == torch.bfloat16
+                got = got.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            np.testing.assert_array_equal(got if isinstance(got, np.ndarray) else got.numpy(), want)
+    with pytest.raises(ValueError, match="expected 'b' bfloat16\\[7\\], got 'c.ids'"):
+        write_safetensors(path, specs, [("a.weight", arrays["a.weight"]), ("c.ids", arrays["c.ids"])])
+    with pytest.raises(ValueError, match="more tensors than specs"):
+        write_safetensors(path, {"a.weight": specs["a.weight"]}, iter(arrays.items()))

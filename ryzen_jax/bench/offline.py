@@ -97,6 +97,14 @@ def floors(g: Generator, batch: int, prompt_len: int, new_tokens: int, hw: Hardw
                   compute_ms=compute_ms)
 
 
+def with_bandwidth(run: "EngineRun", old_gbps: float, new_gbps: float) -> "EngineRun":
+    """``run`` with its bandwidth floor (and the ratios over it) at ``new_gbps`` in place
+    of ``old_gbps``: the machine's bandwidth measured again later in the same run."""
+    fl = dataclasses.replace(run.floor, bandwidth_ms=run.floor.bandwidth_ms * old_gbps / new_gbps)
+    return dataclasses.replace(run, floor=fl, step_over_bandwidth_floor=run.decode_step_ms / fl.bandwidth_ms,
+                               step_over_roofline=run.decode_step_ms / max(fl.bandwidth_ms, fl.compute_ms))
+
+
 def time_stream(g: Generator, reqs: list[Request]) -> tuple[float, list[float]]:
     """One streaming run (a dispatch per token): (time to first token, gaps between
     successive tokens), in seconds."""
@@ -142,33 +150,26 @@ def time_decode_step(g: Generator, reqs: list[Request], repeats: int) -> float:
 
 def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) -> float:
     """Seconds for the decode step's matrix products and nothing else: every projection
-    of every layer (q, k, v, o, gate, up, down) and the LM head, at this batch, in the
-    model's dtype, chained as a step chains them, with fresh weights in memory, on one
-    device. No attention over the cache, no norms, no sampling, no loop.
+    of every layer (q, k, v, o, gate, up, down) and the LM head, at this batch, chained
+    as a step chains them, on the model's own weights (a Llama-family model; one
+    device's shard of each, so a tensor-parallel run times one device's share). No
+    attention over the cache, no norms, no sampling, no loop, and no second copy of the
+    weights in memory (a "7B" run has room for one).
 
     Each product is computed as the step computes it (``kernels.linear``: our CPU kernel
     where it serves the mesh, else XLA's dot), compiled with the same options. This is
     what those kernels make of the step's weight reads: a step cannot beat it, and the
     step's time over it is what the rest of the program costs. The median over
     ``repeats`` of ``calls`` chained calls."""
-    cfg = g.cfg
-    e, f, q_dim, kv_dim = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
-        cfg.num_kv_heads * cfg.head_dim
-    keys = iter(jax.random.split(jax.random.key(0), 7 * cfg.num_layers + 2))
-    dev = jax.devices()[0]
-
-    def w(*shape: int) -> jax.Array:
-        return jax.device_put(0.02 * jax.random.normal(next(keys), shape, g.dtype), dev)
-
-    # every weight (out, in), as our layers store it
-    layers = [dict(q=w(q_dim, e), k=w(kv_dim, e), v=w(kv_dim, e), o=w(e, q_dim), gate=w(f, e), up=w(f, e),
-                   down=w(e, f)) for _ in range(cfg.num_layers)]
-    head, x = w(cfg.vocab_size, e), w(batch, e)
+    layers, head = step_weights(g)
+    x = jax.device_put(0.02 * jax.random.normal(jax.random.key(0), (batch, g.cfg.hidden_size), g.dtype),
+                       head.devices().pop())
 
     mm = kernels.linear
 
     def chain(x, layers, head):
         for m in layers:
+            m = {k: w.reshape(w.shape[0], -1) if k == "o" else w.reshape(-1, w.shape[-1]) for k, w in m.items()}
             x = x + mm(mm(x, m["q"]), m["o"]) + mm(x, m["k"])[:, :1] + mm(x, m["v"])[:, :1]  # k, v live, cheaply
             x = x + mm(jax.nn.silu(mm(x, m["gate"])) * mm(x, m["up"]), m["down"])
         return x + mm(x, head)[:, :1]
@@ -185,6 +186,23 @@ def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) 
         jax.block_until_ready(y)
         times.append((time.perf_counter() - t0) / calls)
     return median(times)
+
+
+def step_weights(g: Generator) -> tuple[list[dict[str, jax.Array]], jax.Array]:
+    """One device's shard of every weight a Llama-family decode step multiplies by, as
+    the model holds them ((out, in), heads split out: q, k, v (heads, head_dim, in), o
+    (out, heads, head_dim)), per layer, and the LM head's."""
+    state = g.state
+    try:
+        layers = [state["layers"][i] for i in range(g.cfg.num_layers)]
+        local = lambda node: node["kernel"].get_value().addressable_shards[0].data  # noqa: E731
+        weights = [dict(q=local(m["attn"]["wq"]), k=local(m["attn"]["wk"]), v=local(m["attn"]["wv"]),
+                        o=local(m["attn"]["wo"]), gate=local(m["mlp"]["gate"]), up=local(m["mlp"]["up"]),
+                        down=local(m["mlp"]["down"])) for m in layers]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"the matmuls-alone timing reads a Llama-family model's weights; this one has none at {err}")
+    head = state["lm_head"] if "lm_head" in state else state["embed"]["embedding"]
+    return weights, head.get_value().addressable_shards[0].data
 
 
 def bytes_per_device(g: Generator, batch: int) -> tuple[int, int, int]:

@@ -1,4 +1,5 @@
-"""Memory-mapped safetensors reading without PyTorch and without copies.
+"""Memory-mapped safetensors reading without PyTorch and without copies, and writing
+one tensor at a time.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header
 (name -> dtype, shape, byte offsets) and the raw tensor bytes. We map each file once
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import struct
+from typing import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -20,6 +23,9 @@ _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+
+
+_CODES = {np.dtype(t): code for code, t in _DTYPES.items()}
 
 
 class CheckpointFormatError(ValueError):
@@ -70,3 +76,31 @@ class SafetensorsReader:
             raise CheckpointFormatError(f"tensor {name!r} has unsupported dtype {meta['dtype']}")
         begin, end = meta["data_offsets"]
         return mapping[base + begin: base + end].view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+
+
+def write_safetensors(path: str, specs: dict[str, tuple[np.dtype, tuple[int, ...]]],
+                      tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file from ``tensors`` as they come, in ``specs``' order and
+    with the dtypes and shapes it gives (name -> (dtype, shape)): the header is known
+    before any tensor is, so no more than one tensor is held at a time, and a checkpoint
+    larger than memory can be written. A tensor that does not match its spec is refused."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        size = np.dtype(dtype).itemsize * math.prod(shape)
+        header[name] = {"dtype": _CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned, as the reference writer keeps it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        given = iter(tensors)
+        for name, (dtype, shape) in specs.items():
+            got, array = next(given, (None, None))
+            if got != name or array.dtype != np.dtype(dtype) or array.shape != tuple(shape):
+                found = "nothing" if got is None else f"{got!r} {array.dtype}{list(array.shape)}"
+                raise ValueError(f"safetensors writer: expected {name!r} {np.dtype(dtype)}{list(shape)}, got {found}")
+            f.write(np.ascontiguousarray(array).view(np.uint8).data)
+        if next(given, None) is not None:
+            raise ValueError("safetensors writer: more tensors than specs")

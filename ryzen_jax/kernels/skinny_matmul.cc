@@ -59,26 +59,27 @@ void rows_of_one(const float* x, const W* w, Y* y, int64_t in, int64_t r0, int64
   for (int64_t o = r0; o < r1; ++o) put(y + o, ryzen_jax::dot(w + o * in, x, in));
 }
 
-// One weight row against T rows of x (T <= 8): T sums in registers; the row is read
-// once, front to back, and x (T·in floats) stays in L1.
-template <int T, typename W, typename Y>
-void row_times(const float* x, const W* wo, Y* y, int64_t in, int64_t out) {
+// One weight row against T rows of x (T <= 8), over the inputs [k0, k1): T sums in
+// registers, added into s; the row is read once, front to back, and x's span of
+// T rows stays in L1 (rows_of_many blocks the inputs where it would not).
+template <int T, typename W>
+void row_times(const float* x, const W* wo, float* s, int64_t in, int64_t k0, int64_t k1, int64_t ahead) {
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= in; k += 8) {
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
     // With two or more rows of x the products take longer than the reads, and the
-    // hardware prefetcher alone let the memory idle meanwhile: ask 4 KiB ahead (rows
-    // are contiguous, so past this row's end is the next one's start). -5 to -10% at
-    // batch 4 and 8 on the small shape.
-    if (T >= 2 && (k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 4096, _MM_HINT_T0);
+    // hardware prefetcher alone let the memory idle meanwhile: ask ``ahead`` bytes on
+    // (4 KiB within a row: rows are contiguous, so past this row's end is the next
+    // one's start). -5 to -10% at batch 4 and 8 on the small shape.
+    if (T >= 2 && (k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(wo + k) + ahead, _MM_HINT_T0);
     __m256 wv = load8(wo + k);
     for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * in + k), acc[t]);
   }
   for (int t = 0; t < T; ++t) {
-    float s = hsum(acc[t]);
-    for (int64_t kk = k; kk < in; ++kk) s += widen(wo[kk]) * x[t * in + kk];
-    put(y + t * out, s);
+    float sum = hsum(acc[t]);
+    for (int64_t kk = k; kk < k1; ++kk) sum += widen(wo[kk]) * x[t * in + kk];
+    s[t] += sum;
   }
 }
 
@@ -94,21 +95,21 @@ __attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* p) {
 // head 1.8-1.9 -> 1.4-1.5 ms on a 2-core AVX-512 EPYC) and is level below; pairs of
 // weight rows (16 sums) were slower from 3 to 6 rows. The prefetch runs 8 KiB ahead:
 // 4 KiB left this loop waiting on memory (LM head 1.7 ms), 16 KiB was no better.
-template <int T, typename W, typename Y>
-__attribute__((target("avx512f"))) void row_times_512(const float* x, const W* wo, Y* y, int64_t in,
-                                                      int64_t out) {
+template <int T, typename W>
+__attribute__((target("avx512f"))) void row_times_512(const float* x, const W* wo, float* s, int64_t in, int64_t k0,
+                                                      int64_t k1, int64_t ahead) {
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= in; k += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 8192, _MM_HINT_T0);
+  int64_t k = k0;
+  for (; k + 16 <= k1; k += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(wo + k) + ahead, _MM_HINT_T0);
     const __m512 wv = load16(wo + k);
     for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * in + k), acc[t]);
   }
   for (int t = 0; t < T; ++t) {
-    float s = _mm512_reduce_add_ps(acc[t]);
-    for (int64_t kk = k; kk < in; ++kk) s += widen(wo[kk]) * x[t * in + kk];
-    put(y + t * out, s);
+    float sum = _mm512_reduce_add_ps(acc[t]);
+    for (int64_t kk = k; kk < k1; ++kk) sum += widen(wo[kk]) * x[t * in + kk];
+    s[t] += sum;
   }
 }
 
@@ -118,57 +119,90 @@ __attribute__((target("avx512f"))) void row_times_512(const float* x, const W* w
 // more than reading, and the widening loop above took as long as float32's (the small
 // shape's products alone at batch 8: 4.7-6.0 ms, against a 1.9 ms floor); at one row
 // the widening loop read the "1B" shape's LM head in 2.8-3.2 ms, this one in 1.8.
-template <int T, typename Y>
-__attribute__((target("avx512f,avx512bf16"))) void row_times_bf16(const uint16_t* x, const uint16_t* wo, Y* y,
-                                                                 int64_t in, int64_t out) {
+template <int T>
+__attribute__((target("avx512f,avx512bf16"))) void row_times_bf16(const uint16_t* x, const uint16_t* wo, float* s,
+                                                                 int64_t in, int64_t k0, int64_t k1, int64_t ahead) {
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= in; k += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 8192, _MM_HINT_T0);
+  int64_t k = k0;
+  for (; k + 32 <= k1; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(wo + k) + ahead, _MM_HINT_T0);
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(wo + k);
     for (int t = 0; t < T; ++t)
       acc[t] = _mm512_dpbf16_ps(acc[t], wv, (__m512bh)_mm512_loadu_si512(x + t * in + k));
   }
   for (int t = 0; t < T; ++t) {
-    float s = _mm512_reduce_add_ps(acc[t]);
-    for (int64_t kk = k; kk < in; ++kk) s += widen(wo[kk]) * widen(x[t * in + kk]);
-    put(y + t * out, s);
+    float sum = _mm512_reduce_add_ps(acc[t]);
+    for (int64_t kk = k; kk < k1; ++kk) sum += widen(wo[kk]) * widen(x[t * in + kk]);
+    s[t] += sum;
   }
 }
 
 // The loops for two rows of x or more, as the ``loop`` attribute names them.
 enum class Loop : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
 
-// One weight row against T rows of x by the chosen loop; x is float32 but for
-// kAvx512Bf16, which reads the bfloat16 x as it is.
-template <Loop L, int T, typename X, typename W, typename Y>
-void row_by(const X* x, const W* wo, Y* y, int64_t in, int64_t out) {
-  if constexpr (L == Loop::kAvx512Bf16) row_times_bf16<T>(x, wo, y, in, out);
-  else if constexpr (L == Loop::kAvx512) row_times_512<T>(x, wo, y, in, out);
-  else row_times<T>(x, wo, y, in, out);
+// One weight row against T rows of x by the chosen loop, over the inputs [k0, k1),
+// added into s; x is float32 but for kAvx512Bf16, which reads the bfloat16 x as it is.
+template <Loop L, int T, typename X, typename W>
+void row_by(const X* x, const W* wo, float* s, int64_t in, int64_t k0, int64_t k1, int64_t ahead) {
+  if constexpr (L == Loop::kAvx512Bf16) row_times_bf16<T>(x, wo, s, in, k0, k1, ahead);
+  else if constexpr (L == Loop::kAvx512) row_times_512<T>(x, wo, s, in, k0, k1, ahead);
+  else row_times<T>(x, wo, s, in, k0, k1, ahead);
 }
 
-// Several rows of x: each weight row once, against tiles of up to eight rows of x.
+// How many inputs at a time the rows of x are walked: all of them where the m rows of
+// x fit in kL1Budget, else as few blocks as do, of even size (a multiple of 32), each
+// swept over every weight row of the chunk before the next, the sums kept between
+// blocks. Unblocked, the "7B" shape's MLP at 8 rows of x read 64 KiB (bfloat16) of x
+// from L2 for every weight row. Measured (a 2-core Zen 5, 48 KiB L1; products alone):
+// at 8 rows the 90 MB bfloat16 up and down projections 5.0 and 5.2 -> 2.0 and 2.4 ms
+// (their read takes 1.7-1.9), in float32 10.0 and 9.3 -> 5.4 and 7.1 ms, the "1B"
+// ones in float32 2.3 and 2.4 -> 1.1 and 1.3 ms; at 16 rows the bfloat16 down
+// projection 7.2 -> 3.7-4.7 ms; the small shape level. A 48 KiB budget was slower at
+// 16 rows, 24 KiB at the small shape's LM head; the prefetch two rows on beat one
+// block on (down projection 2.4 against 2.8-3.0 ms).
+constexpr int64_t kL1Budget = 32 * 1024;
+
+template <typename X>
+int64_t input_block(int64_t m, int64_t in) {
+  const int64_t fit = std::max<int64_t>(32, kL1Budget / (m * int64_t(sizeof(X))));
+  if (in <= fit) return in;
+  const int64_t blocks = (in + fit - 1) / fit;  // as few as fit, of even size
+  return ((in + blocks - 1) / blocks + 31) & ~int64_t{31};
+}
+
+// Several rows of x: each weight row once per block of inputs, against tiles of up to
+// eight rows of x; the sums rounded to Y at the end.
 template <Loop L, typename X, typename W, typename Y>
 void rows_of_many(const X* x, const W* w, Y* y, int64_t m, int64_t in, int64_t out, int64_t r0, int64_t r1) {
-  for (int64_t o = r0; o < r1; ++o) {
-    const W* wo = w + o * in;
-    for (int64_t t = 0; t < m; t += 8) {
-      const X* xt = x + t * in;
-      Y* yt = y + t * out + o;
-      switch (std::min<int64_t>(8, m - t)) {
-        case 8: row_by<L, 8>(xt, wo, yt, in, out); break;
-        case 7: row_by<L, 7>(xt, wo, yt, in, out); break;
-        case 6: row_by<L, 6>(xt, wo, yt, in, out); break;
-        case 5: row_by<L, 5>(xt, wo, yt, in, out); break;
-        case 4: row_by<L, 4>(xt, wo, yt, in, out); break;
-        case 3: row_by<L, 3>(xt, wo, yt, in, out); break;
-        case 2: row_by<L, 2>(xt, wo, yt, in, out); break;
-        default: row_by<L, 1>(xt, wo, yt, in, out); break;
+  const int64_t block = input_block<X>(m, in);
+  // the prefetch: unblocked, on along this row (4 KiB for AVX2, 8 KiB for the 512-bit
+  // loops, see row_times_512); blocked, this block of the row two rows on
+  const int64_t ahead = block < in ? 2 * in * int64_t(sizeof(W)) : (L == Loop::kAvx2 ? 4096 : 8192);
+  thread_local std::vector<float> sums;
+  sums.assign(size_t((r1 - r0) * m), 0.0f);
+  for (int64_t k0 = 0; k0 < in; k0 += block) {
+    const int64_t k1 = std::min(in, k0 + block);
+    for (int64_t o = r0; o < r1; ++o) {
+      const W* wo = w + o * in;
+      float* so = sums.data() + (o - r0) * m;
+      for (int64_t t = 0; t < m; t += 8) {
+        const X* xt = x + t * in;
+        switch (std::min<int64_t>(8, m - t)) {
+          case 8: row_by<L, 8>(xt, wo, so + t, in, k0, k1, ahead); break;
+          case 7: row_by<L, 7>(xt, wo, so + t, in, k0, k1, ahead); break;
+          case 6: row_by<L, 6>(xt, wo, so + t, in, k0, k1, ahead); break;
+          case 5: row_by<L, 5>(xt, wo, so + t, in, k0, k1, ahead); break;
+          case 4: row_by<L, 4>(xt, wo, so + t, in, k0, k1, ahead); break;
+          case 3: row_by<L, 3>(xt, wo, so + t, in, k0, k1, ahead); break;
+          case 2: row_by<L, 2>(xt, wo, so + t, in, k0, k1, ahead); break;
+          default: row_by<L, 1>(xt, wo, so + t, in, k0, k1, ahead); break;
+        }
       }
     }
   }
+  for (int64_t o = r0; o < r1; ++o)
+    for (int64_t t = 0; t < m; ++t) put(y + t * out + o, sums[size_t((o - r0) * m + t)]);
 }
 
 // The chunk of weight rows each task reads: 64-256 KiB, an even number of rows, at

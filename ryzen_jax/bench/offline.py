@@ -97,7 +97,7 @@ def floors(g: Generator, batch: int, prompt_len: int, new_tokens: int, hw: Hardw
                   compute_ms=compute_ms)
 
 
-def with_bandwidth(run: "EngineRun", old_gbps: float, new_gbps: float) -> "EngineRun":
+def with_bandwidth(run: EngineRun, old_gbps: float, new_gbps: float) -> EngineRun:
     """``run`` with its bandwidth floor (and the ratios over it) at ``new_gbps`` in place
     of ``old_gbps``: the machine's bandwidth measured again later in the same run."""
     fl = dataclasses.replace(run.floor, bandwidth_ms=run.floor.bandwidth_ms * old_gbps / new_gbps)

@@ -82,12 +82,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@functools.cache
-def has_avx512() -> bool:
-    """Whether this CPU runs the kernel's 512-bit loop (two rows of x or more)."""
-    return "avx512f" in _cpu_flags()
-
-
 #: the matmul kernel's loops for two rows of x or more, by its ``loop`` attribute: 256-bit
 #: registers, 512-bit ones, and (bfloat16 only) AVX512_BF16's dot-product instruction
 LOOPS = {"avx2": 0, "avx512": 1, "avx512_bf16": 2}
@@ -104,7 +98,7 @@ def loops() -> tuple[str, ...]:
 #: rows of x up to which the kernel beats XLA:CPU's dot (the benchmark's small shape, its
 #: matmuls alone): on AVX2, 1.3x at batch 1, 1.6-1.9x at batch 2-8, level at 16; with
 #: AVX-512, 2x at batch 8, 1.3x at 16, 0.6x at 32
-MAX_ROWS = 16 if has_avx512() else 8
+MAX_ROWS = 16 if "avx512" in loops() else 8
 
 
 def build() -> Path:

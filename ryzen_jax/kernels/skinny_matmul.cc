@@ -215,37 +215,28 @@ inline int64_t chunk_rows(int64_t in, int64_t out, int64_t element_bytes) {
   return std::max<int64_t>(2, (bytes / row_bytes) & ~int64_t{1});
 }
 
-// y (m, out) = x (m, in) · w (out, in)ᵀ for bfloat16 x and w, on CPUs with AVX512_BF16 (row_times_bf16), split over the cores by chunks of
-// weight rows.
-template <typename Y>
-void matmul_bf16(ffi::ThreadPool& pool, const uint16_t* xp, const uint16_t* wp, Y* yp, int64_t m, int64_t in,
-                 int64_t out) {
-  const int64_t chunk = chunk_rows(in, out, sizeof(uint16_t));
-  ryzen_jax::parallel_for(pool, (out + chunk - 1) / chunk, [=](int64_t c) {
-    const int64_t r0 = c * chunk, r1 = std::min(out, r0 + chunk);
-    rows_of_many<Loop::kAvx512Bf16>(xp, wp, yp, m, in, out, r0, r1);
-  });
-}
-
-// y (m, out) = x (m, in) · w (out, in)ᵀ, x as float32 (a bfloat16 x widened first: it
-// is at most a few rows), split over the cores by chunks of weight rows.
-template <typename W, typename Y>
-void matmul(ffi::ThreadPool& pool, const float* xp, const W* wp, Y* yp, int64_t m, int64_t in, int64_t out,
-            bool wide) {
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  const bool use_512 = wide && has_avx512 && m > 1;
+// y (m, out) = x (m, in) · w (out, in)ᵀ by ``loop`` (one the CPU has), split over the
+// cores by chunks of weight rows. x is float32 (a bfloat16 x widened first: it is at
+// most a few rows) but for kAvx512Bf16, which reads the bfloat16 x as it is, from one
+// row up; the other loops read one row of x by rows_of_one.
+template <typename X, typename W, typename Y>
+void matmul(ffi::ThreadPool& pool, const X* xp, const W* wp, Y* yp, int64_t m, int64_t in, int64_t out, Loop loop) {
   const int64_t chunk = chunk_rows(in, out, sizeof(W));
   ryzen_jax::parallel_for(pool, (out + chunk - 1) / chunk, [=](int64_t c) {
     const int64_t r0 = c * chunk, r1 = std::min(out, r0 + chunk);
-    if (m == 1) rows_of_one(xp, wp, yp, in, r0, r1);
-    else if (use_512) rows_of_many<Loop::kAvx512>(xp, wp, yp, m, in, out, r0, r1);
+    if constexpr (std::is_same_v<X, uint16_t>) rows_of_many<Loop::kAvx512Bf16>(xp, wp, yp, m, in, out, r0, r1);
+    else if (m == 1) rows_of_one(xp, wp, yp, in, r0, r1);
+    else if (loop == Loop::kAvx512) rows_of_many<Loop::kAvx512>(xp, wp, yp, m, in, out, r0, r1);
     else rows_of_many<Loop::kAvx2>(xp, wp, yp, m, in, out, r0, r1);
   });
 }
 
-inline bool has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-  return has;
+// The loop asked for, or the one below it where the CPU (or the dtype) lacks it.
+inline Loop runnable(Loop asked, bool bf16) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  if (asked == Loop::kAvx512Bf16 && !(bf16 && avx512_bf16)) asked = Loop::kAvx512;
+  return asked == Loop::kAvx512 && !avx512 ? Loop::kAvx2 : asked;
 }
 
 // One handler for both dtypes: float32 (E = float), and bfloat16 (E = its 16 bits)
@@ -261,19 +252,15 @@ ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<T> x, ffi::Buffer<T> w
   const E* xe = reinterpret_cast<const E*>(x.untyped_data());
   const E* we = reinterpret_cast<const E*>(w.untyped_data());
   E* ye = reinterpret_cast<E*>(y->untyped_data());
-  const float* xf = nullptr;
-  if constexpr (std::is_same_v<E, float>) {
-    xf = xe;
-  } else if (Loop(loop) == Loop::kAvx512Bf16 && has_avx512_bf16()) {
-    matmul_bf16(pool, xe, we, ye, xd[0], xd[1], wd[0]);
-    return ffi::Error::Success();
+  const Loop run = runnable(Loop(loop), !std::is_same_v<E, float>);
+  if (std::is_same_v<E, float> || run == Loop::kAvx512Bf16) {
+    matmul(pool, xe, we, ye, xd[0], xd[1], wd[0], run);
   } else {  // x is a few rows: widened once, here
     thread_local std::vector<float> widened;
     widened.resize(xd[0] * xd[1]);
     for (size_t i = 0; i < widened.size(); ++i) widened[i] = widen(xe[i]);
-    xf = widened.data();
+    matmul(pool, static_cast<const float*>(widened.data()), we, ye, xd[0], xd[1], wd[0], run);
   }
-  matmul(pool, xf, we, ye, xd[0], xd[1], wd[0], Loop(loop) != Loop::kAvx2);
   return ffi::Error::Success();
 }
 

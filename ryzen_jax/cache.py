@@ -16,6 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ryzen_jax import kernels
 from ryzen_jax.sharding import TensorParallelConfig
 
 CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
@@ -43,7 +44,13 @@ def heads_major(x: jax.Array) -> jax.Array:
 
 
 def write(cache_layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write ``new`` (B, KV, T, D) into ``cache_layer`` (B, KV, S, D) at per-row offsets ``start`` (B,)."""
+    """Write ``new`` (B, KV, T, D) into ``cache_layer`` (B, KV, S, D) at per-row offsets
+    ``start`` (B,), each at least 0 (clamped so the slots fit). A bfloat16 cache traced
+    for our CPU kernels is written by one (XLA:CPU's write would convert it whole)."""
+    written = kernels.write_cache(cache_layer, new, start)
+    if written is not None:
+        return written
+
     def one(c, x, s):
         return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=1)
 

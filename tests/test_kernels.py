@@ -120,7 +120,7 @@ def test_decode_step_uses_the_kernel_on_one_device(tp, hf_model_dir):
 @needs_kernel
 def test_bfloat16_decode_on_the_kernels_tracks_hf(hf_model_dir):
     """A bfloat16 model at tp 1 decodes on the kernels (bfloat16 products, attention over
-    the float32 cache it keeps, the greedy pick), and, fed Hugging Face's float32 greedy
+    its bfloat16 cache, written in place, the greedy pick), and, fed Hugging Face's float32 greedy
     tokens one decode step at a time, strays from HF's float32 logits about as far as
     HF's own bfloat16 run does (measured: at worst 2.96 against HF's 1.53, on average
     0.98 against 0.82, for logits up to 17)."""
@@ -132,11 +132,16 @@ def test_bfloat16_decode_on_the_kernels_tracks_hf(hf_model_dir):
     lm = rj.load_model(model_dir, tp=1, dtype="bfloat16", progress=False)
     gen = lm.generator
     hlo = gen.decode_program(1).as_text()
-    for target in (kernels.BF16_TARGET, kernels.ATTENTION_TARGET, kernels.GREEDY_TARGET, kernels.TAKE_ROWS_TARGET):
+    for target in (kernels.BF16_TARGET, kernels.ATTENTION_TARGET, kernels.GREEDY_TARGET, kernels.TAKE_ROWS_TARGET,
+                   kernels.WRITE_CACHE_TARGET):
         assert f'custom_call_target="{target}"' in hlo, target
-    # the embedding is read where it lies: no float32 or bit copy of the table per dispatch
+    # the embedding and the cache are read where they lie: no float32 or bit copy of either per dispatch
     table = "{},{}]".format(*gen.state["embed"]["embedding"].get_value().shape)
-    assert not [line for line in hlo.splitlines() if f"= f32[{table}" in line or f"= u16[{table}" in line]
+    layers, heads, head_dim, _ = nnx.merge(gen.graphdef, gen.state).cache_shape()
+    cache = f"1,{heads},{gen.max_seq_len},{head_dim}]"  # decode_program(1): batch 1
+    copies = [line for line in hlo.splitlines() for shape in (table, cache) if f"f32[{shape}" in line
+              or f"u16[{shape}" in line]
+    assert not copies, copies[:3]
 
     def prefill(state, tokens, lengths):
         return nnx.merge(gen.graphdef, state).prefill(tokens, lengths, 64)
@@ -150,7 +155,7 @@ def test_bfloat16_decode_on_the_kernels_tracks_hf(hf_model_dir):
         for i, token in enumerate(ref_tokens[:-1]):
             logits, cache = step(gen.state, cache, jnp.asarray([token]), jnp.asarray([len(PROMPT) + i]))
             got.append(logits[0])
-    assert {leaf.dtype for leaf in jax.tree.leaves(cache)} == {jnp.dtype(jnp.float32)}  # kernels.cache_dtype
+    assert {leaf.dtype for leaf in jax.tree.leaves(cache)} == {jnp.dtype(jnp.bfloat16)}
     got = np.asarray(jnp.stack(got), np.float32)[:, : want.shape[-1]]
     # HF's own bfloat16 run of the same tokens: how far bfloat16 alone strays from float32
     with torch.no_grad():
@@ -198,19 +203,21 @@ def attention_reference(q, cache_k, cache_v, own_k, own_v, positions, scale, win
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,cache_dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
+                                               ("bfloat16", "float32")])
 @pytest.mark.parametrize("b,h,kv,d,length,window", [(3, 8, 4, 64, 40, None), (2, 4, 1, 32, 17, None),
                                                     (4, 6, 6, 16, 50, 7), (1, 2, 2, 8, 9, None), (2, 4, 2, 40, 23, None)])
-def test_decode_attention_matches_the_formula(b, h, kv, d, length, window, dtype):
+def test_decode_attention_matches_the_formula(b, h, kv, d, length, window, dtype, cache_dtype):
     """Grouped, multi-query and multi-head; rows at position 0 (own key only), mid-cache
     and at the cache's end; a sliding window; head sizes 8 to 64 (40: a part of the
-    32-lane step); float32, and bfloat16 queries and own keys and values over the
-    float32 cache a bfloat16 model keeps (the formula on the same values, the result
-    within a bfloat16 rounding)."""
+    32-lane step); float32, and bfloat16 queries and own keys and values over a
+    bfloat16 cache (a bfloat16 model's) or a float32 one (the formula on the same
+    values, the result within a bfloat16 rounding)."""
     rng = np.random.default_rng(b * h + d)
     bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)  # noqa: E731  values a bf16 model holds
     q = jnp.asarray(rng.standard_normal((b, 1, h, d), dtype=np.float32), dtype)
-    cache_k, cache_v = (jnp.asarray(bf16(rng.standard_normal((b, kv, length, d), dtype=np.float32))) for _ in range(2))
+    cache_k, cache_v = (jnp.asarray(bf16(rng.standard_normal((b, kv, length, d), dtype=np.float32)), cache_dtype)
+                        for _ in range(2))
     own_k, own_v = (jnp.asarray(rng.standard_normal((b, kv, 1, d), dtype=np.float32), dtype) for _ in range(2))
     positions = np.array([0, length, length // 2, 3][:b], np.int32)
     scale = d ** -0.5
@@ -231,7 +238,8 @@ def test_decode_attention_matches_the_formula(b, h, kv, d, length, window, dtype
 
 def test_decode_attention_only_where_it_serves():
     """Outside a one-device CPU mesh, or for float16, queries and own keys of different
-    dtypes, a bfloat16 cache or a head size off 8: None, and the caller uses XLA's attention."""
+    dtypes, cached keys and values of different dtypes or a head size off 8: None, and
+    the caller uses XLA's attention."""
     q, c, o = jnp.ones((1, 1, 2, 8)), jnp.ones((1, 2, 4, 8)), jnp.ones((1, 2, 1, 8))
     pos = jnp.zeros((1,), jnp.int32)
     assert kernels.decode_attention(q, c, c, o, o, pos, 1.0, None) is None
@@ -242,10 +250,34 @@ def test_decode_attention_only_where_it_serves():
         assert kernels.decode_attention(*half, pos, 1.0, None) is None
         mixed = [q.astype(jnp.bfloat16), c, c, o, o]  # bfloat16 queries with float32 own keys
         assert kernels.decode_attention(*mixed, pos, 1.0, None) is None
-        bf16_cache = [q, c.astype(jnp.bfloat16), c.astype(jnp.bfloat16), o, o]  # kernels.cache_dtype keeps it float32
-        assert kernels.decode_attention(*bf16_cache, pos, 1.0, None) is None
+        assert kernels.decode_attention(q, c.astype(jnp.bfloat16), c, o, o, pos, 1.0, None) is None
         assert kernels.decode_attention(q[..., :6], c[..., :6], c[..., :6], o[..., :6], o[..., :6], pos, 1.0,
                                         None) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("steps", [1, 5])
+def test_write_cache_matches_dynamic_update_slice(steps):
+    """A bfloat16 cache written by the kernel holds what XLA's per-row
+    dynamic_update_slice writes: rows at the start, mid-cache, at the end and past it
+    (clamped so the slots fit), one step or a prompt's several; the cache donated is
+    updated where it lies; elsewhere (no mesh, float32) None."""
+    rng = np.random.default_rng(steps)
+    cache = jnp.asarray(rng.standard_normal((5, 3, 32, 16), dtype=np.float32), jnp.bfloat16)
+    new = jnp.asarray(rng.standard_normal((5, 3, steps, 16), dtype=np.float32), jnp.bfloat16)
+    start = jnp.asarray([0, 7, 31, 40, 32 - steps], jnp.int32)
+    want = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(c, x, s, axis=1))(cache, new, start)
+    with kernels.for_mesh(mesh(1)):
+        write = jax.jit(kernels.write_cache, donate_argnums=0)
+        assert f'custom_call_target="{kernels.WRITE_CACHE_TARGET}"' in write.lower(cache, new, start).compile().as_text()
+        donated = jnp.array(cache)
+        where = donated.unsafe_buffer_pointer()
+        got = write(donated, new, start)
+        assert got.unsafe_buffer_pointer() == where  # written in place, not copied
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert kernels.write_cache(cache, new, start) is None
+    with kernels.for_mesh(mesh(1)):
+        assert kernels.write_cache(cache.astype(jnp.float32), new, start) is None
 
 
 @needs_kernel

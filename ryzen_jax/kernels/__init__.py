@@ -3,8 +3,7 @@
 A decode step multiplies a few rows of activations (the batch) by every weight of the
 model and reads every row's KV cache; on a CPU both are reads of memory, and XLA:CPU's
 kernels for these shapes read slower than the machine can (README, Benchmarks). So
-while tracing for a one-device CPU mesh (``for_mesh``), in float32 or bfloat16 (whose
-KV cache is then float32, ``cache_dtype``):
+while tracing for a one-device CPU mesh (``for_mesh``), in float32 or bfloat16:
 
 * ``linear`` computes ``x · wᵀ`` with at most ``MAX_ROWS`` rows of ``x`` by
   ``skinny_matmul.cc``, which reads each weight row once, front to back (from two
@@ -13,10 +12,12 @@ KV cache is then float32, ``cache_dtype``):
   the bytes to read);
 * ``decode_attention`` (one query per row, no score bias) by ``decode_attention.cc``,
   which reads only the cache positions each row holds;
+* ``write_cache`` (a step's keys and values into a bfloat16 KV cache) by
+  ``write_cache.cc``, in place;
 * ``greedy`` (each row's argmax of the logits) by ``greedy.cc``, in one pass;
 * ``take_rows`` (a bfloat16 embedding lookup) by ``take_rows.cc``, rows copied as they lie.
 
-All four are XLA FFI custom calls, the first three split over the process's cores
+All five are XLA FFI custom calls, the first three split over the process's cores
 (``parallel.h``). Everything else (a prefill's products and attention, GPUs,
 tensor-parallel meshes, whose partitioner must see a dot to split it) stays on XLA's
 own operations.
@@ -54,13 +55,14 @@ from ryzen_jax.runtime import cache_root
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("skinny_matmul.cc", "decode_attention.cc", "greedy.cc",
-                                                              "take_rows.cc"))
+                                                              "take_rows.cc", "write_cache.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "ryzen_jax_skinny_matmul"
 BF16_TARGET = "ryzen_jax_skinny_matmul_bf16"
 ATTENTION_TARGET = "ryzen_jax_decode_attention"
 GREEDY_TARGET = "ryzen_jax_greedy"
 TAKE_ROWS_TARGET = "ryzen_jax_take_rows"
+WRITE_CACHE_TARGET = "ryzen_jax_write_cache"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-pthread", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "RYZEN_JAX_CPU_KERNELS"
 
@@ -154,6 +156,7 @@ def register() -> bool:
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.RyzenDecodeAttention), platform="cpu")
         jax.ffi.register_ffi_target(GREEDY_TARGET, jax.ffi.pycapsule(lib.RyzenGreedy), platform="cpu")
         jax.ffi.register_ffi_target(TAKE_ROWS_TARGET, jax.ffi.pycapsule(lib.RyzenTakeRows), platform="cpu")
+        jax.ffi.register_ffi_target(WRITE_CACHE_TARGET, jax.ffi.pycapsule(lib.RyzenWriteCache), platform="cpu")
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
         log.warning("the CPU kernels are unavailable (%s); using XLA's operations, which are slower at decode "
                     "(set %s=0 to silence this)", e, ENV_SWITCH)
@@ -184,7 +187,7 @@ def active() -> bool:
     return _active.get()
 
 
-#: what the kernels compute in (the attention's cache is float32 either way)
+#: what the kernels compute in (and the dtypes of the KV cache the attention reads)
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
@@ -229,8 +232,8 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 def decode_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, own_k: jax.Array, own_v: jax.Array,
                      positions: jax.Array, scale: float, window: int | None) -> jax.Array | None:
     """One decode step's attention by the kernel, or None where it does not serve (not
-    tracing for a mesh it serves, a cache not float32 (see ``cache_dtype``), queries
-    neither float32 nor bfloat16, a head size not a multiple of 8). Bfloat16 queries and
+    tracing for a mesh it serves, a cache or queries neither float32 nor bfloat16, keys
+    and values of different dtypes, a head size not a multiple of 8). Bfloat16 queries and
     own keys and values are widened to float32 and the result rounded back.
 
     q (B, 1, H, D); the cache (B, KV, S, D) before this step's write; the step's own key
@@ -239,7 +242,7 @@ def decode_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, own_k
     Returns (B, 1, H, D), as ``ryzen_jax.layers.attention`` would."""
     b, t, h, d = q.shape
     kv = cache_k.shape[1]
-    if (not active() or t != 1 or d % 8 or h % kv or cache_k.dtype != jnp.float32 or cache_v.dtype != jnp.float32
+    if (not active() or t != 1 or d % 8 or h % kv or cache_k.dtype not in KERNEL_DTYPES or cache_v.dtype != cache_k.dtype
             or q.dtype not in KERNEL_DTYPES or any(a.dtype != q.dtype for a in (own_k, own_v))):
         return None
     dtype = q.dtype
@@ -248,15 +251,6 @@ def decode_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, own_k
         q.reshape(b, kv, h // kv, d), cache_k, cache_v, own_k, own_v, positions.astype(jnp.int32),
         scale=np.float32(scale), window=np.int64(window or 0))
     return out.reshape(b, 1, h, d).astype(dtype)
-
-
-def cache_dtype(dtype) -> jnp.dtype:
-    """The dtype a model of ``dtype`` keeps its KV cache in: float32 for a bfloat16 model
-    traced for our kernels (XLA:CPU has no bfloat16 scatter, so a decode step's write of
-    its new keys widened the whole bfloat16 cache to float32 and back: 20 of a batch-8
-    step's 31 ms on the small shape, 2048 positions), else ``dtype`` itself."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if active() and dtype == jnp.bfloat16 else dtype
 
 
 def greedy(logits: jax.Array) -> jax.Array | None:
@@ -277,3 +271,13 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array | None:
     out = jax.ffi.ffi_call(TAKE_ROWS_TARGET, jax.ShapeDtypeStruct((flat.shape[0], table.shape[1]), table.dtype))(
         table, flat)
     return out.reshape(*ids.shape, table.shape[1])
+
+
+def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array | None:
+    """``new`` (B, KV, T, D) written into ``cache`` (B, KV, S, D) at per-row offsets
+    ``start`` (B,), in place, by the kernel, for a bfloat16 cache (XLA:CPU's own write
+    converts the whole cache to float32 and back); None where it does not serve."""
+    if not active() or cache.ndim != 4 or cache.dtype != jnp.bfloat16 or new.shape[2] > cache.shape[2]:
+        return None
+    return jax.ffi.ffi_call(WRITE_CACHE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+                            input_output_aliases={0: 0})(cache, new.astype(cache.dtype), start.astype(jnp.int32))

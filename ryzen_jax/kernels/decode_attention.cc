@@ -9,7 +9,9 @@
 // which read the cache at 4-5 GB/s and always read the whole attend bucket; this
 // reads only the positions each row holds (README, Benchmarks). Scores eight keys at a
 // time and values two positions at a time (scores_of, weighted_sum): one layer at
-// batch 8 of the small shape, 192 positions, took 127 us on one core, now 82 us.
+// batch 8 of the small shape, 192 positions, took 127 us on one core, now 82 us. The
+// cache is float32 or bfloat16 (a bfloat16 model's, half the bytes to read), widened
+// to float32 as it is loaded.
 
 #include <immintrin.h>
 
@@ -27,6 +29,7 @@ namespace {
 
 using ryzen_jax::dot;
 using ryzen_jax::hsum;
+using ryzen_jax::load8;
 
 // e^x for x <= 0 (scores minus their maximum): 2^n · p(r), |r| <= ln2/2, p of degree
 // 6; relative error about 2e-7, float32's own rounding.
@@ -74,27 +77,30 @@ inline __m256 hsum8(const __m256* a) {
 }
 
 // s[j] = scale · q·keys[j] for j < n: eight keys at a time, their sums in eight
-// registers reduced together (hsum8), the rest one by one.
-inline void scores_of(const float* q, const float* keys, int64_t n, int64_t dim, float scale, float* s) {
+// registers reduced together (hsum8), the rest one by one. C: the cache's element,
+// float or uint16_t (bfloat16's bits).
+template <typename C>
+inline void scores_of(const float* q, const C* keys, int64_t n, int64_t dim, float scale, float* s) {
   const __m256 sv = _mm256_set1_ps(scale);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     __m256 acc[8];
     for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
-    const float* kj = keys + j * dim;
+    const C* kj = keys + j * dim;
     for (int64_t c = 0; c < dim; c += 8) {
       const __m256 qc = _mm256_loadu_ps(q + c);
-      for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kj + t * dim + c), acc[t]);
+      for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(qc, load8(kj + t * dim + c), acc[t]);
     }
     _mm256_storeu_ps(s + j, _mm256_mul_ps(sv, hsum8(acc)));
   }
-  for (; j < n; ++j) s[j] = scale * dot(q, keys + j * dim, dim);
+  for (; j < n; ++j) s[j] = scale * dot(keys + j * dim, q, dim);
 }
 
 // o = Σ_j p[j] · values[j] over j < n, plus p[n] · own: 32 output lanes in registers
 // at a time, two positions per step into two sets of sums, so consecutive FMAs do not
 // wait on each other (one set made this loop 3x slower than the scores).
-inline void weighted_sum(const float* p, const float* values, int64_t n, const float* own, int64_t dim, float* o) {
+template <typename C>
+inline void weighted_sum(const float* p, const C* values, int64_t n, const float* own, int64_t dim, float* o) {
   for (int64_t d0 = 0; d0 < dim; d0 += 32) {
     const int lanes = int(std::min<int64_t>(32, dim - d0) / 8);
     __m256 a[4], b[4];
@@ -102,23 +108,27 @@ inline void weighted_sum(const float* p, const float* values, int64_t n, const f
     int64_t j = 0;
     for (; j + 2 <= n; j += 2) {
       const __m256 p0 = _mm256_set1_ps(p[j]), p1 = _mm256_set1_ps(p[j + 1]);
-      const float* v0 = values + j * dim + d0;
+      const C* v0 = values + j * dim + d0;
       for (int c = 0; c < lanes; ++c) {
-        a[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a[c]);
-        b[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v0 + dim + 8 * c), b[c]);
+        a[c] = _mm256_fmadd_ps(p0, load8(v0 + 8 * c), a[c]);
+        b[c] = _mm256_fmadd_ps(p1, load8(v0 + dim + 8 * c), b[c]);
       }
     }
-    for (; j <= n; ++j) {  // an odd position left, then the own value
+    if (j < n) {  // an odd position left
       const __m256 pj = _mm256_set1_ps(p[j]);
-      const float* vj = (j < n ? values + j * dim : own) + d0;
-      for (int c = 0; c < lanes; ++c) a[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), a[c]);
+      for (int c = 0; c < lanes; ++c) a[c] = _mm256_fmadd_ps(pj, load8(values + j * dim + d0 + 8 * c), a[c]);
     }
+    const __m256 pn = _mm256_set1_ps(p[n]);  // then the own value
+    for (int c = 0; c < lanes; ++c) a[c] = _mm256_fmadd_ps(pn, _mm256_loadu_ps(own + d0 + 8 * c), a[c]);
     for (int c = 0; c < lanes; ++c) _mm256_storeu_ps(o + d0 + 8 * c, _mm256_add_ps(a[c], b[c]));
   }
 }
 
+template <typename C>
 struct Layer {
-  const float *q, *k, *v, *own_k, *own_v;
+  const float* q;
+  const C *k, *v;
+  const float *own_k, *own_v;
   const int32_t* positions;
   float* out;
   int64_t kv, groups, length, dim, window;
@@ -130,8 +140,8 @@ struct Layer {
     const int64_t pos = std::clamp<int64_t>(positions[b], 0, length);
     const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
     const int64_t n = pos - lo + 1;  // visible cache positions, then the own key
-    const float* keys = k + (i * length + lo) * dim;
-    const float* values = v + (i * length + lo) * dim;
+    const C* keys = k + (i * length + lo) * dim;
+    const C* values = v + (i * length + lo) * dim;
     const float* ok = own_k + i * dim;
     const float* ov = own_v + i * dim;
     scores.resize(groups * n);
@@ -139,30 +149,43 @@ struct Layer {
       // the pair's keys are read from memory once: the next query heads find them in cache
       float* p = scores.data() + g * n;
       scores_of(q + (i * groups + g) * dim, keys, n - 1, dim, scale, p);
-      p[n - 1] = scale * dot(q + (i * groups + g) * dim, ok, dim);
+      p[n - 1] = scale * dot(ok, q + (i * groups + g) * dim, dim);
       softmax(p, n);
       weighted_sum(p, values, n - 1, ov, dim, out + (i * groups + g) * dim);
     }
   }
 };
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> own_k, ffi::Buffer<ffi::F32> own_v,
-                           ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> out, float scale,
-                           int64_t window) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] || qd[3] % 8 != 0 ||
-      v.element_count() != k.element_count() || own_k.element_count() != size_t(qd[0] * qd[1] * qd[3]) ||
-      own_v.element_count() != own_k.element_count() || positions.element_count() != size_t(qd[0]))
-    return ffi::Error::InvalidArgument(
-        "decode_attention: expected q (B, KV, G, D), k and v (B, KV, S, D), own k and v (B, KV, 1, D), "
-        "positions (B,), D a multiple of 8");
-  Layer layer{q.typed_data(), k.typed_data(), v.typed_data(), own_k.typed_data(), own_v.typed_data(),
-              positions.typed_data(), out->typed_data(), qd[1], qd[2], kd[2], qd[3], window, scale};
-  ryzen_jax::parallel_for(pool, qd[0] * qd[1], [layer](int64_t i) {
+template <typename C>
+void run(ffi::ThreadPool& pool, const Layer<C>& layer, int64_t pairs) {
+  ryzen_jax::parallel_for(pool, pairs, [layer](int64_t i) {
     thread_local std::vector<float> scores;
     layer.pair(i, scores);
   });
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                           ffi::Buffer<ffi::F32> own_k, ffi::Buffer<ffi::F32> own_v, ffi::Buffer<ffi::S32> positions,
+                           ffi::ResultBuffer<ffi::F32> out, float scale, int64_t window) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const auto type = k.element_type();
+  if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] || qd[3] % 8 != 0 ||
+      v.element_type() != type || (type != ffi::DataType::F32 && type != ffi::DataType::BF16) ||
+      v.element_count() != k.element_count() || own_k.element_count() != size_t(qd[0] * qd[1] * qd[3]) ||
+      own_v.element_count() != own_k.element_count() || positions.element_count() != size_t(qd[0]))
+    return ffi::Error::InvalidArgument(
+        "decode_attention: expected q (B, KV, G, D), k and v (B, KV, S, D) both float32 or both bfloat16, own k "
+        "and v (B, KV, 1, D), positions (B,), D a multiple of 8");
+  const int64_t pairs = qd[0] * qd[1];
+  if (type == ffi::DataType::F32) {
+    run(pool, Layer<float>{q.typed_data(), k.reinterpret_data<float>(), v.reinterpret_data<float>(),
+                           own_k.typed_data(), own_v.typed_data(), positions.typed_data(), out->typed_data(), qd[1],
+                           qd[2], kd[2], qd[3], window, scale}, pairs);
+  } else {
+    run(pool, Layer<uint16_t>{q.typed_data(), k.reinterpret_data<uint16_t>(), v.reinterpret_data<uint16_t>(),
+                              own_k.typed_data(), own_v.typed_data(), positions.typed_data(), out->typed_data(),
+                              qd[1], qd[2], kd[2], qd[3], window, scale}, pairs);
+  }
   return ffi::Error::Success();
 }
 
@@ -172,8 +195,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // cache k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // cache v
+                                  .Arg<ffi::AnyBuffer>()         // cache k
+                                  .Arg<ffi::AnyBuffer>()         // cache v
                                   .Arg<ffi::Buffer<ffi::F32>>()  // own k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // own v
                                   .Arg<ffi::Buffer<ffi::S32>>()  // positions

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from ryzen_jax import cache as kv
-from ryzen_jax import kernels
 from ryzen_jax.layers import vocab_logits
 
 
@@ -32,9 +31,8 @@ class DecoderOnlyLM:
 
     def cache_shape(self) -> tuple[int, int, int, jnp.dtype]:
         """(layers, KV heads held (replicated up to tp), head_dim, dtype) of the KV cache;
-        the dtype is the model's, but float32 for bfloat16 on our CPU kernels
-        (``kernels.cache_dtype``: decided while tracing)."""
-        dtype = kernels.cache_dtype(self.embed.embedding.dtype)
+        the dtype is the model's."""
+        dtype = jnp.dtype(self.embed.embedding.dtype)
         return self.cfg.num_layers, self.tp.kv_heads(self.cfg.num_kv_heads), self.cfg.head_dim, dtype
 
     def new_cache(self, batch: int, max_len: int) -> kv.KVCache:

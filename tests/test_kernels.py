@@ -38,11 +38,12 @@ def loop_params(*names: str) -> list:
 @pytest.mark.parametrize("loop", loop_params("avx2", "avx512"))
 @pytest.mark.parametrize("m,out,inp", [(1, 4099, 520), (1, 7, 13), (2, 300, 1376), (3, 1, 7), (5, 33, 40),
                                        (8, 2000, 64), (8, 5, 1), (6, 2051, 517), (8, 3, 33), (11, 70, 24),
-                                       (16, 1030, 129), (8, 64, 3001), (16, 40, 700)])
+                                       (16, 1030, 129), (8, 64, 3001), (16, 40, 700), (12, 77, 1500)])
 def test_products_match_numpy(m, out, inp, loop):
     """Row counts up to 16 (tiles of eight and what is left), in each of its loops, with
     input widths off its 8-, 16- and 32-wide steps, odd output counts, enough output
-    rows to be split over both threads, and inputs too wide for L1 (walked in blocks)."""
+    rows to be split over both threads, and inputs too wide for L1 (walked in blocks,
+    from 9 rows up copied block by block)."""
     rng = np.random.default_rng(m * out + inp)
     x = rng.standard_normal((m, inp), dtype=np.float32)
     w = rng.standard_normal((out, inp), dtype=np.float32)
@@ -54,10 +55,12 @@ def test_products_match_numpy(m, out, inp, loop):
 @needs_kernel
 @pytest.mark.parametrize("loop", loop_params("avx2", "avx512", "avx512_bf16"))
 @pytest.mark.parametrize("m,out,inp", [(1, 4099, 520), (3, 7, 13), (2, 33, 96), (8, 2051, 517), (16, 300, 64),
-                                       (8, 50, 3001)])
+                                       (8, 50, 3001), (16, 301, 4133), (11, 45, 2100), (1, 9, 17000)])
 def test_bfloat16_products_match_numpy(m, out, inp, loop):
     """bfloat16 x and w: the float64 product of the same bfloat16 values, rounded once to
-    bfloat16 (within one of its steps: the sums are float32, in another order)."""
+    bfloat16 (within one of its steps: the sums are float32, in another order); rows of
+    x up to 16 (weight rows in pairs from 9 up, an odd one left), inputs walked in
+    blocks, one row of them too."""
     rng = np.random.default_rng(m + out + inp)
     x = jnp.asarray(rng.standard_normal((m, inp), dtype=np.float32), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((out, inp), dtype=np.float32), jnp.bfloat16)

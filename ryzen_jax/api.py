@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any, Iterator, Sequence
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ryzen_jax import kernels
 from ryzen_jax.checkpoint.loader import DistributedCheckpointLoader
 from ryzen_jax.config import ModelConfig
 from ryzen_jax.engine.embed import Encoder
@@ -27,6 +29,9 @@ from ryzen_jax.engine.generate import (Completion, GenerationResult, Generator, 
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.runtime import enable_compilation_cache
 from ryzen_jax.sharding import ShardingError, TensorParallelConfig
+
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class LoadedModel:
@@ -114,7 +119,13 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     tp_cfg.validate(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
     _ = tp_cfg.mesh
     resolve_max_seq_len(cfg, max_seq_len)
-    model = loader.load(tp_cfg, jnp.dtype(dtype or default_dtype()))
+    dtype = jnp.dtype(dtype or default_dtype())
+    if dtype == jnp.bfloat16 and kernels.widens_bfloat16(jax.default_backend(), tp_cfg.mesh.devices.size):
+        log.warning("bfloat16 on %d CPU devices: XLA:CPU's dot widens every weight to float32 and the decode loop "
+                    "holds those copies (about twice the weights' bytes more memory, and several times slower than "
+                    "one device on our kernels); load it with tp=1 (and dp=1), or in float32",
+                    tp_cfg.mesh.devices.size)
+    model = loader.load(tp_cfg, dtype)
     encoder = Encoder(model, tp_cfg) if cfg.is_encoder else None  # encoder-only: embeddings, no generation
     generator = None if encoder else Generator(model, tp_cfg, tokenizer=tokenizer, max_seq_len=max_seq_len)
     if warmup and generator is not None:

@@ -293,6 +293,11 @@ def test_a_bfloat16_run_reads_a_bfloat16_checkpoint_of_the_same_weights(cache_di
     check_fits(PRESETS["7B"], "bfloat16", available=20 * 2**30)
     with pytest.raises(ShapeError, match="in float32 \\(--dtype bfloat16 needs half\\)"):
         check_fits(PRESETS["7B"], "float32", available=20 * 2**30)
+    # split over CPU devices, XLA:CPU's dot holds float32 copies of the bfloat16 weights:
+    # refused with the fix named, before anything is loaded; on a GPU, no such copies
+    with pytest.raises(ShapeError, match="at tp=4 on CPU .* float32 copy .* pass --tp 1"):
+        check_fits(PRESETS["7B"], "bfloat16", available=20 * 2**30, tp=4, platform="cpu")
+    check_fits(PRESETS["7B"], "bfloat16", available=20 * 2**30, tp=4, platform="gpu")
 
 
 def test_a_later_higher_bandwidth_lowers_the_floors(results):

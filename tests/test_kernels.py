@@ -169,6 +169,31 @@ def test_bfloat16_decode_on_the_kernels_tracks_hf(hf_model_dir):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
 
 
+@needs_kernel
+def test_bfloat16_split_over_cpu_devices_warns_of_the_widened_weights(hf_model_dir, caplog):
+    """Split over two CPU devices, a bfloat16 model's products are XLA:CPU's dot, whose
+    decode program holds float32 copies of the weights (temporaries of at least twice
+    the weights' bytes): loading it says so and names the fix; on one device, our
+    kernels, no copies and no warning."""
+    path = hf_model_dir("llama_gqa")
+    with caplog.at_level(logging.WARNING, logger="ryzen_jax.api"):
+        split = rj.load_model(path, tp=2, dtype="bfloat16", progress=False)
+    assert "widens every weight to float32" in caplog.text and "tp=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ryzen_jax.api"):
+        one = rj.load_model(path, tp=1, dtype="bfloat16", progress=False)
+    assert "widens" not in caplog.text
+
+    def weights_and_temporaries(lm):
+        weights = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(lm.generator.state))
+        return weights, lm.generator.decode_program(1).memory_analysis().temp_size_in_bytes
+
+    weights, temporaries = weights_and_temporaries(split)
+    assert temporaries >= 1.5 * weights, (weights, temporaries)
+    weights, temporaries = weights_and_temporaries(one)
+    assert temporaries < 0.5 * weights, (weights, temporaries)
+
+
 def test_no_compiler_falls_back_to_xla_with_a_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     monkeypatch.setenv("RYZEN_JAX_CACHE", str(tmp_path))

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from ryzen_jax import kernels
 from ryzen_jax.demo import CHECKPOINT_DTYPES, LlamaDims, weight_shapes, write_hf_checkpoint
 
 #: name -> shape. "small" is the issue's target shape; "1B"/"7B" follow Llama's proportions.
@@ -55,20 +56,37 @@ def checkpoint_bytes(dims: LlamaDims, dtype: str = "float32") -> int:
     return CHECKPOINT_DTYPES[dtype].itemsize * param_count(dims)
 
 
-def check_fits(dims: LlamaDims, dtype: str = "float32", available: int | None = None) -> None:
+#: what XLA:CPU's float32 copies of bfloat16 weights add, per checkpoint byte, where its
+#: dot runs the products (``kernels.widens_bfloat16``: tp > 1 on CPU)
+WIDENED_FACTOR = 2.0
+
+
+def check_fits(dims: LlamaDims, dtype: str = "float32", available: int | None = None, *, tp: int = 1,
+               platform: str | None = None) -> None:
     """Raise ShapeError unless this machine has the host memory to load and run ``dims``
-    in ``dtype`` (from a checkpoint in that dtype, as ``ensure_checkpoint`` writes it)."""
+    in ``dtype`` (from a checkpoint in that dtype, as ``ensure_checkpoint`` writes it);
+    given the ``platform`` it runs on, at ``tp`` (XLA:CPU's float32 copies of bfloat16
+    weights counted where they are made)."""
     if available is None:
         import psutil
 
         available = psutil.virtual_memory().available
-    need = int(HOST_MEMORY_FACTOR * checkpoint_bytes(dims, dtype)) + HOST_MEMORY_BASE
-    if need > available:
-        other = " (--dtype bfloat16 needs half)" if dtype == "float32" else ""
+    size = checkpoint_bytes(dims, dtype)
+    widened = platform is not None and dtype == "bfloat16" and kernels.widens_bfloat16(platform, tp)
+    need = int((HOST_MEMORY_FACTOR + (WIDENED_FACTOR if widened else 0.0)) * size) + HOST_MEMORY_BASE
+    if need <= available:
+        return
+    if widened and int(HOST_MEMORY_FACTOR * size) + HOST_MEMORY_BASE <= available:
         raise ShapeError(
-            f"a model of {param_count(dims) / 1e9:.2f}B parameters needs about {need / 2**30:.1f} GiB of host memory "
-            f"to load and run in {dtype}{other}, but {available / 2**30:.1f} GiB are available; choose a smaller "
-            f"--model-size (one of {', '.join(PRESETS)}) or run on a machine with more memory")
+            f"a model of {param_count(dims) / 1e9:.2f}B parameters in bfloat16 at tp={tp} on CPU needs about "
+            f"{need / 2**30:.1f} GiB of host memory ({available / 2**30:.1f} GiB are available): XLA:CPU's dot widens "
+            f"each bfloat16 weight to a float32 copy and the decode loop holds them; pass --tp 1, where our CPU "
+            f"kernels read bfloat16 as it lies")
+    other = " (--dtype bfloat16 needs half)" if dtype == "float32" else ""
+    raise ShapeError(
+        f"a model of {param_count(dims) / 1e9:.2f}B parameters needs about {need / 2**30:.1f} GiB of host memory "
+        f"to load and run in {dtype}{other}, but {available / 2**30:.1f} GiB are available; choose a smaller "
+        f"--model-size (one of {', '.join(PRESETS)}) or run on a machine with more memory")
 
 
 def checkpoint_name(dims: LlamaDims, seed: int, dtype: str = "float32") -> str:

@@ -25,7 +25,7 @@ from ryzen_jax.bench.config import BenchmarkConfig, BenchmarkConfigError
 from ryzen_jax.bench.hardware import Hardware
 from ryzen_jax.bench.offline import EngineRun, measure_engine, with_bandwidth
 from ryzen_jax.bench.peer import PeerRun
-from ryzen_jax.bench.shapes import ensure_checkpoint, param_count, random_prompts
+from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, param_count, random_prompts
 
 log = logging.getLogger("ryzen_jax.bench")
 
@@ -139,6 +139,7 @@ class DistributedInferenceBenchmark:
         t_start = time.perf_counter()
         c, dims = self.config, self.config.dims
         tp, tps = self._tps()
+        check_fits(dims, c.dtype, tp=tp, platform=jax.default_backend())  # before any expensive work
         run_peer = c.peer and peer_mod.available()
         stages = 1 + 1 + len(tps) * len(c.batch_sizes) + (len(c.batch_sizes) if run_peer else 0)
         step = iter(range(1, stages + 1))

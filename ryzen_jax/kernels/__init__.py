@@ -164,6 +164,16 @@ def register() -> bool:
     return True
 
 
+def widens_bfloat16(platform: str, devices: int) -> bool:
+    """Whether a bfloat16 model on a mesh of ``devices`` on ``platform`` runs its products
+    on XLA:CPU's dot, which widens each bfloat16 weight to a float32 copy; a decode loop
+    hoists those copies, so they stay held beside the weights (twice the weights' bytes:
+    the "1B" shape at tp 4 held 1,133 MB of temporaries per device beside 550 MB of
+    weights, its step 10x tp 1's). Our kernels, which read bfloat16 as it lies, serve one
+    CPU device only (``usable_on``)."""
+    return platform == "cpu" and (devices > 1 or not load())
+
+
 def usable_on(mesh) -> bool:
     """One CPU device, and the kernels build here: XLA's partitioner cannot split a
     custom call across devices, so a larger mesh keeps XLA's operations."""

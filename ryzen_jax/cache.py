@@ -55,3 +55,14 @@ def write(cache_layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
         return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=1)
 
     return jax.vmap(one)(cache_layer, new, start)
+
+
+def put_row(big: jax.Array, small: jax.Array, row: jax.Array) -> jax.Array:
+    """Row 0 of ``small`` written into row ``row`` of ``big`` (the same trailing shape,
+    or a smaller block of it): a prefilled request's cache (or decode state) moved into
+    its slot of a server's batch. A bfloat16 array traced for our CPU kernels is written
+    in place by ``kernels.put_row``; elsewhere XLA's dynamic_update_slice."""
+    written = kernels.put_row(big, small, row)
+    if written is not None:
+        return written
+    return jax.lax.dynamic_update_slice_in_dim(big, small[:1].astype(big.dtype), row, axis=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +171,30 @@ def test_bfloat16_decode_on_the_kernels_tracks_hf(hf_model_dir):
 
 
 @needs_kernel
+def test_bfloat16_server_slots_take_their_cache_in_place(hf_model_dir):
+    """A server's decode slots over a bfloat16 model at tp 1: a prefilled request's
+    cache moves into its slot by the put_row kernel, in place (the insert program holds
+    no copy or float32 version of the slots' cache, as XLA's write would), and requests
+    admitted at different steps into 2 slots (one reused) each get the tokens the
+    engine gives that request alone."""
+    from ryzen_jax.engine.batcher import SlotBatcher
+    from tests.slots import three_requests_in_two_slots
+
+    lm = rj.load_model(hf_model_dir("llama_gqa"), tp=1, dtype="bfloat16", max_seq_len=64, progress=False)
+    prompts, new = [PROMPT, PROMPT[:5], PROMPT[3:] + PROMPT[:2]], 6
+    alone = [lm.generator.generate([p], new, stop_ids=[]).generated_ids[0] for p in prompts]
+    batcher = SlotBatcher(lm.generator, 2)
+    hlo = batcher._insert_program(16).as_text()
+    assert f'custom_call_target="{kernels.PUT_ROW_TARGET}"' in hlo
+    cache = "[{},{},{},{}]".format(*batcher.cache.k[0].shape)
+    assert not [line for line in hlo.splitlines() if f"{cache}" in line and (" copy(" in line or " convert(" in line
+                                                                           or f"f32{cache}" in line)]
+    requests = [rj.Request(p, new, ignore_eos=True) for p in prompts]
+    finished = three_requests_in_two_slots(batcher, requests, steps=(2, 1, 2))
+    assert sorted(finished) == sorted(alone)
+
+
+@needs_kernel
 def test_bfloat16_split_over_cpu_devices_warns_of_the_widened_weights(hf_model_dir, caplog):
     """Split over two CPU devices, a bfloat16 model's products are XLA:CPU's dot, whose
     decode program holds float32 copies of the weights (temporaries of at least twice
@@ -306,6 +331,39 @@ def test_write_cache_matches_dynamic_update_slice(steps):
     assert kernels.write_cache(cache, new, start) is None
     with kernels.for_mesh(mesh(1)):
         assert kernels.write_cache(cache.astype(jnp.float32), new, start) is None
+
+
+@needs_kernel
+def test_put_row_matches_dynamic_update_slice():
+    """A slot's row of a bfloat16 batch written by the kernel holds what XLA's
+    dynamic_update_slice writes (row 0 of the update; a row past the end clamped to the
+    last), in place; elsewhere (no mesh, float32, another trailing shape) None."""
+    rng = np.random.default_rng(7)
+    big = jnp.asarray(rng.standard_normal((4, 3, 10, 8), dtype=np.float32), jnp.bfloat16)
+    small = jnp.asarray(rng.standard_normal((2, 3, 10, 8), dtype=np.float32), jnp.bfloat16)
+    with kernels.for_mesh(mesh(1)):
+        put = jax.jit(kernels.put_row, donate_argnums=0)
+        for row in (0, 2, 3, 9):
+            want = jax.lax.dynamic_update_slice_in_dim(big, small[:1], row, axis=0)
+            donated = jnp.array(big)
+            where = donated.unsafe_buffer_pointer()
+            got = put(donated, small, jnp.int32(row))
+            assert got.unsafe_buffer_pointer() == where  # written in place
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        assert kernels.put_row(big.astype(jnp.float32), small, jnp.int32(0)) is None
+        assert kernels.put_row(big, small[:, :, :5], jnp.int32(0)) is None
+    assert kernels.put_row(big, small, jnp.int32(0)) is None
+
+
+def test_the_kernels_build_where_they_can():
+    """Where the CPU has AVX2 and FMA and a C++ compiler is on PATH, the kernels must
+    build: a compile error is a failure here, not a quiet fallback that skips every
+    kernel test."""
+    import shutil
+
+    if not {"avx2", "fma"} <= kernels._cpu_flags() or shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no AVX2/FMA or no C++ compiler: the kernels are not expected here")
+    assert kernels.build().exists()
 
 
 @needs_kernel

@@ -215,25 +215,11 @@ def test_continuous_batching_slots_give_hf_tokens(t5):
     """T5 in the server's decode slots: requests admitted at different steps into 2
     slots (one reused) each get HF's greedy tokens — encoder output and cross K/V travel
     with their slot."""
-    from ryzen_jax.engine.batcher import Admission, Plan, SlotBatcher
+    from ryzen_jax.engine.batcher import SlotBatcher
+    from tests.slots import three_requests_in_two_slots
 
     path, _, greedy = t5("t5_gated")
     lm = rj.load_model(path, tp=4, max_seq_len=64, progress=False)
-    batcher = SlotBatcher(lm.generator, 2)
-    tokens: dict[int, list[int]] = {}
-    finished: list[list[int]] = []
-
-    def apply(plan: Plan) -> None:
-        out = batcher.apply(plan)
-        for d in out.deltas:
-            tokens.setdefault(d.index, []).extend(d.token_ids)
-        for slot in out.finished:
-            finished.append(tokens.pop(slot))
-            if len(finished) == 1:  # the freed slot takes the third request at once
-                apply(Plan(admit=(Admission(slot, rj.Request(PROMPTS[2], NEW_TOKENS, ignore_eos=True), 0),), steps=0))
-
-    apply(Plan(admit=(Admission(0, rj.Request(PROMPTS[0], NEW_TOKENS, ignore_eos=True), 0),), steps=3))
-    apply(Plan(admit=(Admission(1, rj.Request(PROMPTS[1], NEW_TOKENS, ignore_eos=True), 0),), steps=1))
-    while len(finished) < 3:
-        apply(Plan(steps=4))
+    requests = [rj.Request(p, NEW_TOKENS, ignore_eos=True) for p in PROMPTS[:3]]
+    finished = three_requests_in_two_slots(SlotBatcher(lm.generator, 2), requests, steps=(3, 1, 4))
     assert sorted(finished) == sorted(greedy)

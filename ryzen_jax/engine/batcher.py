@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ryzen_jax import cache as kv
 from ryzen_jax.engine.generate import Generator, Request, StreamDelta, _Row, bucket, fetch
 from ryzen_jax.engine.sampling import SamplingParams
 
@@ -78,10 +79,7 @@ class SlotBatcher:
 
         def insert(big, small, slot):
             """Copy row 0 of every leaf of ``small`` into row ``slot`` of ``big``."""
-            def put(b, s):
-                return jax.lax.dynamic_update_slice_in_dim(b, s[:1].astype(b.dtype), slot, axis=0)
-
-            return jax.tree.map(put, big, small)
+            return jax.tree.map(lambda b, s: kv.put_row(b, s, slot), big, small)
 
         self._insert = jax.jit(insert, donate_argnums=(0,), out_shardings=self._shardings)
         self.cache, self.d, self.s = self._empty()

@@ -12,12 +12,12 @@ while tracing for a one-device CPU mesh (``for_mesh``), in float32 or bfloat16:
   the bytes to read);
 * ``decode_attention`` (one query per row, no score bias) by ``decode_attention.cc``,
   which reads only the cache positions each row holds;
-* ``write_cache`` (a step's keys and values into a bfloat16 KV cache) by
-  ``write_cache.cc``, in place;
+* ``write_cache`` and ``put_row`` (a step's keys and values, or a prefilled request's
+  whole row, into a bfloat16 KV cache) by ``write_cache.cc``, in place;
 * ``greedy`` (each row's argmax of the logits) by ``greedy.cc``, in one pass;
 * ``take_rows`` (a bfloat16 embedding lookup) by ``take_rows.cc``, rows copied as they lie.
 
-All five are XLA FFI custom calls, the first three split over the process's cores
+All are XLA FFI custom calls, the first three split over the process's cores
 (``parallel.h``). Everything else (a prefill's products and attention, GPUs,
 tensor-parallel meshes, whose partitioner must see a dot to split it) stays on XLA's
 own operations.
@@ -63,6 +63,7 @@ ATTENTION_TARGET = "ryzen_jax_decode_attention"
 GREEDY_TARGET = "ryzen_jax_greedy"
 TAKE_ROWS_TARGET = "ryzen_jax_take_rows"
 WRITE_CACHE_TARGET = "ryzen_jax_write_cache"
+PUT_ROW_TARGET = "ryzen_jax_put_row"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-pthread", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "RYZEN_JAX_CPU_KERNELS"
 
@@ -157,6 +158,7 @@ def register() -> bool:
         jax.ffi.register_ffi_target(GREEDY_TARGET, jax.ffi.pycapsule(lib.RyzenGreedy), platform="cpu")
         jax.ffi.register_ffi_target(TAKE_ROWS_TARGET, jax.ffi.pycapsule(lib.RyzenTakeRows), platform="cpu")
         jax.ffi.register_ffi_target(WRITE_CACHE_TARGET, jax.ffi.pycapsule(lib.RyzenWriteCache), platform="cpu")
+        jax.ffi.register_ffi_target(PUT_ROW_TARGET, jax.ffi.pycapsule(lib.RyzenPutRow), platform="cpu")
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
         log.warning("the CPU kernels are unavailable (%s); using XLA's operations, which are slower at decode "
                     "(set %s=0 to silence this)", e, ENV_SWITCH)
@@ -291,3 +293,13 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
         return None
     return jax.ffi.ffi_call(WRITE_CACHE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
                             input_output_aliases={0: 0})(cache, new.astype(cache.dtype), start.astype(jnp.int32))
+
+
+def put_row(big: jax.Array, small: jax.Array, row: jax.Array) -> jax.Array | None:
+    """Row 0 of ``small`` (N, ...) written into row ``row`` of ``big`` (B, ...), the same
+    trailing shape, in place, by the kernel, for a bfloat16 ``big`` (XLA:CPU's own write
+    converts all of it to float32 and back); None where it does not serve."""
+    if not active() or big.ndim < 1 or big.dtype != jnp.bfloat16 or small.shape[1:] != big.shape[1:] or not small.shape[0]:
+        return None
+    return jax.ffi.ffi_call(PUT_ROW_TARGET, jax.ShapeDtypeStruct(big.shape, big.dtype), input_output_aliases={0: 0})(
+        big, small.astype(big.dtype), jnp.reshape(row, (1,)).astype(jnp.int32))

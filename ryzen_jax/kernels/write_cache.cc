@@ -6,7 +6,8 @@
 // Why: XLA:CPU has no bfloat16 scatter or dynamic-update-slice; it converts the whole
 // bfloat16 cache to float32 and back for each write (or, moved as bits, copies it to
 // uint16): 2.6 ms per write at batch 8 of the small shape, 2048 positions, where the
-// float32 cache's write takes 6 us. This copies bytes, so it serves any dtype.
+// float32 cache's write takes 6 us. This copies bytes, so it serves any dtype; so
+// does PutRow, the same for a whole row of the batch.
 
 #include <algorithm>
 #include <cstdint>
@@ -42,7 +43,34 @@ ffi::Error WriteCache(ffi::AnyBuffer cache, ffi::AnyBuffer fresh, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+// Row 0 of ``small`` (N, ...) into row ``row`` of ``big`` (B, ...) (clamped into
+// [0, B), as lax.dynamic_update_slice clamps it), in place: a prefilled request's
+// cache moved into its slot of a server's batch. The same bytes as write_cache moves,
+// for a whole row (XLA copied the whole batch's cache for a reshape that would have
+// let write_cache do it).
+ffi::Error PutRow(ffi::AnyBuffer big, ffi::AnyBuffer small, ffi::Buffer<ffi::S32> row, ffi::Result<ffi::AnyBuffer> out) {
+  auto b = big.dimensions(), s = small.dimensions();
+  bool same = b.size() == s.size() && b.size() > 0 && s[0] >= 1 && big.element_type() == small.element_type();
+  for (size_t i = 1; same && i < b.size(); ++i) same = b[i] == s[i];
+  if (!same || row.element_count() != 1)
+    return ffi::Error::InvalidArgument("put_row: expected big (B, ...), small (N >= 1, ...) of its dtype and "
+                                       "trailing shape, and one row index");
+  auto* dst = static_cast<char*>(out->untyped_data());
+  if (dst != big.untyped_data()) std::memcpy(dst, big.untyped_data(), big.size_bytes());
+  const size_t bytes = big.size_bytes() / size_t(b[0]);
+  const int64_t at = std::clamp<int64_t>(row.typed_data()[0], 0, b[0] - 1);
+  std::memcpy(dst + at * bytes, small.untyped_data(), bytes);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenPutRow, PutRow,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // big
+                                  .Arg<ffi::AnyBuffer>()         // small
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // row
+                                  .Ret<ffi::AnyBuffer>());       // big, aliased
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RyzenWriteCache, WriteCache,
                               ffi::Ffi::Bind()

@@ -77,11 +77,13 @@ def check_fits(dims: LlamaDims, dtype: str = "float32", available: int | None = 
     if need <= available:
         return
     if widened and int(HOST_MEMORY_FACTOR * size) + HOST_MEMORY_BASE <= available:
+        fix = ("pass --tp 1, where our CPU kernels read bfloat16 as it lies" if tp > 1 else
+               "our CPU kernels, which read bfloat16 as it lies, are unavailable here (the warning above says why); "
+               "make them available or choose a smaller --model-size")
         raise ShapeError(
             f"a model of {param_count(dims) / 1e9:.2f}B parameters in bfloat16 at tp={tp} on CPU needs about "
             f"{need / 2**30:.1f} GiB of host memory ({available / 2**30:.1f} GiB are available): XLA:CPU's dot widens "
-            f"each bfloat16 weight to a float32 copy and the decode loop holds them; pass --tp 1, where our CPU "
-            f"kernels read bfloat16 as it lies")
+            f"each bfloat16 weight to a float32 copy and the decode loop holds them; {fix}")
     other = " (--dtype bfloat16 needs half)" if dtype == "float32" else ""
     raise ShapeError(
         f"a model of {param_count(dims) / 1e9:.2f}B parameters needs about {need / 2**30:.1f} GiB of host memory "

@@ -290,7 +290,7 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
             mask = key_pos[:, None, :] < positions[:, :, None]
         if window is not None:
             mask &= key_pos[:, None, :] > positions[:, :, None] - window
-        out = attention(q, keys, values, mask, scale, tp, None if bias is None else bias(key_pos), own).astype(q.dtype)
+        out = attention(q, keys, values, mask, scale, tp, None if bias is None else bias(key_pos), own)
     cache_k, cache_v = kv.write(cache_k, k, start), kv.write(cache_v, v, start)
     return out, cache_k, cache_v
 

@@ -19,6 +19,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// The call's result, which XLA aliases to ``in``: its buffer, written in place (were
+// it another, ``in`` is copied into it first).
+char* in_place(const ffi::AnyBuffer& in, ffi::Result<ffi::AnyBuffer>& out) {
+  auto* dst = static_cast<char*>(out->untyped_data());
+  if (dst != in.untyped_data()) std::memcpy(dst, in.untyped_data(), in.size_bytes());
+  return dst;
+}
+
 ffi::Error WriteCache(ffi::AnyBuffer cache, ffi::AnyBuffer fresh, ffi::Buffer<ffi::S32> start,
                       ffi::Result<ffi::AnyBuffer> out) {
   auto c = cache.dimensions(), n = fresh.dimensions();
@@ -27,8 +35,7 @@ ffi::Error WriteCache(ffi::AnyBuffer cache, ffi::AnyBuffer fresh, ffi::Buffer<ff
     return ffi::Error::InvalidArgument(
         "write_cache: expected a cache (B, KV, S, D), new slots (B, KV, T <= S, D) of its dtype, starts (B,)");
   const size_t width = ffi::ByteWidth(cache.element_type());
-  auto* dst = static_cast<char*>(out->untyped_data());
-  if (dst != cache.untyped_data()) std::memcpy(dst, cache.untyped_data(), cache.size_bytes());
+  char* dst = in_place(cache, out);
   const auto* src = static_cast<const char*>(fresh.untyped_data());
   const int32_t* s = start.typed_data();
   const int64_t heads = c[1], slots = c[2], steps = n[2];
@@ -55,8 +62,7 @@ ffi::Error PutRow(ffi::AnyBuffer big, ffi::AnyBuffer small, ffi::Buffer<ffi::S32
   if (!same || row.element_count() != 1)
     return ffi::Error::InvalidArgument("put_row: expected big (B, ...), small (N >= 1, ...) of its dtype and "
                                        "trailing shape, and one row index");
-  auto* dst = static_cast<char*>(out->untyped_data());
-  if (dst != big.untyped_data()) std::memcpy(dst, big.untyped_data(), big.size_bytes());
+  char* dst = in_place(big, out);
   const size_t bytes = big.size_bytes() / size_t(b[0]);
   const int64_t at = std::clamp<int64_t>(row.typed_data()[0], 0, b[0] - 1);
   std::memcpy(dst + at * bytes, small.untyped_data(), bytes);

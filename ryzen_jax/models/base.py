@@ -30,10 +30,8 @@ class DecoderOnlyLM:
     ``self.embed`` (an ``Embedding``)."""
 
     def cache_shape(self) -> tuple[int, int, int, jnp.dtype]:
-        """(layers, KV heads held (replicated up to tp), head_dim, dtype) of the KV cache;
-        the dtype is the model's."""
-        dtype = jnp.dtype(self.embed.embedding.dtype)
-        return self.cfg.num_layers, self.tp.kv_heads(self.cfg.num_kv_heads), self.cfg.head_dim, dtype
+        """(layers, KV heads held (replicated up to tp), head_dim, dtype) of the KV cache."""
+        return self.cfg.num_layers, self.tp.kv_heads(self.cfg.num_kv_heads), self.cfg.head_dim, self.embed.embedding.dtype
 
     def new_cache(self, batch: int, max_len: int) -> kv.KVCache:
         layers, kv_heads, head_dim, dtype = self.cache_shape()

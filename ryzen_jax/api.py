@@ -28,7 +28,7 @@ from ryzen_jax.engine.generate import (Completion, GenerationResult, Generator, 
                                       resolve_max_seq_len)
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.runtime import enable_compilation_cache
-from ryzen_jax.sharding import ShardingError, TensorParallelConfig
+from ryzen_jax.sharding import ShardingError, TensorParallelConfig, check_holds_this_process
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | None = None,
-               max_seq_len: int | None = None, warmup: bool = False, progress: bool = True) -> LoadedModel:
+               max_seq_len: int | None = None, warmup: bool = False, progress: bool = True,
+               devices: Sequence[jax.Device] | None = None) -> LoadedModel:
     """Load an HF directory or a converted checkpoint onto a (dp × tp) mesh.
 
     ``tp`` defaults to the largest split of the visible devices that the model allows,
@@ -103,7 +104,10 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     compiles every prompt-length bucket at batch 1 now, so no single request compiles
     later. JAX's persistent compilation cache is turned on
     (``$RYZEN_JAX_CACHE/xla``; ``RYZEN_JAX_COMPILE_CACHE=DIR|off``) unless the caller
-    already configured one, so a second start skips compiling.
+    already configured one, so a second start skips compiling. ``devices``: the mesh's
+    devices, in order (default: every visible one, which in a run of several processes
+    spans them all; this process's own, ``jax.local_devices()``, gives it a model of its
+    own that no other process takes part in).
     """
     if jax.config.jax_compilation_cache_dir is None:  # on by default, as in the CLIs
         enable_compilation_cache()
@@ -111,13 +115,13 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     t0 = time.perf_counter()
     loader = DistributedCheckpointLoader(path, progress=progress)
     cfg = loader.config
-    n = len(jax.devices())
+    n = len(jax.devices() if devices is None else devices)
     if tp is None:
         tp = default_tp(cfg, max(1, n // dp))
-    tp_cfg = TensorParallelConfig(tp_size=tp, dp_size=dp)
+    tp_cfg = TensorParallelConfig(tp_size=tp, dp_size=dp, devices=None if devices is None else tuple(devices))
     # An unsplittable model or too few devices fails here, before the loader reads a weight.
     tp_cfg.validate(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
-    _ = tp_cfg.mesh
+    check_holds_this_process(tp_cfg.mesh, n)
     resolve_max_seq_len(cfg, max_seq_len)
     dtype = jnp.dtype(dtype or default_dtype())
     devices = tp_cfg.mesh.devices.size

@@ -77,6 +77,22 @@ def is_main_process() -> bool:
     return process_index() == 0
 
 
+def wait_for_all(name: str, timeout_s: float = 300.0) -> None:
+    """Wait until every process of the group reaches this point (a no-op in one process):
+    the orchestrator's barrier, with its timeout, when this process formed the group
+    through ``init_distributed``; else a device-level sync (no timeout)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    if _ORCHESTRATOR is not None:
+        _ORCHESTRATOR.barrier(name, timeout_s)
+    else:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def add_mesh_args(ap) -> None:
     """The mesh and precision flags every model-running CLI takes: --tp, --dp, --dtype."""
     ap.add_argument("--tp", type=int, default=None,

@@ -49,7 +49,8 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, str | None] 
 
 
 def make_mesh(tp: int, dp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, model)`` mesh of dp × tp devices with Auto axes (XLA decides the collectives)."""
+    """A ``(data, model)`` mesh of the first dp × tp ``devices`` (default: every visible
+    one) with Auto axes (XLA decides the collectives)."""
     devices = list(devices if devices is not None else jax.devices())
     if tp < 1 or dp < 1:
         raise ShardingError(f"tp and dp must be >= 1, got tp={tp}, dp={dp}")
@@ -60,6 +61,20 @@ def make_mesh(tp: int, dp: int = 1, devices: Sequence[jax.Device] | None = None)
         )
     grid = np.asarray(devices[: tp * dp]).reshape(dp, tp)
     return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def check_holds_this_process(mesh: Mesh, visible: int) -> None:
+    """Raise ShardingError unless ``mesh`` holds a device of this process: every process
+    runs each program over the mesh on its own devices of it, so one with none could only
+    wait for the others. (Meshes that only describe shapes need no such check.)"""
+    me = jax.process_index()
+    if not any(d.process_index == me for d in mesh.devices.flat):
+        dp, tp = mesh.devices.shape
+        raise ShardingError(
+            f"tp={tp} × dp={dp} takes the first {tp * dp} of {visible} devices, none of them process {me}'s: "
+            f"in a run of {jax.process_count()} processes the mesh must hold devices of every process; raise "
+            f"tp × dp to {visible}, or give each process a model of its own on jax.local_devices()"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,11 @@ transformers on the same weights, or a running server under load.
 
 Offline, random-weight checkpoints of the chosen shape are written once under
 $RYZEN_JAX_CACHE/bench. Progress goes to stderr; the table to stdout at the end.
+Under scripts/launch.py (or srun, mpirun) offline mode runs the model split over every
+process's devices; process 0 alone runs the tp = 1 baseline and the peer and writes the
+results:
+
+    python scripts/launch.py --nproc 2 --devices-per-proc 2 -- python scripts/benchmark.py --model-size tiny
 """
 
 from __future__ import annotations
@@ -92,19 +97,31 @@ def serving(args: argparse.Namespace):
     return results, serving_table(results), serving_plots
 
 
+def jax_processes() -> int:
+    import jax
+
+    return jax.process_count()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ryzen_jax.bench import BenchmarkConfigError, ShapeError
     from ryzen_jax.bench.report import write_json
     from ryzen_jax.bench.serving import ServingConfigError
-    from ryzen_jax.runtime import setup_logging
+    from ryzen_jax.runtime import is_main_process, setup_logging
 
     setup_logging()
+    if args.mode == "serving" and jax_processes() > 1:
+        print("error: serving mode is a client of a running server: run it as one process, not under a launcher",
+              file=sys.stderr)
+        return 2
     try:
         results, table, plots = (offline if args.mode == "offline" else serving)(args)
     except (BenchmarkConfigError, ShapeError, ServingConfigError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not is_main_process():  # under a launcher: process 0 writes the results
+        return 0
     if args.json:
         print(f"results written to {write_json(results, args.json)}", file=sys.stderr)
     if args.plots:

@@ -22,6 +22,7 @@ from ryzen_jax.bench import (BenchmarkConfig, BenchmarkConfigError, DistributedI
 from ryzen_jax.bench.comm import collectives as bench_collectives, shape_bytes
 from ryzen_jax.bench.report import offline_table, to_jsonable
 from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, random_prompts
+from tests.mp_helpers import launch
 from tests.test_structure import collectives as structure_collectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,6 +187,42 @@ def test_cli_writes_json_plots_and_table(tmp_path, cache_dir, capsys):
     assert sorted(os.listdir(tmp_path / "plots")) == ["latency_distribution.png", "tokens_per_s_vs_batch.png"]
     table = capsys.readouterr().out
     assert "batch 1" in table and "tokens/s" in table and "bandwidth floor" in table
+
+
+@pytest.mark.skipif(not peer.available(), reason="torch is not installed")
+def test_the_cli_under_the_launcher_splits_the_model_over_every_process(cache_dir, tmp_path):
+    """2 processes × 2 devices: tp = 4 across them (gloo), the tp = 1 baseline and the
+    peer in process 0 alone, HF's tokens, the compiled step's Megatron collectives, the
+    results written by process 0 only."""
+    out = tmp_path / "bench.json"
+    run = launch(2, 2, "scripts/benchmark.py", "--model-size", "tiny", "--batch-size", "1", "2", "--prompt-len", "8",
+                 "--new-tokens", "8", "--repeats", "1", "--probe-mb", "16", "--cache-dir", cache_dir,
+                 "--json", str(out), env={"RYZEN_JAX_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    data, dims = json.loads(out.read_text()), PRESETS["tiny"]
+    assert data["tp"] == 4 and data["hardware"]["processes"] == 2 and data["hardware"]["devices"] == 4
+    for b in data["batches"]:
+        assert b["same_tokens_as_peer"] == 1.0
+        assert b["tp1"]["generated_ids"] == b["ours"]["generated_ids"]
+        comm = b["ours"]["comm"]
+        assert comm["count"] == {"all-reduce": 2 * dims.num_layers + 1, "all-gather": 1}
+        assert comm["megatron_bytes"] == 2 * dims.num_layers * b["batch"] * dims.hidden_size * 4
+    assert finite_positive(data["speedup_factor"])
+    table = [line for line in run.stdout.splitlines() if "tokens/s" in line or "machine:" in line]
+    assert table and all(line.startswith("[rank 0] ") for line in table)
+    assert "4 devices in 2 processes" in run.stdout
+    for rank in (0, 1):  # both processes log their progress, each line tagged
+        assert f"[rank {rank}] " in run.stderr and "ours: tp=4, batch 2" in run.stderr
+
+
+def test_under_the_launcher_a_tp_short_of_every_process_and_serving_mode_are_refused(cache_dir):
+    run = launch(2, 2, "scripts/benchmark.py", "--model-size", "tiny", "--tp", "2", "--cache-dir", cache_dir)
+    assert run.returncode == 2
+    for rank in (0, 1):
+        assert (f"[rank {rank}] error: world_size (--tp) 2: a run of 2 processes measures the model split over all "
+                "4 of their devices; pass 4") in run.stderr
+    run = launch(2, 1, "scripts/benchmark.py", "--mode", "serving")
+    assert run.returncode == 2 and "serving mode is a client of a running server: run it as one process" in run.stderr
 
 
 @pytest.mark.parametrize("overrides,match", [

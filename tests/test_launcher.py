@@ -161,3 +161,13 @@ def test_generate_script_runs_under_the_launcher(tokenized_model, tmp_path):
     out = main[0]["outputs"][0]
     expected = hf_models.greedy(hf_models.load(tokenized_model), out["prompt_ids"], 8)
     assert out["generated_ids"] == expected[: len(out["generated_ids"])]  # the CLI stops at EOS
+
+
+def test_a_mesh_that_leaves_a_process_out_is_refused_by_that_process(tokenized_model, tmp_path):
+    """tp = 2 of 2 processes × 2 devices takes process 0's two: process 1, which could take
+    no part in its programs, says so and names the fix, and the launcher stops the group."""
+    run = launch(2, 2, "scripts/generate.py", "--model", tokenized_model, "--tp", "2", "--max-new-tokens", "2",
+                 env={"RYZEN_JAX_CACHE": str(tmp_path / "cache")})
+    assert run.returncode != 0
+    assert ("[rank 1] error: tp=2 × dp=1 takes the first 2 of 4 devices, none of them process 1's: in a run of 2 "
+            "processes the mesh must hold devices of every process; raise tp × dp to 4") in run.stderr

@@ -30,7 +30,8 @@ class Hardware:
 
     backend: str
     device_kind: str
-    devices: int
+    devices: int  # in the whole run, every process's
+    processes: int  # JAX processes in the run (1 unless under a launcher, srun or mpirun)
     cpu_count: int
     cpu_model: str
     bandwidth_gbps: float  # the best of the methods below: the floor's denominator
@@ -53,8 +54,9 @@ def _best_time(fn: Callable[[], object], repeats: int) -> float:
 
 def measure_bandwidth(megabytes: int = 256, repeats: int = 5, device: jax.Device | None = None) -> dict[str, float]:
     """Streaming bandwidth in GB/s (10^9 bytes/s) by method: a copy counts its read and
-    its write, a reduction or a matrix-vector product its read."""
-    device = device or jax.devices()[0]
+    its write, a reduction or a matrix-vector product its read. ``device``: default this
+    process's first."""
+    device = device or jax.local_devices()[0]
     n = megabytes * 2**20 // 4
     out: dict[str, float] = {}
     if device.platform == "cpu":
@@ -87,8 +89,9 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 5, device: jax.Device
 
 def measure_matmul(n: int = 1024, dtype: str = "float32", repeats: int = 5, device: jax.Device | None = None) -> float:
     """GFLOP/s of an n×n by n×n matrix product on one device, at the precision the
-    models ask for (``kernels.dot_precision``: float32 in float32, not TensorFloat-32)."""
-    device = device or jax.devices()[0]
+    models ask for (``kernels.dot_precision``: float32 in float32, not TensorFloat-32).
+    ``device``: default this process's first."""
+    device = device or jax.local_devices()[0]
     a = jax.device_put(jnp.ones((n, n), dtype), device)
     mm = jax.jit(lambda a, b: jnp.matmul(a, b, precision=kernels.dot_precision(a, b)))
     return 2 * n**3 / _best_time(lambda: mm(a, a), repeats) / 1e9
@@ -106,8 +109,10 @@ def _cpu_model() -> str:
 
 
 def measure(dtype: str = "float32", *, megabytes: int = 256, repeats: int = 5) -> Hardware:
-    """Describe the machine and measure its bandwidth and matmul floors."""
-    dev = jax.devices()[0]
+    """Describe the machine and measure its bandwidth and matmul floors on this process's
+    first device (in a run of several processes each measures its own host; the report
+    is process 0's)."""
+    dev = jax.local_devices()[0]
     bw = measure_bandwidth(megabytes, repeats, dev)
     n = 1024 if dev.platform == "cpu" else 8192  # an accelerator's peak needs far larger products
     try:
@@ -115,6 +120,6 @@ def measure(dtype: str = "float32", *, megabytes: int = 256, repeats: int = 5) -
     except OSError:
         load = None
     return Hardware(backend=jax.default_backend(), device_kind=dev.device_kind, devices=len(jax.devices()),
-                    cpu_count=os.cpu_count() or 1, cpu_model=_cpu_model(), bandwidth_gbps=max(bw.values()),
+                    processes=jax.process_count(), cpu_count=os.cpu_count() or 1, cpu_model=_cpu_model(), bandwidth_gbps=max(bw.values()),
                     bandwidth_by_method=bw, matmul_gflops=measure_matmul(n, dtype, repeats, dev), matmul_n=n,
                     shared_memory=dev.platform == "cpu", load_average=load)

@@ -52,10 +52,12 @@ def offline_table(r: BenchmarkResults) -> str:
     many times better ours is, then the floors and the communication."""
     hw, c = r.hardware, r.config
     load = f", load average {hw.load_average[0]:.1f}" if hw.load_average else ""
+    procs = (f" in {hw.processes} processes (process 0's figures; tp=1 and HF on its first device)"
+             if hw.processes > 1 else "")
     lines = [f"shape {c.model_size!r}: {r.params / 1e6:.1f}M parameters, {c.dtype}, prompt {c.seq_len}, "
              f"{c.new_tokens} new tokens, greedy",
              f"machine: {hw.backend}{'' if hw.backend == 'cpu' else f' ({hw.device_kind})'} "
-             f"({hw.cpu_model}, {hw.cpu_count} cores{load}), {hw.devices} devices; "
+             f"({hw.cpu_model}, {hw.cpu_count} cores{load}), {hw.devices} devices{procs}; "
              f"bandwidth {hw.bandwidth_gbps:.1f} GB/s, matmul {hw.matmul_gflops:.0f} GFLOP/s"
              + next((f"; HF on {b.peer.device} ({b.peer.torch_threads} threads)" for b in r.batches if b.peer), "")]
     peer_name = "HF" if r.peer_skipped is None else f"HF ({r.peer_skipped})"

@@ -26,6 +26,7 @@ from ryzen_jax.bench.hardware import Hardware
 from ryzen_jax.bench.offline import EngineRun, measure_engine, with_bandwidth
 from ryzen_jax.bench.peer import PeerRun
 from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, param_count, random_prompts
+from ryzen_jax.runtime import wait_for_all
 
 log = logging.getLogger("ryzen_jax.bench")
 
@@ -33,6 +34,10 @@ log = logging.getLogger("ryzen_jax.bench")
 TARGET_STEP_OVER_FLOOR = 1.5
 #: ... and at least this many times the peer's tokens/s at every batch size
 TARGET_TOKENS_PER_S_OVER_PEER = 2.0
+#: how long the other processes of a run wait for process 0 to write the checkpoint, and
+#: to run the one-device baseline and the peer (a "7B" shape on a CPU takes many minutes)
+CHECKPOINT_TIMEOUT_S = 3600.0
+ALONE_TIMEOUT_S = 4 * 3600.0
 
 
 @dataclasses.dataclass
@@ -120,12 +125,16 @@ class DistributedInferenceBenchmark:
         from ryzen_jax.sharding import ShardingError, TensorParallelConfig
 
         c, d = self.config, self.config.dims
-        n = len(jax.devices())
+        n, procs = len(jax.devices()), jax.process_count()
         split = dict(num_heads=d.num_heads, num_kv_heads=d.num_kv_heads, intermediate_size=d.intermediate_size)
         tp = choose_tp(types.SimpleNamespace(**split), n) if c.world_size is None else c.world_size
         if tp > n:
             raise BenchmarkConfigError(f"world_size {tp} needs {tp} devices but {n} are visible; lower it "
                                        "(on CPU, scripts/benchmark.py simulates 4)")
+        if procs > 1 and tp != n:
+            raise BenchmarkConfigError(f"world_size (--tp) {tp}: a run of {procs} processes measures the model split "
+                                       f"over all {n} of their devices; pass {n} (or leave it unset), or run one "
+                                       "process")
         try:
             TensorParallelConfig(tp_size=tp).validate(**split)
         except ShardingError as e:
@@ -140,7 +149,13 @@ class DistributedInferenceBenchmark:
         c, dims = self.config, self.config.dims
         tp, tps = self._tps()
         check_fits(dims, c.dtype, tp=tp, platform=jax.default_backend())  # before any expensive work
-        run_peer = c.peer and peer_mod.available()
+        # In a run of several processes every one takes part in the split model; the
+        # one-device baseline (on process 0's first device) and the peer run in process 0
+        # alone while the others wait at the end.
+        main = jax.process_index() == 0
+        if not main:
+            tps = [tp]
+        run_peer = main and c.peer and peer_mod.available()
         stages = 1 + 1 + len(tps) * len(c.batch_sizes) + (len(c.batch_sizes) if run_peer else 0)
         step = iter(range(1, stages + 1))
         say = lambda msg: self.progress(f"[{next(step)}/{stages}] {msg}")  # noqa: E731
@@ -149,12 +164,17 @@ class DistributedInferenceBenchmark:
         hw = hardware.measure(c.dtype, megabytes=c.probe_megabytes)
         cache_dir = c.cache_dir or os.path.join(cache_root(), "bench")
         say(f"checkpoint for shape {c.model_size!r} ({param_count(dims) / 1e6:.1f}M parameters) in {cache_dir}")
-        path = ensure_checkpoint(dims, cache_dir, seed=c.seed, dtype=c.dtype, progress=True)
+        if main:
+            path = ensure_checkpoint(dims, cache_dir, seed=c.seed, dtype=c.dtype, progress=True)
+        wait_for_all("bench-checkpoint", CHECKPOINT_TIMEOUT_S)
+        if not main:  # writes its own copy only where process 0's is not on a shared filesystem
+            path = ensure_checkpoint(dims, cache_dir, seed=c.seed, dtype=c.dtype, progress=True)
         prompts = {b: random_prompts(b, c.seq_len, dims.vocab_size, seed=c.seed + b) for b in c.batch_sizes}
 
         engine: dict[int, dict[int, EngineRun]] = {}
         for t in tps:
-            lm = rj.load_model(path, tp=t, dtype=c.dtype, max_seq_len=c.max_seq_len, progress=True)
+            lm = rj.load_model(path, tp=t, dtype=c.dtype, max_seq_len=c.max_seq_len, progress=True,
+                               devices=None if t == tp else jax.local_devices())
             engine[t] = {}
             for b in c.batch_sizes:
                 say(f"ours: tp={t}, batch {b}, prompt {c.seq_len}, {c.new_tokens} new tokens")
@@ -165,8 +185,8 @@ class DistributedInferenceBenchmark:
         # The bandwidth again, after our runs: a shared machine's varies by tens of percent
         # within minutes, and the floors take the best of both (never a floor a step beats
         # because the first reading was low).
-        again = hardware.measure_bandwidth(c.probe_megabytes)
-        if max(again.values()) > hw.bandwidth_gbps:
+        again = hardware.measure_bandwidth(c.probe_megabytes) if main else {}
+        if max(again.values(), default=0.0) > hw.bandwidth_gbps:
             old = hw.bandwidth_gbps
             hw = dataclasses.replace(hw, bandwidth_gbps=max(again.values()), bandwidth_by_method={
                 k: max(v, again.get(k, 0.0)) for k, v in hw.bandwidth_by_method.items()})
@@ -181,6 +201,7 @@ class DistributedInferenceBenchmark:
                 peers[b] = p.measure(prompts[b], c.new_tokens, repeats=c.repeats)
             del p
             gc.collect()
+        wait_for_all("bench-done", ALONE_TIMEOUT_S)
 
         batches = []
         for b in c.batch_sizes:

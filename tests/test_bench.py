@@ -13,13 +13,15 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import ryzen_jax as rj
 from ryzen_jax import kernels
 from ryzen_jax.bench import (BenchmarkConfig, BenchmarkConfigError, DistributedInferenceBenchmark, PRESETS,
                              ShapeError, peer, serving)
-from ryzen_jax.bench.comm import collectives as bench_collectives, shape_bytes
+from ryzen_jax.bench.comm import collective_ops, collectives as bench_collectives, shape_bytes
+from ryzen_jax.bench.offline import collectives_alone
 from ryzen_jax.bench.report import offline_table, to_jsonable
 from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, random_prompts
 from tests.mp_helpers import launch
@@ -115,6 +117,19 @@ def test_communication_is_the_megatron_count_of_the_compiled_step(bench, results
                            f"all-gather f32[{b.batch},1,{dims.vocab_size}]"]
         assert b.tp1.comm.total_count == 0 and b.tp1.comm.megatron_count == 0
         assert structure_collectives(bench.decode_hlo[1, b.batch]) == []
+
+
+def test_the_collectives_alone_are_the_steps_own(bench, results):
+    """The communication share times a program of exactly the compiled step's collectives
+    (kinds, shapes, order), read back from that program's own HLO; none at tp = 1."""
+    mesh = rj.TensorParallelConfig(tp_size=2).mesh
+    for b in results.batches:
+        hlo = bench.decode_hlo[2, b.batch]
+        program, _, _ = collectives_alone(collective_ops(hlo), mesh)
+        assert structure_collectives(program.as_text()) == structure_collectives(hlo)
+        assert finite_positive(b.ours.collectives_alone_ms)
+        assert b.ours.comm_share == pytest.approx(b.ours.collectives_alone_ms / b.ours.decode_step_ms)
+        assert b.tp1.collectives_alone_ms == 0.0 and b.tp1.comm_share == 0.0
 
 
 @pytest.mark.skipif(not peer.available(), reason="torch is not installed")
@@ -258,6 +273,32 @@ def test_hlo_shape_bytes():
     assert shape_bytes("f32[8,1,512]{2,1,0}") == 8 * 512 * 4
     assert shape_bytes("pred[]") == 1
     assert shape_bytes("(bf16[2,3]{1,0}, s32[4]{0})") == 2 * 6 + 16
+    # an accelerator's asynchronous all-gather: the start's result is (operand, result)
+    (start,) = collective_ops("  %ag = (f32[1,128]{1,0}, f32[1,512]{1,0}) all-gather-start(f32[1,128]{1,0} %x), "
+                              "channel_id=1, replica_groups={{0,1,2,3}}, dimensions={1}, use_global_device_ids=true")
+    assert (start.kind, start.dimension, start.start, start.results()) == ("all-gather", 1, True, [("f32", (1, 512))])
+
+
+def test_the_collectives_alone_reproduce_a_compiled_programs_collectives():
+    """Each kind the alone-program times, at tp = 4, as XLA compiled them: the
+    alone-program's HLO lists the same collectives."""
+    from jax.sharding import PartitionSpec as P
+
+    from ryzen_jax.sharding import MODEL
+
+    mesh = rj.TensorParallelConfig(tp_size=4).mesh
+
+    def f(x):
+        y = jax.lax.psum_scatter(x, MODEL, scatter_dimension=1, tiled=True)
+        z = jax.lax.all_gather(jnp.sin(y), MODEL, axis=1, tiled=True)
+        return z + jax.lax.psum(jnp.cos(x).astype(jnp.bfloat16), MODEL).astype(x.dtype)
+
+    step = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(MODEL), out_specs=P(MODEL), check_vma=False))
+    hlo = step.lower(jnp.zeros((8, 16, 3), jnp.float32)).compile().as_text()
+    found = structure_collectives(hlo)
+    assert {k for k, _ in found} == {"reduce-scatter", "all-gather", "all-reduce"}
+    program, _, _ = collectives_alone(collective_ops(hlo), mesh)
+    assert structure_collectives(program.as_text()) == found
 
 
 @pytest.fixture(scope="module")

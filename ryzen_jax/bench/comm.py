@@ -13,16 +13,48 @@ import math
 import re
 
 COLLECTIVE = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.-]+ = (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-    r"(?:-start)?\(")
+    r"^\s*(?:ROOT\s+)?%?[\w.-]+ = (\([^)]*\)|\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(-start)?\(")
 _ARRAY = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+_DIMENSION = re.compile(r"\bdimensions=\{(\d+)\}")
+#: HLO element type -> NumPy dtype name, for the types collectives carry here
+HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32", "u32": "uint32",
+              "f64": "float64", "s8": "int8", "u8": "uint8", "pred": "bool"}
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}
 
 
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of an HLO module: its kind, its result shape as HLO prints it, the
+    dimension an all-gather or reduce-scatter works along, and whether it is the start
+    of an asynchronous pair (whose all-gather result is an (operand, result) tuple)."""
+
+    kind: str
+    shape: str
+    dimension: int | None
+    start: bool
+
+    def results(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(HLO element type, dimensions) of each array the collective produces."""
+        arrays = [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(self.shape)]
+        return arrays[-1:] if self.start and self.kind in ("all-gather", "reduce-scatter") else arrays
+
+
+def collective_ops(hlo: str) -> list[Collective]:
+    """Every collective in an optimized HLO module, in program order."""
+    out = []
+    for line in hlo.splitlines():
+        m = COLLECTIVE.match(line)
+        if m:
+            dim = _DIMENSION.search(line)
+            out.append(Collective(m.group(2), m.group(1), int(dim.group(1)) if dim else None, bool(m.group(3))))
+    return out
+
+
 def collectives(hlo: str) -> list[tuple[str, str]]:
     """(kind, result shape) of every collective in an optimized HLO module."""
-    return [(m.group(2), m.group(1)) for m in map(COLLECTIVE.match, hlo.splitlines()) if m]
+    return [(c.kind, c.shape) for c in collective_ops(hlo)]
 
 
 def shape_bytes(shape: str) -> int:

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ryzen_jax import kernels
-from ryzen_jax.bench.comm import CommReport, decode_comm
+from ryzen_jax.bench.comm import HLO_DTYPES, Collective, CommReport, collective_ops, decode_comm
 from ryzen_jax.bench.hardware import Hardware
 from ryzen_jax.bench.stats import median, summary_ms
 from ryzen_jax.engine.generate import (DECODE_CHUNK, GenerationResult, Generator, Request, bucket, compile_lowered,
                                        compiler_options)
+from ryzen_jax.sharding import MODEL
 
 
 @dataclasses.dataclass
@@ -64,6 +66,8 @@ class EngineRun:
     matmul_kernel: str  # what computes the step's products: our CPU kernel or XLA's dot
     step_over_matmuls_alone: float
     comm: CommReport
+    collectives_alone_ms: float  # the step's collectives alone, same shapes and mesh (see time_collectives_alone)
+    comm_share: float  # collectives_alone_ms ÷ decode_step_ms: the guide's "communication overhead"
     params_bytes_per_device: int
     cache_bytes_per_device: int
     xla_temp_bytes_per_device: int
@@ -176,16 +180,78 @@ def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) 
 
     with kernels.for_mesh(g.tp.mesh):
         lowered = jax.jit(chain).lower(x, layers, head)
-    chain = compile_lowered(lowered, compiler_options(g.tp.mesh))
-    jax.block_until_ready(chain(x, layers, head))
+    return chained_seconds(compile_lowered(lowered, compiler_options(g.tp.mesh)), x, (layers, head), repeats, calls)
+
+
+def chained_seconds(fn, first: jax.Array, rest: tuple, repeats: int, calls: int) -> float:
+    """Seconds per call of ``fn(y, *rest)``, each call fed the one before's result (so
+    none can start early), after one warm-up: the median over ``repeats`` of ``calls``."""
+    jax.block_until_ready(fn(first, *rest))
     times = []
     for _ in range(repeats):
-        y, t0 = x, time.perf_counter()
+        y, t0 = first, time.perf_counter()
         for _ in range(calls):
-            y = chain(y, layers, head)
+            y = fn(y, *rest)
         jax.block_until_ready(y)
         times.append((time.perf_counter() - t0) / calls)
     return median(times)
+
+
+#: collectives the alone-timing reproduces (a decode step of ours has no others)
+TIMED_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter")
+
+
+def collectives_alone(ops: Sequence[Collective], mesh) -> tuple[Callable, jax.Array, tuple]:
+    """A program that runs these collectives (as a compiled step lists them: kinds, result
+    shapes, gather dimensions) over the mesh's model axis, one after another, each fed by
+    the one before, and nothing else; with its inputs (zeros, each device its own block).
+    Returns (compiled, carry, inputs) for ``chained_seconds``."""
+    tp = mesh.shape[MODEL]
+    ops = [c for c in ops if c.kind in TIMED_COLLECTIVES]
+    blocks = []  # (op, dtype, the operand one device contributes)
+    for c in ops:
+        for dtype, dims in c.results():
+            d = list(dims)
+            if c.kind == "all-gather":
+                d[c.dimension] //= tp
+            elif c.kind == "reduce-scatter":
+                d[c.dimension] *= tp
+            blocks.append((c, jnp.dtype(HLO_DTYPES[dtype]), tuple(d)))
+
+    def body(carry, *xs):
+        for (c, _, _), x in zip(blocks, xs):
+            x = x[0] + carry[0].astype(x.dtype)  # the chain: waits on the collective before
+            if c.kind == "all-reduce":
+                y = jax.lax.psum(x, MODEL)
+            elif c.kind == "all-gather":
+                y = jax.lax.all_gather(x, MODEL, axis=c.dimension, tiled=True)
+            else:
+                y = jax.lax.psum_scatter(x, MODEL, scatter_dimension=c.dimension, tiled=True)
+            carry = y.reshape(-1)[:1].astype(jnp.float32)
+        return carry
+
+    spec = P(MODEL)
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * (1 + len(blocks)), out_specs=spec,
+                               check_vma=False))
+    inputs = tuple(jax.device_put(jnp.zeros((tp, *shape), dtype), NamedSharding(mesh, spec))
+                   for _, dtype, shape in blocks)
+    carry = jax.device_put(jnp.zeros((tp,), jnp.float32), NamedSharding(mesh, spec))
+    lowered = fn.lower(carry, *inputs)
+    return compile_lowered(lowered, compiler_options(mesh)), carry, inputs
+
+
+def time_collectives_alone(hlo: str, mesh, repeats: int, calls: int = 16) -> float:
+    """Seconds for the decode step's collectives and nothing else: every all-reduce,
+    all-gather and reduce-scatter of the compiled step (``hlo``), at its shapes, over the
+    same mesh and transport (NCCL, gloo, or in-process), chained as the step chains
+    them. 0 when the step has none (tp = 1). This over the step is its communication
+    share: what the step would save if communication were free (an upper bound where
+    the step overlaps it with computation)."""
+    ops = [c for c in collective_ops(hlo) if c.kind in TIMED_COLLECTIVES]
+    if not ops:
+        return 0.0
+    fn, carry, inputs = collectives_alone(ops, mesh)
+    return chained_seconds(fn, carry, inputs, repeats, calls)
 
 
 def step_weights(g: Generator) -> tuple[list[dict[str, jax.Array]], jax.Array]:
@@ -237,6 +303,7 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
     hlo = g.decode_program(batch).as_text()
     comm = decode_comm(hlo, tp=g.tp.tp_size, batch=batch // g.tp.dp_size,
                        layers=cfg.num_layers, hidden=cfg.hidden_size, dtype_bytes=jnp.dtype(g.dtype).itemsize)
+    collectives_ms = time_collectives_alone(hlo, g.tp.mesh, repeats) * 1e3
     step_ms = step * 1e3
     return EngineRun(
         tp=g.tp.tp_size, batch=batch, ttft_ms=median([r.ttft_s for _, r in plain]) * 1e3,
@@ -245,6 +312,7 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
         step_over_bandwidth_floor=step_ms / fl.bandwidth_ms,
         step_over_roofline=step_ms / max(fl.bandwidth_ms, fl.compute_ms), matmuls_alone_ms=matmuls_ms,
         matmul_kernel="ryzen_jax CPU kernel" if kernels.TARGET in hlo else "XLA dot",
-        step_over_matmuls_alone=step_ms / matmuls_ms, comm=comm, params_bytes_per_device=params,
+        step_over_matmuls_alone=step_ms / matmuls_ms, comm=comm, collectives_alone_ms=collectives_ms,
+        comm_share=collectives_ms / step_ms, params_bytes_per_device=params,
         cache_bytes_per_device=cache, xla_temp_bytes_per_device=temp,
         token_latency_samples_ms=[x * 1e3 for x in gaps], generated_ids=plain[-1][1].generated_ids)

@@ -97,7 +97,9 @@ def offline_table(r: BenchmarkResults) -> str:
         if cm.tp > 1:
             lines.append(f"  communication per step: {cm.total_count} collectives, {cm.total_bytes / 1e3:.1f} kB "
                          f"(Megatron floor {cm.megatron_count} all-reduces, {cm.megatron_bytes / 1e3:.1f} kB; "
-                         f"beyond it: {', '.join(cm.extra) or 'none'})")
+                         f"beyond it: {', '.join(cm.extra) or 'none'}); those collectives alone "
+                         f"{b.ours.collectives_alone_ms:.2f} ms = {100 * b.ours.comm_share:.1f}% of the step "
+                         "(the guide's target: under 10%)")
         lines.append(f"  per device: parameters {b.ours.params_bytes_per_device / 1e6:.1f} MB, KV cache "
                      f"{b.ours.cache_bytes_per_device / 1e6:.2f} MB, XLA temporaries "
                      f"{b.ours.xla_temp_bytes_per_device / 1e6:.2f} MB"

@@ -57,14 +57,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("--vocab", "vocab_size")):
         off.add_argument(flag, dest=name, type=int, default=None, help=f"override the preset's {name}")
     srv = ap.add_argument_group("serving")
-    srv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    srv.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     srv.add_argument("--served-model", default=None, help="model name to request (default: the server's first)")
-    srv.add_argument("--num-prompts", type=int, default=100)
+    srv.add_argument("--num-prompts", type=int, default=100, help="requests to send (default: 100)")
     srv.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default: inf)")
-    srv.add_argument("--max-concurrency", type=int, default=None)
+    srv.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
     srv.add_argument("--input-words", type=int, default=32, help="random words per prompt")
     srv.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
-    srv.add_argument("--api-key", default=os.environ.get("RYZEN_JAX_API_KEY"))
+    srv.add_argument("--burstiness", type=float, default=1.0,
+                     help="gamma shape of the arrival gaps: 1 = Poisson, < 1 burstier, > 1 more even (default: 1)")
+    srv.add_argument("--goodput", nargs="+", metavar="METRIC:MS", default=[],
+                     help="service-level objectives, e.g. ttft:500 tpot:50 (metrics: ttft, tpot, e2el); reports the "
+                          "rate of requests that met them all")
+    srv.add_argument("--api-key", default=os.environ.get("RYZEN_JAX_API_KEY"),
+                     help="bearer token (default: $RYZEN_JAX_API_KEY)")
     return ap.parse_args(argv)
 
 
@@ -83,6 +89,20 @@ def offline(args: argparse.Namespace):
     return results, offline_table(results), offline_plots
 
 
+def slo_pairs(items: list[str]) -> tuple[tuple[str, float], ...]:
+    """``["ttft:500", "tpot:50"]`` -> (("ttft", 500.0), ("tpot", 50.0))."""
+    from ryzen_jax.bench.serving import ServingConfigError
+
+    pairs = []
+    for item in items:
+        metric, _, ms = item.partition(":")
+        try:
+            pairs.append((metric, float(ms)))
+        except ValueError:
+            raise ServingConfigError(f"--goodput {item!r}: expected METRIC:MS, e.g. ttft:500") from None
+    return tuple(pairs)
+
+
 def serving(args: argparse.Namespace):
     from ryzen_jax.bench import serving as srv
     from ryzen_jax.bench.report import serving_plots, serving_table
@@ -90,7 +110,7 @@ def serving(args: argparse.Namespace):
     cfg = srv.ServingConfig(base_url=args.base_url, model=args.served_model, num_prompts=args.num_prompts,
                             request_rate=args.request_rate, max_concurrency=args.max_concurrency,
                             input_words=args.input_words, max_tokens=args.max_tokens, seed=args.seed,
-                            api_key=args.api_key)
+                            api_key=args.api_key, burstiness=args.burstiness, goodput=slo_pairs(args.goodput))
     import logging
 
     results = srv.run(cfg, progress=logging.getLogger("ryzen_jax.bench").info)

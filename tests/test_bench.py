@@ -14,6 +14,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import ryzen_jax as rj
@@ -329,6 +330,47 @@ def test_serving_load_against_the_real_server(server):
     assert lines[-1] == "6/6 requests done"
 
 
+def test_goodput_counts_the_requests_that_met_every_objective(server):
+    """Against the real server: objectives no request can miss give the request rate,
+    one no request can meet gives 0; the figures it is judged on are the reported ones."""
+    base = dict(base_url=server.url, num_prompts=4, max_concurrency=2, input_words=2, max_tokens=4)
+    loose = serving.run(serving.ServingConfig(**base, goodput=(("ttft", 1e7), ("tpot", 1e7), ("e2el", 1e7))))
+    assert loose.completed == 4 and loose.request_goodput == pytest.approx(loose.request_throughput)
+    strict = serving.run(serving.ServingConfig(**base, goodput=(("e2el", 1e-3),)))
+    assert strict.completed == 4 and strict.request_goodput == 0.0 and strict.goodput == {"e2el": 1e-3}
+    assert serving.run(serving.ServingConfig(**base)).request_goodput is None
+    # the objective halfway through the measured TTFTs splits the requests by them
+    cut = sorted(loose.ttft_samples_ms)[1]
+    split = serving.summarise(serving.ServingConfig(**base, goodput=(("ttft", cut),)), "demo",
+                              loose_outcomes(loose), loose.duration_s)
+    assert split.request_goodput * loose.duration_s == pytest.approx(2)
+
+
+def loose_outcomes(r: serving.ServingResults) -> list[serving.RequestOutcome]:
+    """Outcomes that carry a run's own TTFTs and latencies, to judge them again."""
+    return [serving.RequestOutcome(ok=True, ttft=t / 1e3, latency=e / 1e3, output_tokens=4)
+            for t, e in zip(r.ttft_samples_ms, r.e2e_samples_ms)]
+
+
+def test_arrivals_are_poisson_or_gamma_of_the_same_mean():
+    rate, n = 5.0, 20000
+    for burstiness in (1.0, 0.25, 4.0):
+        gaps = np.asarray(serving.arrival_gaps(n, rate, seed=3, burstiness=burstiness))
+        assert gaps.mean() == pytest.approx(1 / rate, rel=0.05)
+        assert gaps.std() / gaps.mean() == pytest.approx(1 / math.sqrt(burstiness), rel=0.05)
+    assert serving.arrival_gaps(3, math.inf, seed=0, burstiness=0.5) == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(burstiness=0), "burstiness must be a finite number > 0"),
+    (dict(goodput=(("latency", 5.0),)), "goodput metric 'latency': choose one of ttft, tpot, e2el"),
+    (dict(goodput=(("ttft", -1.0),)), "goodput ttft: the objective must be > 0 ms"),
+])
+def test_bad_serving_settings_are_refused(overrides, match):
+    with pytest.raises(serving.ServingConfigError, match=match):
+        serving.ServingConfig(**overrides)
+
+
 def test_serving_cli(server, tmp_path, capsys):
     out = tmp_path / "serving.json"
     assert run_cli("--mode", "serving", "--base-url", server.url, "--num-prompts", "2", "--input-words", "2",
@@ -338,6 +380,11 @@ def test_serving_cli(server, tmp_path, capsys):
     assert (tmp_path / "serving_latency_distribution.png").stat().st_size > 0
     table = capsys.readouterr().out
     assert "2 completed, 0 failed" in table and "TTFT" in table and "ITL" in table
+    assert run_cli("--mode", "serving", "--base-url", server.url, "--num-prompts", "2", "--input-words", "2",
+                   "--max-tokens", "3", "--burstiness", "0.5", "--goodput", "ttft:60000", "e2el:60000") == 0
+    assert "request goodput (ttft <= 60000 ms, e2el <= 60000 ms): " in capsys.readouterr().out
+    assert run_cli("--mode", "serving", "--base-url", server.url, "--goodput", "ttft=500") == 2
+    assert "error: --goodput 'ttft=500': expected METRIC:MS, e.g. ttft:500" in capsys.readouterr().err
 
 
 def test_serving_counts_failures_and_names_an_absent_server(server):

@@ -116,6 +116,9 @@ def serving_table(r: ServingResults) -> str:
              f"in {r.duration_s:.2f} s (request rate {r.request_rate}, max concurrency {r.max_concurrency})",
              f"request throughput {r.request_throughput:.2f} req/s, output tokens {r.output_throughput:.1f} tok/s, "
              f"total tokens {r.total_token_throughput:.1f} tok/s"]
+    if r.request_goodput is not None:
+        slo = ", ".join(f"{k} <= {v:g} ms" for k, v in r.goodput.items())
+        lines.append(f"request goodput ({slo}): {r.request_goodput:.2f} req/s")
     widths = [16, 10, 10, 10]
     lines.append(_row("(ms)", ["mean", "P50", "P99"], widths))
     for name, s in (("TTFT", r.ttft_ms), ("TPOT", r.tpot_ms), ("ITL", r.itl_ms), ("E2E", r.e2e_ms)):

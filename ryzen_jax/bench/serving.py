@@ -5,7 +5,10 @@ Requests arrive as a Poisson process at ``request_rate`` per second (``inf``: al
 once), at most ``max_concurrency`` in flight; each streams its completion. Reported,
 as vLLM's serving benchmark does: time to first token (TTFT), time per output token
 after the first (TPOT), inter-token latency between streamed chunks (ITL) and
-end-to-end latency (E2E) at P50 and P99, request and token throughput, and failures.
+end-to-end latency (E2E) at P50 and P99, request and token throughput, and failures;
+with service-level objectives (``goodput``), the rate of requests that met every one.
+``burstiness`` below 1 makes arrivals burstier than Poisson, above 1 more even (gamma
+gaps of the same mean, as vLLM's ``--burstiness``).
 Token counts come from the server's ``usage`` (``stream_options.include_usage``),
 else one token per streamed chunk.
 """
@@ -33,6 +36,10 @@ class ServingConfigError(ValueError):
     """A serving-benchmark setting out of its range."""
 
 
+#: the per-request latencies a goodput objective can bound, in ms
+SLO_METRICS = ("ttft", "tpot", "e2el")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServingConfig:
     """``num_prompts`` requests of ``input_words`` random words each, asking for
@@ -49,6 +56,8 @@ class ServingConfig:
     seed: int = 0
     api_key: str | None = None
     timeout_s: float = 600.0
+    burstiness: float = 1.0  # gamma shape of the arrival gaps: 1 = Poisson
+    goodput: tuple[tuple[str, float], ...] = ()  # (metric in SLO_METRICS, at most this many ms)
 
     def __post_init__(self):
         for name in ("num_prompts", "input_words", "max_tokens"):
@@ -59,6 +68,13 @@ class ServingConfig:
             raise ServingConfigError(f"request_rate must be > 0 requests/s (inf: all at once), got {self.request_rate!r}")
         if self.max_concurrency is not None and not (isinstance(self.max_concurrency, int) and self.max_concurrency >= 1):
             raise ServingConfigError(f"max_concurrency must be an integer >= 1 or None, got {self.max_concurrency!r}")
+        if not (isinstance(self.burstiness, (int, float)) and 0 < self.burstiness < math.inf):
+            raise ServingConfigError(f"burstiness must be a finite number > 0 (1: Poisson), got {self.burstiness!r}")
+        for metric, ms in self.goodput:
+            if metric not in SLO_METRICS:
+                raise ServingConfigError(f"goodput metric {metric!r}: choose one of {', '.join(SLO_METRICS)}")
+            if not (isinstance(ms, (int, float)) and ms > 0):
+                raise ServingConfigError(f"goodput {metric}: the objective must be > 0 ms, got {ms!r}")
         if not self.base_url.startswith(("http://", "https://")):
             raise ServingConfigError(f"base_url must start with http:// or https://, got {self.base_url!r}")
 
@@ -95,6 +111,8 @@ class ServingResults:
     tpot_ms: dict[str, float]
     itl_ms: dict[str, float]
     e2e_ms: dict[str, float]
+    goodput: dict[str, float]  # the objectives (ms), as configured; empty: none
+    request_goodput: float | None  # completed requests that met every objective / s; None without objectives
     errors: list[str]
     ttft_samples_ms: list[float]
     itl_samples_ms: list[float]
@@ -107,12 +125,16 @@ def random_prompts(n: int, words: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=words)) for _ in range(n)]
 
 
-def arrival_gaps(n: int, rate: float, seed: int) -> list[float]:
-    """Seconds between successive request arrivals: exponential with mean 1/rate (a
-    Poisson process), or all zero for an infinite rate."""
+def arrival_gaps(n: int, rate: float, seed: int, burstiness: float = 1.0) -> list[float]:
+    """Seconds between successive request arrivals, of mean 1/rate: exponential (a
+    Poisson process) at burstiness 1, else gamma with that shape (coefficient of
+    variation 1/sqrt(burstiness)); all zero for an infinite rate."""
     if math.isinf(rate):
         return [0.0] * n
-    return list(np.random.default_rng(seed + 1).exponential(1.0 / rate, size=n))
+    rng = np.random.default_rng(seed + 1)
+    if burstiness == 1.0:
+        return list(rng.exponential(1.0 / rate, size=n))
+    return list(rng.gamma(burstiness, 1.0 / (rate * burstiness), size=n))
 
 
 async def _one(client, url: str, body: dict, headers: dict) -> RequestOutcome:
@@ -182,7 +204,7 @@ async def run_async(cfg: ServingConfig, progress=None) -> ServingResults:
     base = cfg.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     prompts = random_prompts(cfg.num_prompts, cfg.input_words, cfg.seed)
-    gaps = arrival_gaps(cfg.num_prompts, cfg.request_rate, cfg.seed)
+    gaps = arrival_gaps(cfg.num_prompts, cfg.request_rate, cfg.seed, cfg.burstiness)
     limits = httpx.Limits(max_connections=cfg.max_concurrency or cfg.num_prompts)
     async with httpx.AsyncClient(timeout=cfg.timeout_s, limits=limits) as client:
         try:
@@ -220,10 +242,20 @@ def run(cfg: ServingConfig, progress=None) -> ServingResults:
     return asyncio.run(run_async(cfg, progress))
 
 
+def _tpot(o: RequestOutcome) -> float:
+    """Seconds per output token after the first (0 for a one-token completion)."""
+    return (o.latency - o.ttft) / (o.output_tokens - 1) if o.output_tokens > 1 else 0.0
+
+
+def _latency_s(o: RequestOutcome, metric: str) -> float:
+    return {"ttft": o.ttft, "tpot": _tpot(o), "e2el": o.latency}[metric]
+
+
 def summarise(cfg: ServingConfig, model: str, outcomes: list[RequestOutcome], duration: float) -> ServingResults:
     """Aggregate per-request outcomes into the serving figures."""
     ok = [o for o in outcomes if o.ok]
-    tpot = [(o.latency - o.ttft) / (o.output_tokens - 1) for o in ok if o.output_tokens > 1]
+    tpot = [_tpot(o) for o in ok if o.output_tokens > 1]
+    good = [o for o in ok if all(_latency_s(o, metric) * 1e3 <= ms for metric, ms in cfg.goodput)]
     itl = [x for o in ok for x in o.itl]
     inputs, outputs = sum(o.prompt_tokens for o in ok), sum(o.output_tokens for o in ok)
     return ServingResults(
@@ -232,6 +264,7 @@ def summarise(cfg: ServingConfig, model: str, outcomes: list[RequestOutcome], du
         total_input_tokens=inputs, total_output_tokens=outputs, request_throughput=len(ok) / duration,
         output_throughput=outputs / duration, total_token_throughput=(inputs + outputs) / duration,
         ttft_ms=summary_ms([o.ttft for o in ok]), tpot_ms=summary_ms(tpot), itl_ms=summary_ms(itl),
-        e2e_ms=summary_ms([o.latency for o in ok]), errors=[o.error for o in outcomes if not o.ok],
+        e2e_ms=summary_ms([o.latency for o in ok]), goodput=dict(cfg.goodput),
+        request_goodput=len(good) / duration if cfg.goodput else None, errors=[o.error for o in outcomes if not o.ok],
         ttft_samples_ms=[o.ttft * 1e3 for o in ok], itl_samples_ms=[x * 1e3 for x in itl],
         e2e_samples_ms=[o.latency * 1e3 for o in ok])

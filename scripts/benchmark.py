@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if not is_main_process():  # under a launcher: process 0 writes the results
         return 0
     if args.json:
-        print(f"results written to {write_json(results, args.json)}", file=sys.stderr)
+        command = ["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
+        print(f"results written to {write_json(results, args.json, argv=command)}", file=sys.stderr)
     if args.plots:
         print(f"plots: {', '.join(plots(results, args.plots))}", file=sys.stderr)
     print(table)

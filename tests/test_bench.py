@@ -6,6 +6,7 @@ benchmark itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -23,7 +24,7 @@ from ryzen_jax.bench import (BenchmarkConfig, BenchmarkConfigError, DistributedI
                              ShapeError, peer, serving)
 from ryzen_jax.bench.comm import collective_ops, collectives as bench_collectives, shape_bytes
 from ryzen_jax.bench.offline import collectives_alone
-from ryzen_jax.bench.report import offline_table, to_jsonable
+from ryzen_jax.bench.report import offline_table, to_jsonable, write_json
 from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, random_prompts
 from tests.mp_helpers import launch
 from tests.test_structure import collectives as structure_collectives
@@ -183,6 +184,20 @@ def test_json_is_plain_and_complete(results):
     assert data["batches"][0]["ours"]["comm"]["megatron_count"] == 2 * PRESETS["tiny"].num_layers
 
 
+def test_json_is_written_whole_or_not_at_all(results, tmp_path):
+    """Through a temporary file: a result that cannot be written leaves the older file as
+    it was and no temporary behind; a written one carries its provenance."""
+    path = tmp_path / "bench.json"
+    write_json(results, str(path), argv=["python", "scripts/benchmark.py", "--model-size", "tiny"])
+    data = json.loads(path.read_text())
+    assert data["provenance"]["command"] == "python scripts/benchmark.py --model-size tiny"
+    assert data["provenance"]["versions"]["jax"] == jax.__version__ and data["provenance"]["utc"].endswith("Z")
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        write_json(dataclasses.replace(results, shape={"bad": object()}), str(path))
+    assert path.read_text() == before and os.listdir(tmp_path) == ["bench.json"]
+
+
 def run_cli(*args: str) -> int:
     spec = importlib.util.spec_from_file_location("bench_cli", os.path.join(ROOT, "scripts", "benchmark.py"))
     cli = importlib.util.module_from_spec(spec)
@@ -198,6 +213,7 @@ def test_cli_writes_json_plots_and_table(tmp_path, cache_dir, capsys):
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["config"]["model_size"] == "tiny" and data["tp"] == 1 and data["speedup_factor"] is None
+    assert data["provenance"]["command"].startswith("python scripts/benchmark.py --model-size tiny --batch-size 1")
     assert data["batches"][0]["ours"]["tokens_per_s"] > 0
     assert data["peer_skipped"] == "disabled" and data["batches"][0]["peer"] is None
     assert sorted(os.listdir(tmp_path / "plots")) == ["latency_distribution.png", "tokens_per_s_vs_batch.png"]

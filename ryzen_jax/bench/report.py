@@ -29,11 +29,45 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(results: BenchmarkResults | ServingResults, path: str) -> str:
-    """Write the results (every field, samples included) as JSON; return the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(to_jsonable(results), f, indent=1)
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """What produced a result: the command, when (UTC), the versions of what ran it, and
+    the checkout's commit where there is one."""
+    import importlib.metadata
+    import platform
+    import subprocess
+    import sys
+    import time
+
+    versions = {"python": platform.python_version()}
+    for dist in ("ryzen_jax", "jax", "jaxlib", "flax", "torch", "transformers"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    argv = sys.argv if argv is None else argv
+    return {"command": " ".join(argv), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions, "git_commit": commit}
+
+
+def write_json(results: BenchmarkResults | ServingResults, path: str, *, argv: list[str] | None = None) -> str:
+    """Write the results (every field, samples included) and their ``provenance`` as
+    JSON, through a temporary file renamed into place (a failed write leaves no half
+    file, nor loses an older one); return the path."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump({**to_jsonable(results), "provenance": provenance(argv)}, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -200,7 +234,13 @@ def serving_plots(r: ServingResults, out_dir: str) -> list[str]:
 
 def _save(fig, plt, out_dir: str, name: str) -> str:
     path = os.path.join(out_dir, name)
+    tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}.png")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

@@ -256,6 +256,50 @@ class MultiHeadAttention(nnx.Module):
         return self.wq(x), self.wk(x), self.wv(x)
 
 
+#: query rows per block of a prefill's attention (``prefill_attention``), and the most
+#: blocks per layer (longer prompts get longer blocks, so the program stays small)
+PREFILL_BLOCK = 64
+PREFILL_MAX_BLOCKS = 16
+
+
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, scale: float,
+                      tp: TensorParallelConfig, window: int | None = None) -> jax.Array:
+    """Causal attention among a prefill's own tokens, q (B, T, H, D) against k, v (B, KV,
+    T, D), by blocks of query rows: block [i, e) attends to keys [0, e) only (in a prefill
+    positions run 0..T-1 along every row, so every later key is masked for it), and with
+    a sliding window only to those the window can reach. The masked part of the score
+    matrix is never computed and each block's scores stay small enough for the caches:
+    on the small shape, one 1,024-token prompt's attention per layer took 66-71 ms as one
+    (T, T) score matrix per head and takes 8-12 ms in blocks of 64 rows (CPU)."""
+    b, t, h, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    block = max(PREFILL_BLOCK, -(-t // PREFILL_MAX_BLOCKS))
+    n = -(-t // block)
+    # each block's queries contiguous, (b, n, kv, g, block, d), and the keys turned over
+    # once, (b, kv, d, t), as the score dot wants them; the barrier keeps XLA:CPU from
+    # fusing that transpose back into every block's slice (a prefill 327 -> 272 ms)
+    qb = jnp.pad(q, ((0, 0), (0, n * block - t), (0, 0), (0, 0))).reshape(b, n, block, kv, g, d)
+    qb = qb.transpose(0, 1, 3, 4, 2, 5)
+    qb, kt = jax.lax.optimization_barrier((qb, k.transpose(0, 1, 3, 2)))
+    outs = []
+    for j, i in enumerate(range(0, t, block)):
+        e = min(t, i + block)
+        first = 0 if window is None else max(0, i + 1 - window)
+        q_pos, key_pos = positions[:, i:e], positions[:, first:e]
+        mask = key_pos[:, None, :] <= q_pos[:, :, None]
+        if window is not None:
+            mask &= key_pos[:, None, :] > q_pos[:, :, None] - window
+        keys, values = kt[:, :, :, first:e], v[:, :, first:e]
+        s = jnp.einsum("bkgtd,bkds->bkgts", qb[:, j, :, :, : e - i], keys, preferred_element_type=jnp.float32,
+                       precision=kernels.dot_precision(q, keys)) * scale
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min), axis=-1)
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), values, precision=kernels.dot_precision(v)))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return tp.constrain(out, ("batch", "length", "heads", "head_dim"))
+
+
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache_k: jax.Array,
                           cache_v: jax.Array, *, prefill: bool, scale: float, tp: TensorParallelConfig,
                           window: int | None = None, bias: Callable[[jax.Array], jax.Array] | None = None,
@@ -279,6 +323,8 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
     # the cache positions each row holds; otherwise (None) XLA's attention below
     out = None if prefill or bias is not None else kernels.decode_attention(q, cache_k, cache_v, k, v, start,
                                                                              scale, window)
+    if out is None and prefill and bias is None:
+        out = prefill_attention(q, k, v, positions, scale, tp, window)
     if out is None:
         if prefill:
             keys, values, key_pos, own = k, v, positions, None

@@ -37,7 +37,7 @@ def full_logits(lm: rj.LoadedModel, prompt: list[int]) -> np.ndarray:
         from flax import nnx
 
         model = nnx.merge(gen.graphdef, state)
-        cache = model.new_cache(batch, 64)
+        cache = model.new_cache(batch, max(64, tokens.shape[1]))
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return model(tokens, pos, cache, prefill=True)[0]
 
@@ -96,3 +96,29 @@ def test_float32_models_ask_xla_for_float32_products(dtype, hf_model_dir):
         dots = [line for line in program.as_text().splitlines() if " dot(" in line]
         highest = [line for line in dots if "operand_precision={highest,highest}" in line]
         assert dots and len(highest) == (len(dots) if dtype == "float32" else 0), dots[:2]
+
+
+LONG_PROMPT = np.random.default_rng(7).integers(3, 250, size=150).tolist()
+LONG_CASES = [("llama_gqa", 1), ("llama_gqa", 2), ("mistral", 1), ("mistral", 2), ("qwen2_bias", 1), ("gpt2", 1)]
+
+
+@pytest.mark.parametrize("name,tp", LONG_CASES, ids=[f"{n}-tp{t}" for n, t in LONG_CASES])
+def test_a_long_prompt_in_attention_blocks_matches_hf(name, tp, hf_model_dir):
+    """A prompt past one block of query rows (``layers.PREFILL_BLOCK``): the prefill's
+    attention runs block by block, each against the keys it can see (with Mistral's
+    16-token window, only the window's), the last block part padding; logits at every
+    position and the greedy continuation as HF's, with a cache shorter than the prompt's
+    power-of-two bucket."""
+    from ryzen_jax.layers import PREFILL_BLOCK
+
+    prompt = LONG_PROMPT[:100] if name == "gpt2" else LONG_PROMPT  # GPT-2's 128 positions
+    assert len(prompt) > PREFILL_BLOCK and len(prompt) % PREFILL_BLOCK
+    model = hf_models.load(hf_model_dir(name))
+    ref_logits = hf_models.logits(model, prompt)
+    lm = rj.load_model(hf_model_dir(name), tp=tp, dtype="float32", progress=False, max_seq_len=len(prompt) + 16)
+    diff = float(np.abs(full_logits(lm, prompt) - ref_logits).max())
+    assert diff < LOGIT_TOL * max(1.0, float(np.abs(ref_logits).max())), diff
+    out = lm.generator.generate([prompt], 16, stop_ids=[])
+    assert out.generated_ids[0] == hf_models.greedy(model, prompt, 16)
+    # the prompt's power-of-two bucket (256) is past this cache: the prefill is cache-long
+    assert lm.generator.prompt_bucket(len(prompt)) == lm.generator.prompt_buckets()[-1] == len(prompt) + 16

@@ -23,7 +23,7 @@ from ryzen_jax import kernels
 from ryzen_jax.bench.comm import HLO_DTYPES, Collective, CommReport, collective_ops, decode_comm
 from ryzen_jax.bench.hardware import Hardware
 from ryzen_jax.bench.stats import median, summary_ms
-from ryzen_jax.engine.generate import (DECODE_CHUNK, GenerationResult, Generator, Request, bucket, compile_lowered,
+from ryzen_jax.engine.generate import (DECODE_CHUNK, GenerationResult, Generator, Request, compile_lowered,
                                        compiler_options)
 from ryzen_jax.sharding import MODEL
 
@@ -131,7 +131,7 @@ def time_decode_step(g: Generator, reqs: list[Request], repeats: int) -> float:
     repeat, then run every remaining step in chunks, each with the program that reads
     the cache prefix it needs (as ``Generator.run`` picks it), timing only the decode
     dispatches."""
-    batch, length = g.batch_size(len(reqs)), bucket(max(len(r.prompt_ids) for r in reqs))
+    batch, length = g.batch_size(len(reqs)), g.prompt_bucket(max(len(r.prompt_ids) for r in reqs))
     prefill = g.prefill_program(batch, length)
     args = g.prefill_inputs(reqs, length)
     start = max(len(r.prompt_ids) for r in reqs)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ryzen_jax import cache as kv
-from ryzen_jax.engine.generate import Generator, Request, StreamDelta, _Row, bucket, fetch
+from ryzen_jax.engine.generate import Generator, Request, StreamDelta, _Row, fetch
 from ryzen_jax.engine.sampling import SamplingParams
 
 
@@ -146,7 +146,7 @@ class SlotBatcher:
             t0 = time.perf_counter()
             request = dataclasses.replace(a.request, sampling=dataclasses.replace(a.request.sampling, seed=a.seed))
             padded = [request] + [dataclasses.replace(request, max_new_tokens=1)] * (self.one - 1)
-            length = bucket(len(request.prompt_ids))
+            length = self.gen.prompt_bucket(len(request.prompt_ids))
             args = self.gen.prefill_inputs(padded, length)
             first, d, cache = self.gen.prefill_program(self.one, length)(*args)
             insert = self._insert_program(length)

@@ -367,13 +367,18 @@ class Generator:
         dp = self.tp.dp_size
         return dp * bucket(-(-n // dp), 1)
 
+    def prompt_bucket(self, n: int) -> int:
+        """The length a prompt of n tokens is padded to: its power-of-two bucket, or the
+        cache length where that is shorter (a bucket past the cache could not be written)."""
+        return min(bucket(n), self.max_seq_len)
+
     def prompt_buckets(self) -> list[int]:
         """Every prompt-length bucket up to the cache length."""
         out, b = [], MIN_BUCKET
         while b < self.max_seq_len:
             out.append(b)
             b *= 2
-        return out + [bucket(self.max_seq_len)]
+        return out + [self.max_seq_len]
 
     def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_buckets: Sequence[int] | None = None,
                max_len: int | None = None) -> float:
@@ -384,7 +389,7 @@ class Generator:
         for n in batch_sizes:
             b = self.batch_size(n)
             for length in prompt_buckets or self.prompt_buckets():
-                self.prefill_program(b, bucket(length))
+                self.prefill_program(b, self.prompt_bucket(length))
             for attend in self.attend_buckets():
                 if max_len is None or attend <= self.attend_for(max_len):
                     self.decode_program(b, attend)
@@ -431,7 +436,7 @@ class Generator:
         n = len(requests)
         batch = self.batch_size(n)
         padded = list(requests) + [dataclasses.replace(requests[0], max_new_tokens=1)] * (batch - n)
-        length = bucket(max(len(r.prompt_ids) for r in padded))
+        length = self.prompt_bucket(max(len(r.prompt_ids) for r in padded))
         args = self.prefill_inputs(padded, length)
         rows = [self.new_row(r) for r in requests]
         compile_before = self.compile_s

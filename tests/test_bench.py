@@ -227,7 +227,7 @@ def test_the_cli_under_the_launcher_splits_the_model_over_every_process(cache_di
     peer in process 0 alone, HF's tokens, the compiled step's Megatron collectives, the
     results written by process 0 only."""
     out = tmp_path / "bench.json"
-    run = launch(2, 2, "scripts/benchmark.py", "--model-size", "tiny", "--batch-size", "1", "2", "--prompt-len", "8",
+    run = launch(2, 2, "scripts/benchmark.py", "--model-size", "tiny", "--batch-size", "2", "--prompt-len", "8",
                  "--new-tokens", "8", "--repeats", "1", "--probe-mb", "16", "--cache-dir", cache_dir,
                  "--json", str(out), env={"RYZEN_JAX_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -124,13 +124,13 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     check_holds_this_process(tp_cfg.mesh, n)
     resolve_max_seq_len(cfg, max_seq_len)
     dtype = jnp.dtype(dtype or default_dtype())
-    devices = tp_cfg.mesh.devices.size
-    if dtype == jnp.bfloat16 and kernels.widens_bfloat16(jax.default_backend(), devices):
+    mesh_devices = tp_cfg.mesh.devices.size
+    if dtype == jnp.bfloat16 and kernels.widens_bfloat16(jax.default_backend(), mesh_devices):
         fix = ("load it with tp=1 and dp=1, where our CPU kernels read bfloat16 as it lies, or in float32"
-               if devices > 1 else "our CPU kernels are unavailable (the warning above says why); float32 avoids it")
+               if mesh_devices > 1 else "our CPU kernels are unavailable (the warning above says why); float32 avoids it")
         log.warning("bfloat16 on %d CPU device(s): XLA:CPU's dot widens every weight to float32 and the decode loop "
                     "holds those copies (about twice the weights' bytes more memory, and several times slower than "
-                    "our kernels on one device); %s", devices, fix)
+                    "our kernels on one device); %s", mesh_devices, fix)
     model = loader.load(tp_cfg, dtype)
     encoder = Encoder(model, tp_cfg) if cfg.is_encoder else None  # encoder-only: embeddings, no generation
     generator = None if encoder else Generator(model, tp_cfg, tokenizer=tokenizer, max_seq_len=max_seq_len)

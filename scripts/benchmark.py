@@ -117,12 +117,6 @@ def serving(args: argparse.Namespace):
     return results, serving_table(results), serving_plots
 
 
-def jax_processes() -> int:
-    import jax
-
-    return jax.process_count()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ryzen_jax.bench import BenchmarkConfigError, ShapeError
@@ -131,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     from ryzen_jax.runtime import is_main_process, setup_logging
 
     setup_logging()
-    if args.mode == "serving" and jax_processes() > 1:
+    import jax
+
+    if args.mode == "serving" and jax.process_count() > 1:
         print("error: serving mode is a client of a running server: run it as one process, not under a launcher",
               file=sys.stderr)
         return 2

@@ -31,12 +31,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max-batch", type=int, default=8, help="decode slots (requests generating at once)")
-    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting for a busy slot to free before 429")
     ap.add_argument("--api-key", default=os.environ.get("RYZEN_JAX_API_KEY"))
-    ap.add_argument("--steps-per-dispatch", type=int, default=1, help="decode steps between scheduling decisions")
+    ap.add_argument("--steps-per-dispatch", type=int, default=1, help="decode steps between scheduling decisions (1-32)")
     ap.add_argument("--step-timeout", type=float, default=60.0,
                     help="seconds a decode step may take before the group is declared dead")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    from ryzen_jax.serve import check_limits
+
+    try:  # before anything loads
+        check_limits(args.max_batch, args.max_queue, args.steps_per_dispatch)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

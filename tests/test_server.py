@@ -21,7 +21,8 @@ from ryzen_jax.demo import save_tokenizer, train_tokenizer
 from ryzen_jax.serve import Server
 from tests import hf_models
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}"
+                 "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PROMPTS = ["The weather in the mountains", "Distributed computing is", "Once upon a time", "Tensor parallel",
            "A B C D E F G", "hello", "The quick brown fox jumps over the lazy dog", "JAX and XLA",
@@ -194,7 +195,10 @@ def test_a_disconnected_client_frees_its_slot(server):
     ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
-    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "n": 0}, 400, "n"),
+    ({"prompt": "hi", "top_k": 2**40}, 400, "top_k"),
+    ({"prompt": "hi", "stop_token_ids": [2**40]}, 400, "stop_token_ids"),
+    ({"prompt": "hi", "stop_token_ids": [512]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
     ({"prompt": [1, 2, 99999]}, 400, "prompt"),
     ({"max_tokens": 3}, 400, "prompt"),
@@ -217,9 +221,58 @@ def test_malformed_oversized_and_chat_errors(server, lm):
     assert complete(server.url, prompt="still serving", max_tokens=3).status_code == 200
 
 
+def test_choices_prompt_lists_and_nulls_match_offline(server, lm):
+    """n choices, a list of prompts, null fields and text content parts: each choice is
+    what offline generation (checked against transformers elsewhere) gives for its
+    prompt and seed (choice j of a seeded request samples with seed + j)."""
+    prompts = ["Once upon a time", "Tensor parallel"]
+    offline = {(p, j): rj.generate(lm, [p], max_new_tokens=8, sampling=rj.SamplingParams(temperature=0.9, seed=7 + j))
+               [0].text for p in prompts for j in range(2)}
+    r = complete(server.url, prompt=prompts, n=2, max_tokens=8, temperature=0.9, seed=7, top_p=None, stop=None)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in body["choices"]] == [offline[p, j] for p in prompts for j in range(2)]
+    assert offline[prompts[0], 0] != offline[prompts[0], 1]
+    ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    assert body["usage"]["prompt_tokens"] == 2 * sum(map(len, ids))
+    events = stream_events(server.url, prompt=prompts, n=2, max_tokens=8, temperature=0.9, seed=7,
+                           stream_options={"include_usage": True})
+    assert {e["created"] for e in events} == {events[0]["created"]} and all("usage" in e for e in events)
+    for i, (p, j) in enumerate((p, j) for p in prompts for j in range(2)):
+        assert "".join(e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["index"] == i) \
+            == offline[p, j]
+    assert events[-1]["usage"] == body["usage"]
+    assert complete(server.url, prompt=["a"] * 5, n=4).status_code == 400  # 20 choices > 16
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    chat = lambda messages, **kw: httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={  # noqa: E731
+        "model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0, **kw})
+    assert chat(parts, n=None).json()["choices"] == chat([{"role": "user", "content": "Hello\nthere"}]).json()["choices"]
+    r = chat([{"role": "tool", "content": "x"}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "no tool role" in r.text
+    r = chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert r.status_code == 400 and "text content" in r.text
+
+
+def test_bodies_past_the_bound_and_odd_json(server):
+    chunks = (b"x" * (256 << 10) for _ in range(16))  # 4 MiB, chunked: no Content-Length
+    r = httpx.post(f"{server.url}/v1/completions", content=chunks, timeout=30)
+    assert r.status_code == 413, r.text
+    r = httpx.post(f"{server.url}/v1/completions", content=b"[" * 100_000 + b"]" * 100_000, timeout=30)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    assert complete(server.url, prompt="still serving", max_tokens=3).status_code == 200
+
+
+def test_serving_limits_are_checked_first(lm):
+    for kw in ({"steps_per_dispatch": 0}, {"steps_per_dispatch": 33}, {"max_queue": -1}, {"max_batch": 0}):
+        with pytest.raises(ValueError, match="must be"):
+            Server(lm, **kw)
+
+
 def test_queue_bound_and_api_key(lm):
     """One slot and a queue of one: the third concurrent request gets 429; with an API
-    key, requests without it get 401."""
+    key, requests without it get 401; clients that hang up are cancelled; with no queue
+    at all, requests still take the free slots."""
     server = Server(lm, max_batch=1, max_queue=1, api_key="s3cret", model_name="tiny")
     real_apply = server.batcher.apply
 
@@ -249,6 +302,25 @@ def test_queue_bound_and_api_key(lm):
             third = httpx.post(f"{url}/v1/completions", json=long, headers=auth, timeout=30)
             assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
             assert first.result().status_code == second.result().status_code == 200
+        # non-streaming clients that hang up, one decoding and one queued behind it, are cancelled
+        cancelled = metric(url, 'ryzen_jax_requests_total{outcome="cancelled"}')
+        with cf.ThreadPoolExecutor(2) as pool:
+            gone = [pool.submit(httpx.post, f"{url}/v1/completions", json=long, headers=auth, timeout=1.0)
+                    for _ in range(2)]
+            for g in gone:
+                with pytest.raises(httpx.ReadTimeout):
+                    g.result()
+        deadline = time.time() + 30
+        while metric(url, 'ryzen_jax_requests_total{outcome="cancelled"}') < cancelled + 2:
+            assert time.time() < deadline, "an abandoned request kept its slot or its place in the queue"
+            time.sleep(0.1)
+    finally:
+        running.stop()
+    running = Running(Server(lm, max_batch=2, max_queue=0, model_name="tiny"))
+    try:  # no queue at all: requests still take the free slots
+        with cf.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda p: complete(running.url, prompt=p, max_tokens=4), ["a", "b"]))
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
     finally:
         running.stop()
 

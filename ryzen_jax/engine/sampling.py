@@ -10,6 +10,7 @@ device: the same seed gives the same tokens whatever the batch, the slot or the 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -42,17 +43,19 @@ class SamplingParams:
         def bad(name: str, rng: str):
             raise SamplingError(f"{name} must be {rng}, got {getattr(self, name)!r}")
 
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+        real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731 — numpy's too
+        integer = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+        if not (real(self.temperature) and 0 <= self.temperature < float("inf")):
             bad("temperature", "a finite number >= 0 (0 = greedy)")
-        if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
-            bad("top_k", "an integer >= 0 (0 = off)")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if not (integer(self.top_k) and 0 <= self.top_k < 2**31):
+            bad("top_k", "an integer in [0, 2**31) (0 = off)")
+        if not (real(self.top_p) and 0 < self.top_p <= 1):
             bad("top_p", "in (0, 1] (1 = off)")
-        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+        if not (real(self.min_p) and 0 <= self.min_p <= 1):
             bad("min_p", "in [0, 1] (0 = off)")
-        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty < float("inf")):
+        if not (real(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf")):
             bad("repetition_penalty", "a finite number > 0 (1 = off)")
-        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**32):
+        if self.seed is not None and not (integer(self.seed) and 0 <= self.seed < 2**32):
             bad("seed", "an integer in [0, 2**32) or None")
 
     @property
@@ -100,6 +103,7 @@ def _filter_row(scaled: jax.Array, top_k, top_p, min_p) -> jax.Array:
     # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p
     probs = jax.nn.softmax(desc)
     cutoff = jnp.min(jnp.where(jnp.cumsum(probs) - probs < top_p, desc, jnp.inf))
+    cutoff = jnp.minimum(cutoff, desc[0])  # the top token survives a top_p that float32 rounds to 0
     scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
     # min-p: drop tokens whose probability is below min_p × the top token's
     floor = jnp.max(scaled) + jnp.log(jnp.maximum(min_p, 1e-30))

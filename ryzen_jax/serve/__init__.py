@@ -15,11 +15,20 @@ import jax
 
 from ryzen_jax.api import LoadedModel
 from ryzen_jax.engine.batcher import SlotBatcher
+from ryzen_jax.engine.generate import DECODE_CHUNK
 from ryzen_jax.serve.app import create_app
 from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.scheduler import PlanChannel, Scheduler, follow
 
 log = logging.getLogger(__name__)
+
+
+def check_limits(max_batch: int, max_queue: int, steps_per_dispatch: int) -> None:
+    """Refuse serving limits out of range (before a model is loaded, from the CLI)."""
+    if max_batch < 1 or max_queue < 0:
+        raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch} and {max_queue}")
+    if not 1 <= steps_per_dispatch <= DECODE_CHUNK:
+        raise ValueError(f"--steps-per-dispatch must be in [1, {DECODE_CHUNK}], got {steps_per_dispatch}")
 
 
 class Server:
@@ -37,11 +46,13 @@ class Server:
         if lm.tokenizer is None:
             raise ValueError(f"{lm.path} has no tokenizer (tokenizer.json / tokenizer_config.json): the server "
                              "needs one to read prompts and write text")
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch} and {max_queue}")
+        check_limits(max_batch, max_queue, steps_per_dispatch)
         self.lm = lm
         self.model_name = model_name or os.path.basename(os.path.normpath(lm.path))
         self.batcher = SlotBatcher(lm.generator, max_batch)
+        if self.batcher.slots != max_batch:
+            log.info("--max-batch %d rounded up to %d slots (a power of two, a multiple of dp=%d)", max_batch,
+                     self.batcher.slots, lm.tp.dp_size)
         t0 = time.perf_counter()
         self.warmup_s = self.batcher.warmup()
         log.info("compiled the serving programs in %.1fs (%.1fs wall): %d slots, prompts up to %d tokens",

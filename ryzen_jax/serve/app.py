@@ -15,6 +15,8 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+import jinja2
+
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -40,29 +42,27 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             metrics.finish("rejected")
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        """API key (routes under /v1) and the body-size bound, before anything is parsed."""
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                      kind="authentication_error", code="invalid_api_key"))
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return error(APIError(413, f"request body of {size} bytes exceeds the limit of {max_body_bytes}"))
-        return await call_next(request)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, refuse=error)
 
     async def body(request: HTTPRequest) -> Any:
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+        """The decoded JSON body, read no further than ``max_body_bytes`` (a chunked
+        upload has no Content-Length for the guard to check)."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+            chunks.append(chunk)
         try:
-            return json.loads(raw)
+            return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"malformed JSON body: {e}") from None
+        except RecursionError:
+            raise APIError(400, "malformed JSON body: nested too deeply") from None
 
-    def engine_request(req, prompt_ids: list[int], max_tokens: int | None) -> Request:
+    def engine_request(req, prompt_ids: list[int], max_tokens: int | None, choice: int = 0) -> Request:
+        """The engine's request for one choice; ``choice`` j > 0 of a seeded request
+        samples with ``seed + j``, so n choices differ and each is reproducible."""
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -76,9 +76,14 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         if len(prompt_ids) + max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} + {len(prompt_ids)} prompt tokens exceeds this server's "
                                 f"context of {limit}", param="max_tokens")
+        bad = [t for t in req.stop_token_ids or () if not 0 <= t < gen.cfg.vocab_size]
+        if bad:
+            raise APIError(400, f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {gen.cfg.vocab_size})",
+                           param="stop_token_ids")
+        seed = None if req.seed is None else (req.seed + choice) % 2**32
         try:
             sampling = SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
-                                      min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
+                                      min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=seed)
             request = Request(prompt_ids, max_tokens, sampling, tuple(req.stop_token_ids or ()),
                               tuple(req.stop_strings()), req.ignore_eos)
             gen.check([request])
@@ -88,29 +93,36 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             raise APIError(400, str(e)) from None
         return request
 
-    async def run(request: HTTPRequest, req, engine_req: Request, shape) -> Response:
+    async def run(request: HTTPRequest, req, engine_reqs: list[Request], shape) -> Response:
+        """Queue every choice of a request (all or none), then answer with all of them."""
+        loop, handles = asyncio.get_running_loop(), []
         try:
-            handle = scheduler.submit(engine_req, asyncio.get_running_loop())
-        except QueueFull as e:
-            raise APIError(429, str(e), kind="rate_limit_error") from None
-        except EngineFailed as e:
+            for r in engine_reqs:
+                handles.append(scheduler.submit(r, loop))
+        except (QueueFull, EngineFailed) as e:
+            for h in handles:
+                scheduler.cancel(h)
+            if isinstance(e, QueueFull):
+                raise APIError(429, str(e), kind="rate_limit_error") from None
             raise APIError(503, str(e), kind="server_error") from None
-        rid = f"{shape.prefix}-{uuid.uuid4().hex[:24]}"
+        rid, created_at = f"{shape.prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "created": created_at, "model": model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(handle, rid, shape, include_usage), media_type="text/event-stream")
-        deltas = await collect(request, handle)
-        if deltas is None:  # the client went away
+            return StreamingResponse(stream(handles, head, shape, include_usage), media_type="text/event-stream")
+        results = await collect(request, handles)
+        if results is None:  # the client went away
             return Response(status_code=499)
-        text = "".join(d.text or "" for d in deltas)
-        reason = deltas[-1].finish_reason if deltas else "stop"
-        n_out = sum(len(d.token_ids) for d in deltas)
-        return JSONResponse({"id": rid, "object": shape.object, "created": int(time.time()), "model": model_name,
-                             "choices": [shape.choice(text, reason)], "usage": usage(engine_req, n_out)})
+        choices, n_out = [], 0
+        for i, deltas in enumerate(results):
+            reason = deltas[-1].finish_reason if deltas else "stop"
+            choices.append(shape.choice(i, "".join(d.text or "" for d in deltas), reason))
+            n_out += sum(len(d.token_ids) for d in deltas)
+        return JSONResponse({**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out)})
 
-    def usage(req: Request, completion: int) -> dict[str, int]:
-        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": completion,
-                "total_tokens": len(req.prompt_ids) + completion}
+    def usage(handles: list[Handle], completion: int) -> dict[str, int]:
+        prompt = sum(len(h.request.prompt_ids) for h in handles)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def next_item(handle: Handle) -> StreamDelta | None:
         item = await handle.queue.get()
@@ -118,76 +130,97 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             raise APIError(503, f"generation failed: {item}", kind="server_error")
         return item
 
-    async def collect(request: HTTPRequest, handle: Handle) -> list[StreamDelta] | None:
-        """Every delta of a request; None if the client disconnects first (cancelled)."""
-        deltas: list[StreamDelta] = []
-        while True:
-            getter = asyncio.ensure_future(next_item(handle))
-            while not getter.done():
-                await asyncio.wait({getter}, timeout=0.5)
-                if not getter.done() and await request.is_disconnected():
-                    getter.cancel()
-                    scheduler.cancel(handle)
-                    return None
-            item = getter.result()
-            if item is None:
-                return deltas
+    async def deltas_of(handle: Handle) -> list[StreamDelta]:
+        deltas = []
+        while (item := await next_item(handle)) is not None:
             deltas.append(item)
+        return deltas
 
-    async def stream(handle: Handle, rid: str, shape, include_usage: bool) -> AsyncIterator[str]:
-        finished, n_out, reason = False, 0, None
+    async def collect(request: HTTPRequest, handles: list[Handle]) -> list[list[StreamDelta]] | None:
+        """Every delta of every choice; None if the client disconnects first (each is
+        cancelled). The connection is checked every half second while tokens flow."""
+        everything = asyncio.ensure_future(asyncio.gather(*(deltas_of(h) for h in handles)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({everything}, timeout=0.5)
+                if done:
+                    return everything.result()
+                if await request.is_disconnected():
+                    return None
+        finally:
+            if not everything.done() or everything.exception() is not None:
+                everything.cancel()
+                for h in handles:
+                    scheduler.cancel(h)
+
+    async def stream(handles: list[Handle], head: dict, shape, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: each choice's text as it comes (``index`` says whose),
+        a final chunk per choice with its finish reason, the usage if asked, [DONE]."""
+        extra = {"usage": None} if include_usage else {}
+        chunk = lambda i, text, reason: sse({**head, **shape.chunk(i, text, reason), **extra})  # noqa: E731
+        pending: dict[asyncio.Future, int] = {}
+        reasons: list[str | None] = [None] * len(handles)
+        n_out, finished = 0, False
         try:
             if shape.first is not None:
-                yield sse(shape.chunk(rid, shape.first, None))
-            while True:
-                try:
-                    item = await next_item(handle)
-                except APIError as e:
-                    yield sse(e.body())
-                    break
-                if item is None:
-                    break
-                n_out += len(item.token_ids)
-                reason = item.finish_reason or reason
-                if item.text:
-                    yield sse(shape.chunk(rid, item.text, None))
-            final = shape.chunk(rid, "" if shape.first is None else None, reason or "stop")
-            yield sse(final)
+                for i in range(len(handles)):
+                    yield chunk(i, shape.first, None)
+            pending = {asyncio.ensure_future(next_item(h)): i for i, h in enumerate(handles)}
+            while pending:
+                done, _ = await asyncio.wait(set(pending), return_when=asyncio.FIRST_COMPLETED)
+                for fut in sorted(done, key=pending.get):
+                    i = pending.pop(fut)
+                    try:
+                        item = fut.result()
+                    except APIError as e:  # the device group failed: say so, and stop
+                        yield sse(e.body())
+                        yield "data: [DONE]\n\n"
+                        return
+                    if item is None:
+                        yield chunk(i, "" if shape.first is None else None, reasons[i] or "stop")
+                        continue
+                    n_out += len(item.token_ids)
+                    reasons[i] = item.finish_reason or reasons[i]
+                    if item.text:
+                        yield chunk(i, item.text, None)
+                    pending[asyncio.ensure_future(next_item(handles[i]))] = i
             if include_usage:
-                yield sse({"id": rid, "object": shape.chunk_object, "created": int(time.time()), "model": model_name,
-                           "choices": [], "usage": usage(handle.request, n_out)})
+                yield sse({**head, "object": shape.chunk_object, "choices": [], "usage": usage(handles, n_out)})
             yield "data: [DONE]\n\n"
             finished = True
         finally:
-            if not finished:  # the client disconnected mid-stream
-                scheduler.cancel(handle)
+            for fut in pending:
+                fut.cancel()
+            if not finished:  # the client disconnected mid-stream (or the group failed)
+                for h in handles:
+                    scheduler.cancel(h)
 
     class _Completions:
         prefix, object, chunk_object, first = "cmpl", "text_completion", "text_completion", None
 
         @staticmethod
-        def choice(text: str, reason: str | None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        def choice(i: int, text: str, reason: str | None) -> dict:
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
 
         @staticmethod
-        def chunk(rid: str, text: str | None, reason: str | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+        def chunk(i: int, text: str | None, reason: str | None) -> dict:
+            return {"object": "text_completion",
+                    "choices": [{"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}]}
 
     class _Chat:
         prefix, object, chunk_object, first = "chatcmpl", "chat.completion", "chat.completion.chunk", ""
 
         @staticmethod
-        def choice(text: str, reason: str | None) -> dict:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        def choice(i: int, text: str, reason: str | None) -> dict:
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                     "finish_reason": reason}
 
         @staticmethod
-        def chunk(rid: str, text: str | None, reason: str | None) -> dict:
+        def chunk(i: int, text: str | None, reason: str | None) -> dict:
             delta = {} if text is None else ({"role": "assistant", "content": ""} if text == "" and reason is None
                                               else {"content": text})
-            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            return {"object": "chat.completion.chunk",
+                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]}
 
     @app.exception_handler(APIError)
     async def api_error(_request: HTTPRequest, e: APIError):
@@ -196,15 +229,19 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         req = parse(CompletionRequest, await body(request))
-        if isinstance(req.prompt, str):
-            ids = list(tokenizer(req.prompt)["input_ids"]) if req.prompt else []
-        else:
-            ids = list(req.prompt)
-            bad = [t for t in ids if not 0 <= t < gen.cfg.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {gen.cfg.vocab_size})",
-                               param="prompt")
-        return await run(request, req, engine_request(req, ids, req.max_tokens), _Completions)
+        prompts = []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
+            else:
+                ids = list(prompt)
+                bad = [t for t in ids if not 0 <= t < gen.cfg.vocab_size]
+                if bad:
+                    raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
+                                        f"[0, {gen.cfg.vocab_size})", param="prompt")
+            prompts.append(ids)
+        reqs = [engine_request(req, ids, req.max_tokens, j) for ids in prompts for j in range(req.n)]
+        return await run(request, req, reqs, _Completions)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
@@ -212,13 +249,16 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, f"model {model_name!r} has no chat template (tokenizer_config.json "
                                 "'chat_template'); use /v1/completions with a plain prompt", param="messages")
-        text = tokenizer.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
-                                             tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
+                                                 tokenize=False)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:  # e.g. "System role not supported"
+            raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:  # chat has no fixed default: whatever the context leaves
             max_tokens = max(1, gen.max_seq_len - len(ids))
-        return await run(request, req, engine_request(req, ids, max_tokens), _Chat)
+        return await run(request, req, [engine_request(req, ids, max_tokens, j) for j in range(req.n)], _Chat)
 
     @app.get("/v1/models")
     async def models():
@@ -238,6 +278,31 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class _Guard:
+    """ASGI middleware: the API key (routes under /v1) and the declared body size,
+    checked before anything is read or parsed. Pure ASGI rather than
+    ``@app.middleware``, whose wrapper hides a client's disconnect from the handlers."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, refuse):
+        self.app, self.api_key, self.max_body_bytes, self.refuse = app, api_key, max_body_bytes, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            if self.api_key is not None and scope["path"].startswith("/v1/"):
+                given = headers.get(b"authorization", b"")
+                if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                    answer = self.refuse(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                                  kind="authentication_error", code="invalid_api_key"))
+                    return await answer(scope, receive, send)
+            size = headers.get(b"content-length", b"").decode("latin-1")
+            if size.isdigit() and int(size) > self.max_body_bytes:
+                answer = self.refuse(APIError(413, f"request body of {size} bytes exceeds the limit of "
+                                                   f"{self.max_body_bytes}"))
+                return await answer(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def sse(obj: dict) -> str:

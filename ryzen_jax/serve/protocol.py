@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_CHOICES = 16  # n × prompts per request: each choice takes a decode slot or a queue place
 
 
 class APIError(Exception):
@@ -40,32 +42,33 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. A field sent as ``null``
+    takes its default, as OpenAI's API reads it."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            return {k: v for k, v in raw.items() if v is not None or k not in cls.model_fields}
+        return raw
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)  # vLLM: -1 (or 0) = off
+    top_k: int = Field(default=0, ge=-1, lt=2**31)  # vLLM: -1 (or 0) = off
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, lt=2**32)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=32)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -80,19 +83,49 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]
+    """``prompt``: a string, a list of token ids, or a list of either (one choice per
+    prompt, times ``n``)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
 
     _no_logprobs = _refuse("logprobs")
     _no_echo = _refuse("echo")
 
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list (a bare string or id list is one prompt)."""
+        p = self.prompt
+        if isinstance(p, str) or not p or isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise ValueError(f"prompts × n must be at most {MAX_CHOICES}, got {len(self.prompts())} × {self.n}")
+        return self
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content) -> str:
+        """Content parts (``[{"type": "text", "text": ...}]``) are joined; an assistant's
+        ``null`` content (a tool call) is empty text."""
+        if content is None or isinstance(content, str):
+            return content or ""
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text content parts are supported, got type {part.get('type')!r}")
+            texts.append(part["text"])
+        return "\n".join(texts)  # as vLLM joins them
 
 
 class ChatCompletionRequest(_Sampling):

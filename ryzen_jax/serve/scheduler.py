@@ -4,7 +4,8 @@ HTTP handlers (on the asyncio loop) ``submit`` requests and read their deltas fr
 an asyncio queue; they never touch the devices. The scheduler thread, each step,
 admits waiting requests into free slots, cancels what clients abandoned, runs the
 decode steps and hands every delta back to its request's queue. The queue in front
-of the slots is bounded (``QueueFull`` → HTTP 429).
+of the slots is bounded (``QueueFull`` → HTTP 429): beyond the free slots, at most
+``max_queue`` requests wait.
 
 Across processes the leader (process 0) publishes each plan through the
 ``jax.distributed`` key-value store and every follower applies the same plan
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ryzen_jax.engine.batcher import Admission, Plan, SlotBatcher
-from ryzen_jax.engine.generate import Request
+from ryzen_jax.engine.generate import DECODE_CHUNK, Request
 from ryzen_jax.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class Scheduler:
     def __init__(self, batcher: SlotBatcher, *, max_queue: int = 64, steps_per_dispatch: int = 1,
                  channel: PlanChannel | None = None, step_timeout_s: float = 60.0,
                  metrics: ServerMetrics | None = None, seed: int | None = None):
+        if not 1 <= steps_per_dispatch <= DECODE_CHUNK or max_queue < 0:
+            raise ValueError(f"steps_per_dispatch must be in [1, {DECODE_CHUNK}] and max_queue >= 0, got "
+                             f"{steps_per_dispatch} and {max_queue}")
         self.batcher = batcher
         self.max_queue = max_queue
         self.steps = steps_per_dispatch
@@ -130,7 +134,8 @@ class Scheduler:
         with self._lock:
             if self.failed:
                 raise EngineFailed(self.failed)
-            if len(self.waiting) >= self.max_queue:
+            free = self.batcher.slots - len(self.active)  # the next step admits that many at once
+            if len(self.waiting) >= self.max_queue + max(0, free):
                 raise QueueFull(f"{len(self.active)} requests running and {len(self.waiting)} waiting "
                                 f"(--max-queue {self.max_queue}); retry later")
             handle = Handle(f"{next(self._ids)}", request, loop, asyncio.Queue())
@@ -235,10 +240,15 @@ class Scheduler:
                     h.push(delta)
             for slot in out.finished:
                 h = self.active.pop(slot, None)
-                if h is not None and not h.cancelled:
+                if h is None:
+                    continue
+                if h.cancelled:  # the client left during the step that finished it
                     h.push(None)
-                    self.metrics.finish("ok")
-                    self.metrics.e2e.observe(now - h.created)
+                    self.metrics.finish("cancelled")
+                    continue
+                h.push(None)
+                self.metrics.finish("ok")
+                self.metrics.e2e.observe(now - h.created)
             self.metrics.busy_slots.set(len(self.active))
 
     def _fail(self, why: str) -> None:

@@ -45,7 +45,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="prompt + new tokens per sequence; sizes the cache (default: model context, at most 2048)")
     ap.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return args
+
+
+def check_before_loading(model_dir: str, prompts: list[str], args: argparse.Namespace) -> None:
+    """Refuse prompts the model cannot take from its config and tokenizer alone, before
+    minutes of loading weights: no tokenizer, or prompt + new tokens past the cache."""
+    from ryzen_jax.api import load_tokenizer
+    from ryzen_jax.config import ModelConfig
+    from ryzen_jax.engine.generate import check_length, resolve_max_seq_len
+
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    cfg = ModelConfig.from_pretrained(model_dir)
+    if cfg.is_encoder:
+        raise ValueError(f"{model_dir} holds a {cfg.model_type} encoder, which does not generate text: "
+                         "use scripts/encode.py for embeddings")
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json): this script takes "
+                         "text prompts; the Python API (rj.generate) takes token ids")
+    limit = resolve_max_seq_len(cfg, args.max_seq_len)
+    for prompt in prompts:
+        check_length(cfg, limit, len(tokenizer(prompt)["input_ids"]), args.max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
                    stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
     try:
+        check_before_loading(model_dir, prompts, args)
         lm = rj.load_model(model_dir, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
         say(lm.summary())
         # Check every request and compile its shapes before the clock starts.

@@ -277,6 +277,25 @@ def test_convert_into_existing_dir(gqa_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["existing"]  # no temp dir left beside it
 
 
+def test_convert_overwrite(gqa_dir, tmp_path):
+    """--overwrite replaces an old checkpoint (nothing left beside it); a file in the
+    way, or the input itself as the output, is refused before any work."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    convert_hf(gqa_dir, str(out), overwrite=True, progress=False)
+    assert "stale.txt" not in os.listdir(out) and "config.json" in os.listdir(out)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    with pytest.raises(FileExistsError, match="is a file"):
+        convert_hf(gqa_dir, str(a_file), overwrite=True, progress=False)
+    assert a_file.read_text() == "keep"
+    with pytest.raises(ValueError, match="is the input checkpoint"):
+        convert_hf(gqa_dir, gqa_dir, overwrite=True, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "out"]
+
+
 def test_convert_script_refuses_pickle(pickle_dir, tmp_path):
     out = tmp_path / "out"
     r = _run_script("scripts/convert_hf.py", pickle_dir, str(out))
@@ -377,6 +396,22 @@ def test_max_seq_len_beyond_context(gqa_dir):
 def test_text_prompt_not_in_a_list(lm):
     with pytest.raises(TypeError, match="wrap a single prompt in a list"):
         rj.generate(lm, [5, 6, 7])
+
+
+def test_generate_script_refuses_before_loading(gqa_dir, tmp_path):
+    """What the config and tokenizer alone rule out is refused before a weight loads."""
+    from ryzen_jax.demo import save_tokenizer, train_tokenizer
+
+    with_tok = tmp_path / "with_tokenizer"
+    shutil.copytree(gqa_dir, with_tok)
+    save_tokenizer(train_tokenizer(), str(with_tok))
+    cases = [(("--model", gqa_dir, "--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+             (("--model", gqa_dir, "--prompt", "hi"), "has no tokenizer"),
+             (("--model", str(with_tok), "--prompt", "word " * 40, "--max-seq-len", "16"), "exceeds the 16 positions")]
+    for args, why in cases:
+        r = _run_script("scripts/generate.py", *args)
+        assert r.returncode == 2 and why in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "loaded" not in r.stdout + r.stderr
 
 
 def test_generate_script_bad_temperature(gqa_dir):

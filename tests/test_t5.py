@@ -223,3 +223,38 @@ def test_continuous_batching_slots_give_hf_tokens(t5):
     requests = [rj.Request(p, NEW_TOKENS, ignore_eos=True) for p in PROMPTS[:3]]
     finished = three_requests_in_two_slots(SlotBatcher(lm.generator, 2), requests, steps=(3, 1, 4))
     assert sorted(finished) == sorted(greedy)
+
+
+def test_text_of_a_sentencepiece_t5_matches_hf_decode(tmp_path):
+    """With a SentencePiece-style tokenizer (Unigram, "▁" marks a word start), the text
+    of T5's output is HF's decode of its tokens: the encoder's prompt is no left context
+    for the decoder's first word (it once gained a leading space)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from ryzen_jax.demo import CORPUS
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    model_dir = str(tmp_path / "t5sp")
+    cfg = transformers.T5Config(**{**hf_models.T5_BASE, "vocab_size": tok.get_vocab_size(),
+                                   "feed_forward_proj": "relu", "pad_token_id": 0, "eos_token_id": 1,
+                                   "decoder_start_token_id": 0})
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(model_dir)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(model_dir)
+    lm = rj.load_model(model_dir, tp=1, max_seq_len=32, progress=False)
+    prompts = ["The weather in the mountains", "Good systems are built from simple rules"]
+    outs = rj.generate(lm, prompts, max_new_tokens=10, ignore_eos=True)
+    hf = hf_models.load_t5(model_dir)
+    for prompt, out in zip(prompts, outs):
+        (want,) = hf_models.t5_greedy(hf, [lm.tokenizer(prompt)["input_ids"]], 10)
+        assert out.generated_ids == want
+        assert out.text == lm.tokenizer.decode(want, skip_special_tokens=True)
+    assert any(o.text for o in outs)

@@ -38,6 +38,10 @@ def convert_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, overwrite
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} is a file, not a checkpoint directory; remove it or choose another output")
+    if os.path.exists(out_dir) and os.path.samefile(out_dir, hf_dir):
+        raise ValueError(f"the output {out_dir} is the input checkpoint; choose another output directory")
     views = hf_views(cfg, reader)
     _, _, specs = abstract_model(cfg, TensorParallelConfig(tp_size=1), jnp.float32)
     cast = None if dtype is None else jnp.dtype(dtype)
@@ -61,10 +65,25 @@ def convert_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, overwrite
                   "source": os.path.abspath(hf_dir)}
         with open(os.path.join(tmp, orbax_io.MARKER), "w") as f:
             json.dump(marker, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _swap_in(tmp: str, out_dir: str) -> None:
+    """Rename ``tmp`` to ``out_dir``; an old ``out_dir`` is moved aside first and deleted
+    only once the new one is in place, so a failure leaves one of the two whole."""
+    if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    old = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=f".{os.path.basename(out_dir)}.old-")
+    os.rmdir(old)  # a free name beside out_dir
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old)

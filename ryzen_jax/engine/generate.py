@@ -71,6 +71,17 @@ def resolve_max_seq_len(cfg: Any, max_seq_len: int | None) -> int:
     return int(max_seq_len)
 
 
+def check_length(cfg: Any, limit: int, n: int, new: int) -> None:
+    """Refuse a prompt of n tokens and ``new`` new ones that a cache of ``limit``
+    positions cannot hold (an encoder–decoder's prompt goes to the encoder)."""
+    total = max(n, new + 1) if getattr(cfg, "is_encoder_decoder", False) else n + new
+    if total > limit:
+        raise ValueError(
+            f"prompt of {n} tokens + max_new_tokens={new} exceeds the {limit} positions this engine holds "
+            f"(model context {cfg.max_position_embeddings}); shorten the prompt, lower max_new_tokens or raise "
+            "max_seq_len (--max-seq-len) up to the model's context")
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One prompt and how to continue it.
@@ -407,11 +418,7 @@ class Generator:
                 raise ValueError(f"max_new_tokens must be an integer >= 1, got {new!r}")
             if n < 1:
                 raise ValueError("empty prompt: give at least one token")
-            total = max(n, new + 1) if self.encoder_decoder else n + new
-            if total > limit:
-                raise ValueError(
-                    f"prompt of {n} tokens + max_new_tokens={new} exceeds the {limit} positions this engine holds "
-                    f"(model context {self.cfg.max_position_embeddings}); shorten the prompt or lower max_new_tokens")
+            check_length(self.cfg, limit, n, new)
             bad = [t for t in r.prompt_ids if not 0 <= int(t) < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
@@ -497,7 +504,9 @@ class Generator:
 
     def new_row(self, request: Request) -> _Row:
         """Host-side bookkeeping for a request that starts now."""
-        text = TextTracker(self.tokenizer, request.prompt_ids, request.stop) if self.tokenizer is not None else None
+        # the text's left context is the prompt, except in an encoder–decoder, whose output starts afresh
+        context = () if self.encoder_decoder else request.prompt_ids
+        text = TextTracker(self.tokenizer, context, request.stop) if self.tokenizer is not None else None
         return _Row(request, set(self._stop_ids(request)), text)
 
     @staticmethod
@@ -548,7 +557,10 @@ class Generator:
     def requests(prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                  sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
                  stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), ignore_eos: bool = False) -> list[Request]:
-        """One Request per prompt, sharing the settings (or one SamplingParams each)."""
+        """One Request per prompt, sharing the settings (or one SamplingParams each).
+        A single stop string or stop id may be given bare."""
+        stop = (stop,) if isinstance(stop, str) else stop
+        stop_token_ids = (stop_token_ids,) if isinstance(stop_token_ids, (int, np.integer)) else stop_token_ids
         if isinstance(sampling, SamplingParams):
             sampling = [sampling] * len(prompts)
         if len(sampling) != len(prompts):

@@ -23,6 +23,8 @@ class Detokenizer:
     def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.ids: list[int] = list(context_ids)[-4:]  # left context only: never emitted
+        while self.ids and self._decode(self.ids).endswith(REPLACEMENT):
+            self.ids.pop()  # a context ending mid-character would swallow the bytes that complete it
         self.prefix = 0  # ids[prefix:read] have been emitted (or are context)
         self.read = len(self.ids)
 

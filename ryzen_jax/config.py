@@ -68,6 +68,9 @@ class ModelConfig:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     decoder_start_token_id: int | None = None  # the decoder's first input token
+    # sampling defaults from generation_config.json, as (name, value) pairs: what the
+    # server applies to a request that leaves them out (vLLM's --generation-config auto)
+    generation_defaults: tuple[tuple[str, float], ...] = ()
 
     @property
     def q_per_kv(self) -> int:
@@ -103,7 +106,8 @@ class ModelConfig:
                                   "'pad_token_id': set decoder_start_token_id (T5 uses the pad id, 0)")
             fields["decoder_start_token_id"] = int(start)
         cfg = cls(model_type=model_type, bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
-                  pad_token_id=None if pad is None else int(pad), **fields)
+                  pad_token_id=None if pad is None else int(pad), generation_defaults=_generation_defaults(generation),
+                  **fields)
         try:
             activation(cfg.hidden_act)
         except UnknownActivationError as e:
@@ -280,6 +284,21 @@ FAMILY_PARSERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {
     "t5": _t5,
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_PARSERS)
+
+
+#: generation_config.json keys that set sampling, and transformers' own default for each
+#: (a value equal to it says nothing: it is left out, as vLLM leaves it out)
+GENERATION_KEYS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
+                   "max_new_tokens": None}
+
+
+def _generation_defaults(generation: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
+    out = []
+    for key, hf_default in GENERATION_KEYS.items():
+        value = generation.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != hf_default:
+            out.append((key, value))
+    return tuple(out)
 
 
 def _rope_scaling(rope: Mapping[str, Any]) -> RopeScaling:

@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting for a busy slot to free before 429")
     ap.add_argument("--api-key", default=os.environ.get("RYZEN_JAX_API_KEY"))
     ap.add_argument("--steps-per-dispatch", type=int, default=1, help="decode steps between scheduling decisions (1-32)")
+    ap.add_argument("--generation-config", choices=("auto", "none"), default="auto",
+                    help="auto: requests that leave out temperature, top_p, top_k, min_p, repetition_penalty or "
+                         "max_tokens get the model's generation_config.json values; none: the OpenAI API's defaults")
     ap.add_argument("--step-timeout", type=float, default=60.0,
                     help="seconds a decode step may take before the group is declared dead")
     args = ap.parse_args(argv)
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
         server = Server(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                         model_name=args.served_model_name, steps_per_dispatch=args.steps_per_dispatch,
-                        step_timeout_s=args.step_timeout)
+                        step_timeout_s=args.step_timeout, generation_config=args.generation_config)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from tests import hf_models
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}"
                  "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+MODEL_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 6}  # top_k 50: HF's own
 PROMPTS = ["The weather in the mountains", "Distributed computing is", "Once upon a time", "Tensor parallel",
            "A B C D E F G", "hello", "The quick brown fox jumps over the lazy dog", "JAX and XLA",
            "1 2 3 4 5 6 7 8 9 10 11 12", "What is a mesh?", "x", "Many small requests", "Streaming text",
@@ -48,6 +49,11 @@ def build_chat_model(out_dir: str) -> str:
         tok_cfg = json.load(f)
     with open(path, "w") as f:
         json.dump({**tok_cfg, "chat_template": CHAT_TEMPLATE}, f)
+    path = os.path.join(out_dir, "generation_config.json")
+    with open(path) as f:
+        gen_cfg = json.load(f)
+    with open(path, "w") as f:  # sampling defaults, as an instruct model's config has them
+        json.dump({**gen_cfg, **MODEL_DEFAULTS}, f)
     return out_dir
 
 
@@ -226,8 +232,9 @@ def test_choices_prompt_lists_and_nulls_match_offline(server, lm):
     what offline generation (checked against transformers elsewhere) gives for its
     prompt and seed (choice j of a seeded request samples with seed + j)."""
     prompts = ["Once upon a time", "Tensor parallel"]
-    offline = {(p, j): rj.generate(lm, [p], max_new_tokens=8, sampling=rj.SamplingParams(temperature=0.9, seed=7 + j))
-               [0].text for p in prompts for j in range(2)}
+    sampling = lambda j: rj.SamplingParams(temperature=0.9, top_p=0.9, seed=7 + j)  # noqa: E731 — top_p: the model's
+    offline = {(p, j): rj.generate(lm, [p], max_new_tokens=8, sampling=sampling(j))[0].text
+               for p in prompts for j in range(2)}
     r = complete(server.url, prompt=prompts, n=2, max_tokens=8, temperature=0.9, seed=7, top_p=None, stop=None)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -252,6 +259,20 @@ def test_choices_prompt_lists_and_nulls_match_offline(server, lm):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "no tool role" in r.text
     r = chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     assert r.status_code == 400 and "text content" in r.text
+
+
+def test_left_out_settings_take_the_model_generation_config(server, lm):
+    """A request without temperature, top_p or max_tokens gets generation_config.json's
+    (vLLM's --generation-config auto); a value equal to transformers' default (top_k
+    50) is no setting; what a request gives wins."""
+    assert dict(lm.config.generation_defaults) == {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 6}
+    want = rj.generate(lm, ["Once upon a time"], max_new_tokens=6, ignore_eos=True,
+                       sampling=rj.SamplingParams(temperature=0.7, top_p=0.9, seed=3))[0]
+    r = complete(server.url, prompt="Once upon a time", seed=3, ignore_eos=True).json()
+    assert r["choices"][0]["text"] == want.text and r["usage"]["completion_tokens"] == 6
+    greedy = rj.generate(lm, ["Once upon a time"], max_new_tokens=9, ignore_eos=True)[0]
+    r = complete(server.url, prompt="Once upon a time", max_tokens=9, temperature=0, ignore_eos=True).json()
+    assert r["choices"][0]["text"] == greedy.text
 
 
 def test_bodies_past_the_bound_and_odd_json(server):
@@ -316,11 +337,12 @@ def test_queue_bound_and_api_key(lm):
             time.sleep(0.1)
     finally:
         running.stop()
-    running = Running(Server(lm, max_batch=2, max_queue=0, model_name="tiny"))
-    try:  # no queue at all: requests still take the free slots
+    running = Running(Server(lm, max_batch=2, max_queue=0, model_name="tiny", generation_config="none"))
+    try:  # no queue at all: requests still take the free slots; the API's defaults (16 tokens)
         with cf.ThreadPoolExecutor(2) as pool:
-            answers = list(pool.map(lambda p: complete(running.url, prompt=p, max_tokens=4), ["a", "b"]))
+            answers = list(pool.map(lambda p: complete(running.url, prompt=p, ignore_eos=True), ["a", "b"]))
         assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        assert [a.json()["usage"]["completion_tokens"] for a in answers] == [16, 16]
     finally:
         running.stop()
 

@@ -104,6 +104,8 @@ def _filter_row(scaled: jax.Array, top_k, top_p, min_p) -> jax.Array:
     probs = jax.nn.softmax(desc)
     cutoff = jnp.min(jnp.where(jnp.cumsum(probs) - probs < top_p, desc, jnp.inf))
     cutoff = jnp.minimum(cutoff, desc[0])  # the top token survives a top_p that float32 rounds to 0
+    cutoff = jnp.where(top_p < 1, cutoff, -jnp.inf)  # top_p = 1 is off, as in transformers (a float32
+    # cumulative sum reaches 1 before the tail, which would otherwise be cut)
     scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
     # min-p: drop tokens whose probability is below min_p × the top token's
     floor = jnp.max(scaled) + jnp.log(jnp.maximum(min_p, 1e-30))

@@ -40,13 +40,16 @@ class Server:
 
     def __init__(self, lm: LoadedModel, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
                  model_name: str | None = None, steps_per_dispatch: int = 1, step_timeout_s: float = 60.0,
-                 max_body_bytes: int = 1 << 20):
+                 max_body_bytes: int = 1 << 20, generation_config: str = "auto"):
         if lm.generator is None:
             raise ValueError(f"{lm.config.model_type} is not a generative model: the server needs one")
         if lm.tokenizer is None:
             raise ValueError(f"{lm.path} has no tokenizer (tokenizer.json / tokenizer_config.json): the server "
                              "needs one to read prompts and write text")
         check_limits(max_batch, max_queue, steps_per_dispatch)
+        if generation_config not in ("auto", "none"):
+            raise ValueError(f"--generation-config must be 'auto' (the model's sampling defaults) or 'none' (the "
+                             f"API's), got {generation_config!r}")
         self.lm = lm
         self.model_name = model_name or os.path.basename(os.path.normpath(lm.path))
         self.batcher = SlotBatcher(lm.generator, max_batch)
@@ -62,8 +65,13 @@ class Server:
         self.channel = PlanChannel() if multi else None
         self.scheduler = Scheduler(self.batcher, max_queue=max_queue, steps_per_dispatch=steps_per_dispatch,
                                    channel=self.channel, step_timeout_s=step_timeout_s, metrics=ServerMetrics())
+        use = generation_config == "auto"
+        if use and lm.config.generation_defaults:
+            log.info("the model's generation_config.json sets %s for requests that leave them out "
+                     "(--generation-config none: the API's defaults)",
+                     ", ".join(f"{k}={v}" for k, v in lm.config.generation_defaults))
         self.app = create_app(self.scheduler, lm.tokenizer, self.model_name, api_key=api_key,
-                              max_body_bytes=max_body_bytes)
+                              max_body_bytes=max_body_bytes, use_generation_config=use)
 
     def run(self, host: str = "127.0.0.1", port: int = 8000) -> None:
         """Serve HTTP until interrupted (the leader); a follower applies the leader's plans."""

@@ -30,12 +30,16 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
 def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20, health_timeout_s: float = 5.0) -> FastAPI:
-    """The app for one served model. ``tokenizer`` is the model's HF tokenizer."""
+               max_body_bytes: int = 1 << 20, health_timeout_s: float = 5.0,
+               use_generation_config: bool = True) -> FastAPI:
+    """The app for one served model. ``tokenizer`` is the model's HF tokenizer;
+    ``use_generation_config``: requests default to the sampling settings of the model's
+    generation_config.json (as vLLM's ``--generation-config auto``), else to the API's."""
     app = FastAPI(title="ryzen_jax", docs_url=None, redoc_url=None)
     gen = scheduler.batcher.gen
     metrics = scheduler.metrics
     created = int(time.time())
+    defaults = dict(gen.cfg.generation_defaults) if use_generation_config else {}
 
     def error(e: APIError) -> JSONResponse:
         if e.status != 401:
@@ -62,7 +66,13 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
 
     def engine_request(req, prompt_ids: list[int], max_tokens: int | None, choice: int = 0) -> Request:
         """The engine's request for one choice; ``choice`` j > 0 of a seeded request
-        samples with ``seed + j``, so n choices differ and each is reproducible."""
+        samples with ``seed + j``, so n choices differ and each is reproducible. A
+        sampling field the request leaves out takes the model's default (its
+        generation_config.json) where it has one, else the API's; ``max_tokens=None``
+        the model's ``max_new_tokens`` (within the context), else 16 for a completion and
+        the rest of the context for a chat."""
+        given = lambda name: getattr(req, name) if name in req.model_fields_set else defaults.get(  # noqa: E731
+            name, getattr(req, name))
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -72,7 +82,10 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         if len(prompt_ids) >= limit:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server's context is {limit}",
                            param="prompt")
-        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if max_tokens is None:
+            rest = max(1, limit - len(prompt_ids))
+            fallback = rest if isinstance(req, ChatCompletionRequest) else DEFAULT_MAX_TOKENS
+            max_tokens = min(int(defaults["max_new_tokens"]), rest) if "max_new_tokens" in defaults else fallback
         if len(prompt_ids) + max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} + {len(prompt_ids)} prompt tokens exceeds this server's "
                                 f"context of {limit}", param="max_tokens")
@@ -82,8 +95,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                            param="stop_token_ids")
         seed = None if req.seed is None else (req.seed + choice) % 2**32
         try:
-            sampling = SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
-                                      min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=seed)
+            sampling = SamplingParams(temperature=given("temperature"), top_k=max(0, int(given("top_k"))),
+                                      top_p=given("top_p"), min_p=given("min_p"),
+                                      repetition_penalty=given("repetition_penalty"), seed=seed)
             request = Request(prompt_ids, max_tokens, sampling, tuple(req.stop_token_ids or ()),
                               tuple(req.stop_strings()), req.ignore_eos)
             gen.check([request])
@@ -256,8 +270,6 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is None:  # chat has no fixed default: whatever the context leaves
-            max_tokens = max(1, gen.max_seq_len - len(ids))
         return await run(request, req, [engine_request(req, ids, max_tokens, j) for j in range(req.n)], _Chat)
 
     @app.get("/v1/models")

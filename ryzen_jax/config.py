@@ -53,6 +53,7 @@ class ModelConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] | None = None  # which layers the window applies to (None: every layer)
     # GPT-2 / BERT: LayerNorm (with bias) instead of RMSNorm
     layer_norm_eps: float = 1e-5
     scale_attn_weights: bool = True  # GPT-2: attention scores scaled by head_dim**-0.5 ...
@@ -77,6 +78,12 @@ class ModelConfig:
         """Query heads that share one key/value head (1 = MHA, num_heads = MQA)."""
         return self.num_heads // self.num_kv_heads
 
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer`` (None: it attends to everything)."""
+        if self.sliding_window is None or (self.sliding_layers is not None and not self.sliding_layers[layer]):
+            return None
+        return self.sliding_window
+
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> "ModelConfig":
         """Build from the parsed ``config.json`` (and ``generation_config.json``, if any).
@@ -91,6 +98,11 @@ class ModelConfig:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; ryzen_jax runs: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        quant = raw.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "unknown") if isinstance(quant, Mapping) else "unknown"
+            raise ConfigError(f"config.json has a quantization_config (quant_method {method!r}): quantized weights "
+                              "are not supported; use the model's float16 / bfloat16 / float32 checkpoint")
         fields = FAMILY_PARSERS[model_type](_Fields(raw, model_type))
 
         generation = generation or {}
@@ -161,13 +173,26 @@ def _llama(f: _Fields) -> dict[str, Any]:
     theta = float(f.get("rope_theta", params.get("rope_theta", 10000.0)))
 
     is_qwen2 = f.model_type == "qwen2"
-    sliding = f.get("sliding_window")
-    if is_qwen2 and not f.get("use_sliding_window", False):
-        sliding = None
+    layers = int(f.need("num_hidden_layers"))
+    # Llama has no sliding window (transformers ignores the key there); Mistral windows
+    # every layer; Qwen2 only with use_sliding_window, and then the layers its
+    # layer_types name (transformers 5) or those from max_window_layers on (4.x)
+    sliding = f.get("sliding_window") if f.model_type in ("mistral", "qwen2") else None
+    sliding_layers = None
+    if is_qwen2:
+        if not f.get("use_sliding_window", False):
+            sliding = None
+        elif f.get("layer_types") is not None:
+            sliding_layers = tuple(t == "sliding_attention" for t in f.get("layer_types"))
+        else:
+            first = int(f.get("max_window_layers", 28))
+            sliding_layers = tuple(i >= first for i in range(layers))
+        if sliding_layers is not None and len(sliding_layers) != layers:
+            raise ConfigError(f"qwen2 config: layer_types has {len(sliding_layers)} entries for {layers} layers")
     return dict(
         vocab_size=int(f.need("vocab_size")),
         hidden_size=hidden,
-        num_layers=int(f.need("num_hidden_layers")),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -182,6 +207,7 @@ def _llama(f: _Fields) -> dict[str, Any]:
         mlp_bias=bool(f.get("mlp_bias", False)),
         hidden_act=str(f.get("hidden_act", "silu")),
         sliding_window=int(sliding) if sliding else None,
+        sliding_layers=sliding_layers if sliding else None,
     )
 
 

@@ -25,6 +25,11 @@ MODELS = {
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
     "qwen2_bias": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"vocab_size": 250}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 16}),
+    # Qwen2's window on the layers from max_window_layers on only (here: layer 1 of 2)
+    "qwen2_window": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                     {"vocab_size": 250, "use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
+    # a sliding_window key in a Llama config, which transformers' Llama ignores
+    "llama_window_key": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"sliding_window": 6}),
 }
 
 

@@ -25,6 +25,7 @@ from ryzen_jax.checkpoint.safetensors_io import CheckpointFormatError
 from ryzen_jax.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.sharding import ShardingError, TensorParallelConfig, make_mesh
+from tests import hf_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,6 +264,57 @@ def test_no_weights_at_all(tmp_path, gqa_dir):
     with pytest.raises(CheckpointFormatError, match="safetensors"):
         rj.load_model(str(d), tp=1, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_quantized_checkpoints_are_refused(gqa_dir, gqa_config, tmp_path):
+    """A quantization_config, or integer weights without one, is refused by name:
+    integer weights read as floats would load silently wrong."""
+    from safetensors.numpy import load_file, save_file
+
+    quant = tmp_path / "quant"
+    shutil.copytree(gqa_dir, quant)
+    with open(quant / "config.json", "w") as f:
+        json.dump({**gqa_config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, f)
+    with pytest.raises(ConfigError, match="quant_method 'bitsandbytes'"):
+        rj.load_model(str(quant), tp=1, progress=False)
+    ints = tmp_path / "ints"
+    shutil.copytree(gqa_dir, ints)
+    (weights,) = [f for f in os.listdir(ints) if f.endswith(".safetensors")]
+    tensors = load_file(str(ints / weights))
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name].astype("int8")
+    save_file(tensors, str(ints / weights))
+    with pytest.raises(CheckpointFormatError, match=f"{name}.*int8.*floating point"):
+        rj.load_model(str(ints), tp=1, progress=False)
+
+
+def test_the_shard_index_decides_which_file_a_tensor_comes_from(tmp_path):
+    """Stale shards of an earlier download beside the index are not read (transformers
+    follows the index too); without an index, a tensor in two files is refused."""
+    import torch
+    import transformers
+
+    from safetensors.numpy import load_file, save_file
+
+    cfg = transformers.LlamaConfig(**hf_models.BASE)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    d = tmp_path / "m"
+    model.save_pretrained(str(d), max_shard_size="100KB")
+    assert (d / "model.safetensors.index.json").exists()
+    some = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[0]
+    stale = {k: v * 0 + 1 for k, v in load_file(str(d / some)).items()}  # same names, other values
+    save_file(stale, str(d / "model-00001-of-00099.safetensors"))  # no real shard's name
+    prompt = [1, 17, 42, 99, 3, 128]
+    from tests.test_parity import LOGIT_TOL, full_logits
+
+    with torch.no_grad():
+        want = model(torch.tensor([prompt])).logits[0].numpy()
+    got = full_logits(rj.load_model(str(d), tp=1, progress=False), prompt)
+    assert abs(got - want).max() < LOGIT_TOL * max(1.0, abs(want).max())
+    os.remove(d / "model.safetensors.index.json")
+    with pytest.raises(CheckpointFormatError, match="is in both"):
+        rj.load_model(str(d), tp=1, progress=False)
 
 
 def test_convert_into_existing_dir(gqa_dir, tmp_path):

@@ -17,12 +17,13 @@ LOGIT_TOL = 1e-4
 
 # (model, tp, dp): GQA at tp 1/2/4 and dp×tp 2×2; MQA (1 kv head replicated to 4);
 # tied MHA; llama3 rope scaling; qwen2 qkv bias; mistral sliding window (at tp 1 through
-# our CPU attention kernel, whose window the 32 new tokens pass).
+# our CPU attention kernel, whose window the 32 new tokens pass); Qwen2's window on some
+# layers only.
 CASES = [
     ("llama_gqa", 1, 1), ("llama_gqa", 2, 1), ("llama_gqa", 4, 1), ("llama_gqa", 2, 2),
     ("llama_mqa", 4, 1), ("llama_mha_tied", 4, 1), ("llama3_rope", 4, 1), ("qwen2_bias", 2, 1),
     ("qwen2_bias", 4, 1), ("mistral", 2, 1),
-    ("mistral", 1, 1),
+    ("mistral", 1, 1), ("qwen2_window", 2, 1),
 ]
 
 
@@ -71,6 +72,17 @@ def test_logits_and_greedy_match_hf(name, tp, dp, hf_model_dir, hf_reference, re
 
     out = lm.generator.generate([PROMPT], NEW_TOKENS, stop_ids=[])
     assert out.generated_ids[0] == ref_tokens, (out.generated_ids[0], ref_tokens)
+
+
+def test_llama_ignores_a_sliding_window_key(hf_model_dir, hf_reference):
+    """transformers' Llama attention has no window: a ``sliding_window`` key in a Llama
+    config.json (merged or converted files carry one) changes nothing in its forward
+    pass, nor in ours. (Its generate() differs: the cache it builds reads the key and
+    drops old positions, so only the logits are compared.)"""
+    ref_logits, _ = hf_reference("llama_window_key")
+    lm = rj.load_model(hf_model_dir("llama_window_key"), tp=1, progress=False)
+    assert lm.config.sliding_window is None and len(PROMPT) > 6
+    assert float(np.abs(full_logits(lm, PROMPT) - ref_logits).max()) < LOGIT_TOL * max(1.0, np.abs(ref_logits).max())
 
 
 def test_batch_of_different_lengths_matches_each_alone(hf_model_dir):

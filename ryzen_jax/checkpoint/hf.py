@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
-from ryzen_jax.checkpoint.safetensors_io import SafetensorsReader
+from ryzen_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsReader
 from ryzen_jax.config import ModelConfig
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -195,7 +196,18 @@ def hf_views(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, np.ndarra
     missing = [table[path][0] for path, name in names.items() if name is None]
     if missing:
         raise KeyError(f"the checkpoint lacks {len(missing)} tensor(s) that {cfg.model_type} needs, e.g. {missing[:3]}")
-    return {path: fn(reader.get(names[path])) for path, (_, fn) in table.items()}
+    views = {}
+    for path, (_, fn) in table.items():
+        stored = reader.get(names[path])
+        if stored.dtype.kind != "f" and stored.dtype != ml_dtypes.bfloat16:
+            raise CheckpointFormatError(f"tensor {names[path]!r} is stored as {stored.dtype}, not as floating point: a "
+                                        "quantized checkpoint? ryzen_jax reads float16 / bfloat16 / float32 weights")
+        try:
+            views[path] = fn(stored)
+        except ValueError as e:
+            raise CheckpointFormatError(f"tensor {names[path]!r} of shape {tuple(stored.shape)} does not fit "
+                                        f"{cfg.model_type}'s config ({e})") from None
+    return views
 
 
 def fit_slice(stored: np.ndarray, index: Sequence[slice], target_shape: Sequence[int],

@@ -47,18 +47,44 @@ def safetensors_files(model_dir: str) -> list[str]:
     raise CheckpointFormatError(f"{model_dir} has no *.safetensors weights")
 
 
+INDEX = "model.safetensors.index.json"
+
+
 class SafetensorsReader:
-    """Every tensor of a model directory, as a lazy read-only numpy view."""
+    """Every tensor of a model directory, as a lazy read-only numpy view.
+
+    Where ``model.safetensors.index.json`` exists, its ``weight_map`` decides which file
+    each tensor comes from (as transformers reads it), so stale shards of an earlier
+    download beside it are never read; without one, a tensor found in two files is refused.
+    """
 
     def __init__(self, model_dir: str):
         self._entries: dict[str, tuple[np.memmap, int, dict]] = {}
-        for path in safetensors_files(model_dir):
+        files = safetensors_files(model_dir)
+        weight_map = _weight_map(model_dir)
+        if weight_map is not None:
+            present = {os.path.basename(f) for f in files}
+            absent = sorted(set(weight_map.values()) - present)
+            if absent:
+                raise CheckpointFormatError(f"{INDEX} in {model_dir} names {len(absent)} file(s) that are not there, "
+                                            f"e.g. {absent[0]}: the download is incomplete")
+            files = [f for f in files if os.path.basename(f) in set(weight_map.values())]
+        origin: dict[str, str] = {}
+        for path in files:
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
             header.pop("__metadata__", None)
             mapping = np.memmap(path, dtype=np.uint8, mode="r")
+            base = os.path.basename(path)
             for name, meta in header.items():
+                if weight_map is not None and weight_map.get(name, base) != base:
+                    continue  # the index puts this tensor in another file
+                if name in origin:
+                    raise CheckpointFormatError(
+                        f"tensor {name!r} is in both {origin[name]} and {base} in {model_dir}: a stale shard of "
+                        "another revision? Remove the files that do not belong (or add the model's " + INDEX + ")")
+                origin[name] = base
                 self._entries[name] = (mapping, 8 + n, meta)
 
     def __contains__(self, name: str) -> bool:
@@ -76,6 +102,17 @@ class SafetensorsReader:
             raise CheckpointFormatError(f"tensor {name!r} has unsupported dtype {meta['dtype']}")
         begin, end = meta["data_offsets"]
         return mapping[base + begin: base + end].view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+
+
+def _weight_map(model_dir: str) -> dict[str, str] | None:
+    path = os.path.join(model_dir, INDEX)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointFormatError(f"{path} has no 'weight_map' object; fix or remove the index")
+    return weight_map
 
 
 def write_safetensors(path: str, specs: dict[str, tuple[np.dtype, tuple[int, ...]]],

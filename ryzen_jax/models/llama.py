@@ -29,13 +29,13 @@ def padded_vocab(cfg: ModelConfig, tp: TensorParallelConfig) -> int:
 class Attention(MultiHeadAttention):
     """Grouped-query attention with rotary positions, over the KV cache."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallelConfig, *, layer: int, dtype, rngs: nnx.Rngs):
         d = cfg.head_dim
         super().__init__(cfg.hidden_size, cfg.num_heads, tp.kv_heads(cfg.num_kv_heads), d, qkv_bias=cfg.attention_bias,
                          o_bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         self.rope = (d, cfg.rope_theta, cfg.rope_scaling)
         self.scale = d ** -0.5
-        self.window = cfg.sliding_window
+        self.window = cfg.window_of(layer)
         self.tp = tp
 
     def __call__(self, x, positions, cache_k, cache_v, prefill: bool, attend: int | None = None):
@@ -47,11 +47,11 @@ class Attention(MultiHeadAttention):
         return self.wo(out), cache_k, cache_v
 
 
-def block(cfg: ModelConfig, tp: TensorParallelConfig, *, dtype, rngs: nnx.Rngs) -> PreNormBlock:
+def block(cfg: ModelConfig, tp: TensorParallelConfig, layer: int, *, dtype, rngs: nnx.Rngs) -> PreNormBlock:
     """RMSNorm → attention, RMSNorm → SwiGLU MLP, each added to the residual."""
     return PreNormBlock(
         RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs),
-        Attention(cfg, tp, dtype=dtype, rngs=rngs),
+        Attention(cfg, tp, layer=layer, dtype=dtype, rngs=rngs),
         RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs),
         MLP(cfg.hidden_size, cfg.intermediate_size, activation(cfg.hidden_act, gated=True), use_bias=cfg.mlp_bias,
             dtype=dtype, rngs=rngs),
@@ -71,7 +71,7 @@ class LlamaForCausalLM(DecoderOnlyLM, nnx.Module):
         self.cfg, self.tp = cfg, tp
         vocab = padded_vocab(cfg, tp)
         self.embed = Embedding(vocab, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([block(cfg, tp, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([block(cfg, tp, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (vocab, cfg.hidden_size), ("vocab", "embed"), dtype)

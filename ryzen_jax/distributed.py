@@ -10,8 +10,12 @@ the process group and watches it:
   torchrun-style variables ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``
   (+ ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), set by ``scripts/launch.py``, torchrun, or
   the Kubernetes manifests in ``configs/deploy``; SLURM (inside ``srun``) and Open MPI
-  (``mpirun``), which ``jax.distributed`` detects itself; otherwise one process.
-* **Which local devices** a process takes: ``local_device_ids``, else ``LOCAL_RANK·K
+  (``mpirun``), which ``jax.distributed`` detects itself; otherwise one process. JAX's
+  coordinator listens on ``MASTER_PORT``, or on ``JAX_COORDINATOR_PORT`` where set, or
+  on ``MASTER_PORT + 1`` under torchrun's agent store (``TORCHELASTIC_USE_AGENT_STORE``:
+  torchrun's own store holds ``MASTER_PORT`` then).
+* **Which local devices** a process takes: ``local_device_ids``, else
+  ``JAX_LOCAL_DEVICE_IDS``, else ``LOCAL_RANK·K
   ... +K-1`` with ``RYZEN_JAX_DEVICES_PER_PROC=K`` (the launcher's
   ``--devices-per-proc``), else one device per process when several share a host
   (``LOCAL_WORLD_SIZE > 1``, torchrun's convention), else all of them.
@@ -77,6 +81,9 @@ def _int(environ: Mapping[str, str], key: str) -> int | None:
 
 
 def _local_devices_from_env(environ: Mapping[str, str]) -> tuple[int, ...] | None:
+    given = environ.get("JAX_LOCAL_DEVICE_IDS", "").strip()
+    if given:  # the user's own choice wins
+        return tuple(int(i) for i in given.split(","))
     local_rank = _int(environ, "LOCAL_RANK")
     per_proc = _int(environ, ENV_DEVICES_PER_PROC)
     if local_rank is None:
@@ -96,7 +103,12 @@ def detect_cluster(environ: Mapping[str, str] | None = None) -> ClusterSpec:
         if world > 1 and not env.get("MASTER_ADDR"):
             raise ValueError(f"RANK={rank} and WORLD_SIZE={world} are set but MASTER_ADDR is not: set MASTER_ADDR "
                              "(and MASTER_PORT) to the address of the rank-0 host")
-        address = f"{env.get('MASTER_ADDR', '127.0.0.1')}:{env.get('MASTER_PORT', DEFAULT_PORT)}"
+        port = int(env.get("MASTER_PORT", DEFAULT_PORT))
+        if env.get("JAX_COORDINATOR_PORT"):
+            port = int(env["JAX_COORDINATOR_PORT"])
+        elif env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+            port += 1  # torchrun's own agent listens on MASTER_PORT: JAX's coordinator takes the next one
+        address = f"{env.get('MASTER_ADDR', '127.0.0.1')}:{port}"
         return ClusterSpec("torchrun", address, world, rank, _local_devices_from_env(env))
     if "SLURM_STEP_NODELIST" in env and "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
         # jax.distributed finds the coordinator (first node of the step; port from
@@ -182,8 +194,11 @@ class MultiGPUOrchestrator:
     def _resolve(self, master_addr: str | None, master_port: int | None) -> ClusterSpec:
         if self.world_size is not None or master_addr is not None:
             env = detect_cluster()
-            world = self.world_size if self.world_size is not None else env.num_processes
-            rank = self.rank if self.rank is not None else env.process_id
+            known = env.source != "single"  # a launcher's environment fills in what was not given
+            world = self.world_size if self.world_size is not None else (env.num_processes if known else None)
+            rank = self.rank if self.rank is not None else (env.process_id if known else None)
+            if world == 1 and rank is None:
+                rank = 0
             if world is None or rank is None:
                 raise ValueError("explicit set-up needs rank and world_size (or RANK and WORLD_SIZE in the environment)")
             host = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")

@@ -113,7 +113,7 @@ class Failure:
         if rc == RESTART_EXIT_CODE:
             return f"rank {self.rank} asked for a group restart (exit code {rc})"
         if rc is not None and rc < 0:
-            return f"rank {self.rank} was killed by {signal.Signals(-rc).name} (exit code {rc})"
+            return f"rank {self.rank} was killed by {_signal_name(-rc)} (exit code {rc})"
         return f"rank {self.rank} exited with code {rc}"
 
     @property
@@ -122,6 +122,13 @@ class Failure:
         if self.returncode is None:
             return 1
         return self.returncode if self.returncode > 0 else 128 - self.returncode
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # real-time signals have no name
+        return f"signal {signum}"
 
 
 @dataclasses.dataclass
@@ -191,9 +198,17 @@ class _Output:
         return t
 
     def write(self, which: str, line: str) -> None:
+        """Write one line; a closed reader (``launch.py ... | head``) drops it instead of
+        stopping the copy, so the child never blocks on a full pipe."""
         with self.lock:
-            self.streams[which].write(line + "\n")
-            self.streams[which].flush()
+            stream = self.streams[which]
+            if stream is None:
+                return
+            try:
+                stream.write(line + "\n")
+                stream.flush()
+            except (BrokenPipeError, ValueError):  # reader gone, or the stream closed
+                self.streams[which] = None
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
@@ -204,15 +219,35 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
 
 
 def _stop(procs: Sequence[subprocess.Popen]) -> None:
-    """SIGKILL every process still running (with its children), and reap them.
+    """SIGKILL every child's process group (what a rank started goes too, even when the
+    rank itself has already exited), and reap them.
 
     Not SIGTERM: JAX takes SIGTERM as a preemption notice and keeps running, and a
     process blocked in a collective with a lost peer has nothing left to save."""
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
+    for p in procs:
         _signal_group(p, signal.SIGKILL)
-    for p in alive:
+    for p in procs:
         p.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed when the launcher dies, however it dies
+    (SIGKILL, out of memory, a closed terminal), instead of living on with its devices."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _load_prctl():
+    try:  # resolved before any fork: the child only calls it
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):
+        return None
+
+
+_PR_SET_PDEATHSIG = 1
+_PRCTL = _load_prctl()
 
 
 def _run_group(cfg: LaunchConfig, attempt: int, port: int, workdir: str, out: _Output) -> Failure | None:
@@ -224,15 +259,17 @@ def _run_group(cfg: LaunchConfig, attempt: int, port: int, workdir: str, out: _O
     try:
         for rank in range(cfg.nproc):
             p = subprocess.Popen(list(cfg.command), env=child_env(cfg, rank, port, attempt, beats[rank]),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                 preexec_fn=_die_with_parent if _PRCTL is not None else None)
             procs.append(p)
             pumps += [out.pump(rank, p.stdout, "stdout"), out.pump(rank, p.stderr, "stderr")]
         while True:
             codes = [p.poll() for p in procs]
             now = time.time()
-            for rank, rc in enumerate(codes):
-                if rc is not None and rc != 0:
-                    return Failure(attempt, rank, rc, "exit", now)
+            failed = [(rank, rc) for rank, rc in enumerate(codes) if rc is not None and rc != 0]
+            if failed:  # several at once: a killed rank is the cause, the others its peers noticing
+                rank, rc = min(failed, key=lambda f: (f[1] >= 0, f[0]))
+                return Failure(attempt, rank, rc, "exit", now)
             if all(rc == 0 for rc in codes):
                 return None
             for rank, (rc, beat) in enumerate(zip(codes, beats)):
@@ -274,8 +311,16 @@ def launch(cfg: LaunchConfig, stdout: IO[str] | None = None, stderr: IO[str] | N
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class _Stopped(KeyboardInterrupt):
+    """The launcher got a termination signal (its number kept for the exit status)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise _Stopped(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,9 +352,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            heartbeat_timeout_s=args.heartbeat_timeout, init_timeout_s=args.init_timeout)
     except ValueError as e:
         ap.error(str(e))
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # run the clean-up in launch()'s finally blocks
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # run the clean-up in launch()'s finally blocks
+        signal.signal(sig, _raise_interrupt)
     try:
         return launch(cfg).returncode
-    except KeyboardInterrupt:
-        print("[launch] interrupted: stopped every process", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+        try:
+            print(f"[launch] {_signal_name(signum)}: stopped every process", file=sys.stderr)
+        except OSError:
+            pass
+        return 128 + signum

@@ -43,6 +43,21 @@ def test_cluster_from_launcher_torchrun_slurm_and_openmpi_variables():
     assert not detect_cluster({"RANK": "0", "WORLD_SIZE": "1"}).multi_process
     with pytest.raises(ValueError, match="MASTER_ADDR is not"):
         detect_cluster({"RANK": "1", "WORLD_SIZE": "2"})
+    # torchrun 2.x: its agent's store holds MASTER_PORT, so JAX's coordinator takes the next port
+    agent = {**torchrun, "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert detect_cluster(agent).coordinator_address == "10.0.0.1:1235"
+    assert detect_cluster({**agent, "JAX_COORDINATOR_PORT": "4000"}).coordinator_address == "10.0.0.1:4000"
+    assert detect_cluster({**torchrun, "JAX_LOCAL_DEVICE_IDS": "4,5"}).local_device_ids == (4, 5)
+
+
+def test_explicit_set_up_needs_both_rank_and_world_size(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="needs rank and world_size"):
+        MultiGPUOrchestrator(world_size=2)._resolve(None, None)  # every process would claim rank 0
+    with pytest.raises(ValueError, match="needs rank and world_size"):
+        MultiGPUOrchestrator(rank=1)._resolve("10.0.0.1", 29500)
+    assert MultiGPUOrchestrator(world_size=1)._resolve(None, None).process_id == 0
 
 
 def test_rank_before_the_group_forms_comes_from_the_environment(monkeypatch):

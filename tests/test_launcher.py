@@ -86,6 +86,41 @@ def test_heartbeat_thread_touches_the_file(tmp_path, monkeypatch):
     assert thread.daemon and beat.exists() and time.time() - beat.stat().st_mtime < 1
 
 
+def _alive(pattern: str) -> list[str]:
+    run = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return run.stdout.split()
+
+
+def test_nothing_a_rank_started_outlives_the_group():
+    """A rank's own children go with it — after a failure, a restart or a clean finish —
+    and the process killed by a signal is named even when its peer fails at once too."""
+    marker = f"sleep 3{time.monotonic_ns() % 1000:03d}"  # a command line no one else runs
+    child = f"{marker} & if [ $RANK = 1 ]; then kill -9 $$; else exit 0; fi"
+    res, _, err = run_launch(launcher.LaunchConfig(nproc=2, command=("bash", "-c", child), max_restarts=1))
+    assert res.returncode == 137 and [f.rank for f in res.failures] == [1, 1]
+    assert "rank 1 was killed by SIGKILL" in err
+    assert _alive(marker) == []
+    res, _, _ = run_launch(launcher.LaunchConfig(nproc=2, command=("bash", "-c", f"{marker} & exit 0")))
+    assert res.returncode == 0 and _alive(marker) == []
+
+
+def test_a_hangup_or_a_closed_pipe_ends_the_group():
+    """SIGHUP (a closed terminal) stops every process, exit status 128 + 1; a reader
+    that goes away (| head) does not leave the children blocked on their output."""
+    marker = f"sleep 4{time.monotonic_ns() % 1000:03d}"
+    proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--nproc", "2", "--", "bash", "-c",
+                             f"echo up; {marker}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "up" in proc.stdout.readline()
+    proc.send_signal(__import__("signal").SIGHUP)
+    assert proc.wait(timeout=30) == 129
+    time.sleep(0.5)
+    assert _alive(marker) == []
+    chatty = "import sys\nfor i in range(200000): print(i)"
+    run = subprocess.run(f"{sys.executable} scripts/launch.py --nproc 1 -- {sys.executable} -c '{chatty}' | head -1",
+                         shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "[rank 0] 0"
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="no command to launch"):
         launcher.LaunchConfig(nproc=2, command=())

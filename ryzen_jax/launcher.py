@@ -230,24 +230,20 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
         p.wait()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: be killed when the launcher dies, however it dies
-    (SIGKILL, out of memory, a closed terminal), instead of living on with its devices."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+#: run before the rank's command, in the child: be killed when the launcher dies, however
+#: it dies (SIGKILL, out of memory, a closed terminal), instead of living on with its
+#: devices (Linux PR_SET_PDEATHSIG, kept across exec); then become the command. A small
+#: exec wrapper rather than Popen's preexec_fn, which forks a threaded parent.
+_DIE_WITH_PARENT = ("import ctypes, os, sys\n"
+                    "ctypes.CDLL(None).prctl(1, 9)\n"  # PR_SET_PDEATHSIG, SIGKILL
+                    "os.getppid() == int(sys.argv[1]) or sys.exit(1)\n"  # the launcher died meanwhile
+                    "os.execvp(sys.argv[2], sys.argv[2:])")
 
 
-def _load_prctl():
-    try:  # resolved before any fork: the child only calls it
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-    except (OSError, AttributeError):
-        return None
-
-
-_PR_SET_PDEATHSIG = 1
-_PRCTL = _load_prctl()
+def _child_command(command: Sequence[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-I", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
 
 
 def _run_group(cfg: LaunchConfig, attempt: int, port: int, workdir: str, out: _Output) -> Failure | None:
@@ -258,9 +254,8 @@ def _run_group(cfg: LaunchConfig, attempt: int, port: int, workdir: str, out: _O
              for r in range(cfg.nproc)]
     try:
         for rank in range(cfg.nproc):
-            p = subprocess.Popen(list(cfg.command), env=child_env(cfg, rank, port, attempt, beats[rank]),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                 preexec_fn=_die_with_parent if _PRCTL is not None else None)
+            p = subprocess.Popen(_child_command(cfg.command), env=child_env(cfg, rank, port, attempt, beats[rank]),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
             procs.append(p)
             pumps += [out.pump(rank, p.stdout, "stdout"), out.pump(rank, p.stderr, "stderr")]
         while True:
@@ -286,6 +281,8 @@ def _run_group(cfg: LaunchConfig, attempt: int, port: int, workdir: str, out: _O
 
 def launch(cfg: LaunchConfig, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> LaunchResult:
     """Run the group to completion, restarting it on failures (see the module docstring)."""
+    if shutil.which(cfg.command[0]) is None:
+        raise ValueError(f"command {cfg.command[0]!r} not found (not an executable file, nor on PATH)")
     out = _Output(stdout or sys.stdout, stderr or sys.stderr)
     say = lambda msg: out.write("stderr", f"[launch] {msg}")  # noqa: E731
     failures: list[Failure] = []
@@ -356,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, _raise_interrupt)
     try:
         return launch(cfg).returncode
+    except ValueError as e:
+        print(f"[launch] error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
         try:

@@ -126,6 +126,9 @@ def test_bad_arguments_are_refused():
         launcher.LaunchConfig(nproc=2, command=())
     with pytest.raises(ValueError, match="--nproc must be >= 1"):
         launcher.LaunchConfig(nproc=0, command=("x",))
+    run = subprocess.run([sys.executable, "scripts/launch.py", "--nproc", "2", "--", "no-such-program-here"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "'no-such-program-here' not found" in run.stderr, run.stderr
 
 
 # -- real JAX process groups --------------------------------------------------------------

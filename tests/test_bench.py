@@ -22,7 +22,8 @@ import ryzen_jax as rj
 from ryzen_jax import kernels
 from ryzen_jax.bench import (BenchmarkConfig, BenchmarkConfigError, DistributedInferenceBenchmark, PRESETS,
                              ShapeError, peer, serving)
-from ryzen_jax.bench.comm import collective_ops, collectives as bench_collectives, shape_bytes
+from ryzen_jax.bench import offline
+from ryzen_jax.bench.comm import collective_ops, collectives as bench_collectives, decode_comm, shape_bytes
 from ryzen_jax.bench.offline import collectives_alone
 from ryzen_jax.bench.report import offline_table, to_jsonable, write_json
 from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, random_prompts
@@ -173,6 +174,10 @@ def test_peer_runs_on_the_same_weights(results):
         assert tps.advantage == pytest.approx(tps.ours / tps.peer)
         lat = b.vs_peer["e2e_ms"]
         assert lat.advantage == pytest.approx(lat.peer / lat.ours)
+        # steps compared as both loops run them, host included: ours is batch ÷ its decode tokens/s
+        step = b.vs_peer["decode_step_ms"]
+        assert step.ours == b.ours.loop_step_ms == pytest.approx(b.batch * 1e3 / b.ours.decode_tokens_per_s)
+        assert step.peer == p.decode_step_ms
     assert "HF" in offline_table(results) and "×HF" in offline_table(results)
 
 
@@ -294,6 +299,25 @@ def test_hlo_shape_bytes():
     (start,) = collective_ops("  %ag = (f32[1,128]{1,0}, f32[1,512]{1,0}) all-gather-start(f32[1,128]{1,0} %x), "
                               "channel_id=1, replica_groups={{0,1,2,3}}, dimensions={1}, use_global_device_ids=true")
     assert (start.kind, start.dimension, start.start, start.results()) == ("all-gather", 1, True, [("f32", (1, 512))])
+
+
+def test_the_megatron_all_reduces_are_the_layers_whatever_type_they_travel_in():
+    """A bfloat16 step on CPU: the embedding lookup's all-reduce moves 16-bit words (u16)
+    before the first layer, the layers' all-reduces are summed in float32: the floor is
+    the layers' (by element count, the last 2 × layers), the rest is listed beyond it."""
+    line = "  %{n} = {t}[1,1,128]{{2,1,0}} all-reduce({t}[1,1,128]{{2,1,0}} %x), channel_id={n}, " \
+           "replica_groups={{{{0,1}}}}, to_apply=%sum"
+    hlo = "\n".join([line.format(n=1, t="u16")] + [line.format(n=i, t="f32") for i in range(2, 6)]
+                    + ["  %g = f32[1,1,512]{2,1,0} all-gather(f32[1,1,256]{2,1,0} %y), channel_id=6, "
+                       "replica_groups={{0,1}}, dimensions={2}, use_global_device_ids=true"])
+    c = decode_comm(hlo, tp=2, batch=1, layers=2, hidden=128, dtype_bytes=2)
+    assert c.total_count == 6 and c.megatron_count == 4
+    assert c.extra == ["all-reduce u16[1,1,128]", "all-gather f32[1,1,512]"]
+    assert offline.collectives_alone(collective_ops(hlo), rj.TensorParallelConfig(tp_size=2).mesh, 4)  # u16 too
+
+
+def test_batch_sizes_are_run_smallest_first():
+    assert BenchmarkConfig(**TINY, batch_size=(4, 1, 2)).batch_size == (1, 2, 4)
 
 
 def test_the_collectives_alone_reproduce_a_compiled_programs_collectives():

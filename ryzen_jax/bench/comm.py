@@ -19,7 +19,8 @@ _ARRAY = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
 _DIMENSION = re.compile(r"\bdimensions=\{(\d+)\}")
 #: HLO element type -> NumPy dtype name, for the types collectives carry here
 HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32", "u32": "uint32",
-              "f64": "float64", "s8": "int8", "u8": "uint8", "pred": "bool"}
+              "f64": "float64", "s8": "int8", "u8": "uint8", "s16": "int16", "u16": "uint16", "s64": "int64",
+              "u64": "uint64", "pred": "bool"}
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}
 
@@ -67,6 +68,11 @@ def shape_bytes(shape: str) -> int:
     return total
 
 
+def shape_elements(shape: str) -> int:
+    """Elements of an HLO result shape (tuples: the sum)."""
+    return sum(math.prod(int(d) for d in dims.split(",") if d) for _, dims in _ARRAY.findall(shape))
+
+
 @dataclasses.dataclass
 class CommReport:
     """Collectives of one decode step (one device's view), against the Megatron floor.
@@ -105,10 +111,12 @@ def decode_comm(hlo: str, *, tp: int, batch: int, layers: int, hidden: int, dtyp
         count[kind] = count.get(kind, 0) + 1
         nbytes[kind] = nbytes.get(kind, 0) + shape_bytes(shape)
     floor_count, floor_bytes = megatron_floor(layers, batch, hidden, dtype_bytes) if tp > 1 else (0, 0)
-    # the Megatron all-reduces carry one step's hidden states: batch × hidden elements
+    # the Megatron all-reduces carry one step's hidden states, batch × hidden elements (in
+    # whatever type XLA sums them), and are the last such: the embedding lookup's, of the
+    # same size, comes before the first layer
     of_hidden = [i for i, (kind, shape) in enumerate(found)
-                 if kind == "all-reduce" and shape_bytes(shape) == batch * hidden * dtype_bytes]
-    megatron = set(of_hidden[:floor_count])
+                 if kind == "all-reduce" and shape_elements(shape) == batch * hidden]
+    megatron = set(of_hidden[len(of_hidden) - floor_count:]) if floor_count else set()
     extra = [f"{kind} {shape.split('{')[0]}" for i, (kind, shape) in enumerate(found) if i not in megatron]
     return CommReport(tp=tp, batch=batch, count=count, bytes=nbytes, total_count=len(found),
                       total_bytes=sum(nbytes.values()), megatron_count=floor_count, megatron_bytes=floor_bytes,

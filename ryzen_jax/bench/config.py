@@ -59,6 +59,7 @@ class BenchmarkConfig:
             raise BenchmarkConfigError(f"batch_size must be one or more integers >= 1, got {self.batch_size!r}")
         if len(set(sizes)) != len(sizes):
             raise BenchmarkConfigError(f"batch_size lists a size twice: {sizes}")
+        object.__setattr__(self, "batch_size", tuple(sorted(sizes)))  # smallest first, as the headline fields read them
         for name in ("seq_len", "new_tokens", "repeats", "probe_megabytes"):
             if not _positive_int(getattr(self, name)):
                 raise BenchmarkConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")

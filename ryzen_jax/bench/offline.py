@@ -53,12 +53,13 @@ class EngineRun:
 
     tp: int
     batch: int
-    ttft_ms: float  # prefill + first token fetched, median of the plain runs
+    ttft_ms: float  # from the call to the first token on the host (preparation and prefill), median of the plain runs
     token_latency_ms: dict[str, float]  # streaming: time between successive tokens (P50/P90/P99/mean)
     e2e_ms: float  # plain path: request in to last token out
     tokens_per_s: float  # batch × new tokens / e2e
     decode_tokens_per_s: float  # tokens from decode steps / decode time
-    decode_step_ms: float  # the compiled decode program alone, per step
+    decode_step_ms: float  # the compiled decode program alone, per step (what the floors compare)
+    loop_step_ms: float  # a decode step in the plain path, host included: batch ÷ decode tokens/s (what HF's compares)
     floor: Floors
     step_over_bandwidth_floor: float
     step_over_roofline: float  # against max(bandwidth floor, compute floor)
@@ -117,13 +118,16 @@ def time_stream(g: Generator, reqs: list[Request]) -> tuple[float, list[float]]:
     return stamps[0] - t0, list(np.diff(stamps))
 
 
-def time_plain(g: Generator, reqs: list[Request]) -> tuple[float, GenerationResult]:
-    """One plain run (many steps per dispatch): (end-to-end seconds, the engine's stats)."""
+def time_plain(g: Generator, reqs: list[Request]) -> tuple[float, float, GenerationResult]:
+    """One plain run (many steps per dispatch): (end-to-end seconds, seconds to the first
+    token from the call — the host's preparation included, as the peer's clock includes
+    its own —, the engine's stats)."""
     res = GenerationResult(completions=[])
     t0 = time.perf_counter()
+    first = None
     for _ in g.run(reqs, stats=res):
-        pass
-    return time.perf_counter() - t0, res
+        first = first or time.perf_counter()
+    return time.perf_counter() - t0, first - t0, res
 
 
 def time_decode_step(g: Generator, reqs: list[Request], repeats: int) -> float:
@@ -155,10 +159,11 @@ def time_decode_step(g: Generator, reqs: list[Request], repeats: int) -> float:
 def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) -> float:
     """Seconds for the decode step's matrix products and nothing else: every projection
     of every layer (q, k, v, o, gate, up, down) and the LM head, at this batch, chained
-    as a step chains them, on the model's own weights (a Llama-family model; one
-    device's shard of each, so a tensor-parallel run times one device's share). No
-    attention over the cache, no norms, no sampling, no loop, and no second copy of the
-    weights in memory (a "7B" run has room for one).
+    as a step chains them, on the model's own weights (a Llama-family model), every
+    device multiplying by its own shard at once as in the step (so the chain reads
+    what the floor counts). No attention over the cache, no norms, no sampling, no
+    loop, no collectives, and no second copy of the weights in memory (a "7B" run has
+    room for one).
 
     Each product is computed as the step computes it (``kernels.linear``: our CPU kernel
     where it serves the mesh, else XLA's dot), compiled with the same options. This is
@@ -166,8 +171,9 @@ def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) 
     step's time over it is what the rest of the program costs. The median over
     ``repeats`` of ``calls`` chained calls."""
     layers, head = step_weights(g)
+    mesh = g.tp.mesh
     x = jax.device_put(0.02 * jax.random.normal(jax.random.key(0), (batch, g.cfg.hidden_size), g.dtype),
-                       head.devices().pop())
+                       NamedSharding(mesh, P()))
 
     mm = kernels.linear
 
@@ -178,9 +184,13 @@ def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) 
             x = x + mm(jax.nn.silu(mm(x, m["gate"])) * mm(x, m["up"]), m["down"])
         return x + mm(x, head)[:, :1]
 
-    with kernels.for_mesh(g.tp.mesh):
-        lowered = jax.jit(chain).lower(x, layers, head)
-    return chained_seconds(compile_lowered(lowered, compiler_options(g.tp.mesh)), x, (layers, head), repeats, calls)
+    fn = chain
+    if mesh.devices.size > 1:  # each device its own shards (the partial sums are never added: timing only)
+        specs = jax.tree.map(lambda w: w.sharding.spec, (layers, head))
+        fn = jax.shard_map(chain, mesh=mesh, in_specs=(P(), *specs), out_specs=P(), check_vma=False)
+    with kernels.for_mesh(mesh):
+        lowered = jax.jit(fn).lower(x, layers, head)
+    return chained_seconds(compile_lowered(lowered, compiler_options(mesh)), x, (layers, head), repeats, calls)
 
 
 def chained_seconds(fn, first: jax.Array, rest: tuple, repeats: int, calls: int) -> float:
@@ -201,11 +211,12 @@ def chained_seconds(fn, first: jax.Array, rest: tuple, repeats: int, calls: int)
 TIMED_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter")
 
 
-def collectives_alone(ops: Sequence[Collective], mesh) -> tuple[Callable, jax.Array, tuple]:
+def collectives_alone(ops: Sequence[Collective], mesh, steps: int = 1) -> tuple[Callable, jax.Array, tuple]:
     """A program that runs these collectives (as a compiled step lists them: kinds, result
     shapes, gather dimensions) over the mesh's model axis, one after another, each fed by
-    the one before, and nothing else; with its inputs (zeros, each device its own block).
-    Returns (compiled, carry, inputs) for ``chained_seconds``."""
+    the one before, ``steps`` times over in a loop, and nothing else; with its inputs
+    (zeros, each device its own block). Returns (compiled, carry, inputs) for
+    ``chained_seconds``."""
     tp = mesh.shape[MODEL]
     ops = [c for c in ops if c.kind in TIMED_COLLECTIVES]
     blocks = []  # (op, dtype, the operand one device contributes)
@@ -218,7 +229,7 @@ def collectives_alone(ops: Sequence[Collective], mesh) -> tuple[Callable, jax.Ar
                 d[c.dimension] *= tp
             blocks.append((c, jnp.dtype(HLO_DTYPES[dtype]), tuple(d)))
 
-    def body(carry, *xs):
+    def step(carry, xs):
         for (c, _, _), x in zip(blocks, xs):
             x = x[0] + carry[0].astype(x.dtype)  # the chain: waits on the collective before
             if c.kind == "all-reduce":
@@ -229,6 +240,9 @@ def collectives_alone(ops: Sequence[Collective], mesh) -> tuple[Callable, jax.Ar
                 y = jax.lax.psum_scatter(x, MODEL, scatter_dimension=c.dimension, tiled=True)
             carry = y.reshape(-1)[:1].astype(jnp.float32)
         return carry
+
+    def body(carry, *xs):  # as many steps as a decode dispatch runs: one dispatch's cost spread as the step's is
+        return jax.lax.fori_loop(0, steps, lambda _, c: step(c, xs), carry)
 
     spec = P(MODEL)
     fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * (1 + len(blocks)), out_specs=spec,
@@ -244,31 +258,32 @@ def time_collectives_alone(hlo: str, mesh, repeats: int, calls: int = 16) -> flo
     """Seconds for the decode step's collectives and nothing else: every all-reduce,
     all-gather and reduce-scatter of the compiled step (``hlo``), at its shapes, over the
     same mesh and transport (NCCL, gloo, or in-process), chained as the step chains
-    them. 0 when the step has none (tp = 1). This over the step is its communication
+    them, ``DECODE_CHUNK`` steps to a dispatch as the decode step is timed (so neither
+    pays a whole dispatch per step). 0 when the step has none (tp = 1). This over the step is its communication
     share: what the step would save if communication were free (an upper bound where
     the step overlaps it with computation)."""
     ops = [c for c in collective_ops(hlo) if c.kind in TIMED_COLLECTIVES]
     if not ops:
         return 0.0
-    fn, carry, inputs = collectives_alone(ops, mesh)
-    return chained_seconds(fn, carry, inputs, repeats, calls)
+    fn, carry, inputs = collectives_alone(ops, mesh, DECODE_CHUNK)
+    return chained_seconds(fn, carry, inputs, repeats, calls) / DECODE_CHUNK
 
 
 def step_weights(g: Generator) -> tuple[list[dict[str, jax.Array]], jax.Array]:
-    """One device's shard of every weight a Llama-family decode step multiplies by, as
-    the model holds them ((out, in), heads split out: q, k, v (heads, head_dim, in), o
+    """Every weight a Llama-family decode step multiplies by, as the model holds them
+    (sharded over the mesh; (out, in), heads split out: q, k, v (heads, head_dim, in), o
     (out, heads, head_dim)), per layer, and the LM head's."""
     state = g.state
     try:
         layers = [state["layers"][i] for i in range(g.cfg.num_layers)]
-        local = lambda node: node["kernel"].get_value().addressable_shards[0].data  # noqa: E731
-        weights = [dict(q=local(m["attn"]["wq"]), k=local(m["attn"]["wk"]), v=local(m["attn"]["wv"]),
-                        o=local(m["attn"]["wo"]), gate=local(m["mlp"]["gate"]), up=local(m["mlp"]["up"]),
-                        down=local(m["mlp"]["down"])) for m in layers]
+        kernel = lambda node: node["kernel"].get_value()  # noqa: E731
+        weights = [dict(q=kernel(m["attn"]["wq"]), k=kernel(m["attn"]["wk"]), v=kernel(m["attn"]["wv"]),
+                        o=kernel(m["attn"]["wo"]), gate=kernel(m["mlp"]["gate"]), up=kernel(m["mlp"]["up"]),
+                        down=kernel(m["mlp"]["down"])) for m in layers]
     except (KeyError, TypeError) as err:
         raise ValueError(f"the matmuls-alone timing reads a Llama-family model's weights; this one has none at {err}")
     head = state["lm_head"] if "lm_head" in state else state["embed"]["embedding"]
-    return weights, head.get_value().addressable_shards[0].data
+    return weights, head.get_value()
 
 
 def bytes_per_device(g: Generator, batch: int) -> tuple[int, int, int]:
@@ -294,7 +309,8 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
     stream = [time_stream(g, reqs) for _ in range(repeats)]
     plain = [time_plain(g, reqs) for _ in range(repeats)]
     gaps = [x for _, run in stream for x in run]
-    e2e = median([wall for wall, _ in plain])
+    e2e = median([wall for wall, _, _ in plain])
+    decode_rate = median([r.decode_tokens_per_s for _, _, r in plain])
     step = time_decode_step(g, reqs, repeats)
     matmuls_ms = time_matmuls_alone(g, batch, repeats) * 1e3
     fl = floors(g, batch, prompt_len, new_tokens, hw)
@@ -306,13 +322,13 @@ def measure_engine(g: Generator, prompts: Sequence[Sequence[int]], new_tokens: i
     collectives_ms = time_collectives_alone(hlo, g.tp.mesh, repeats) * 1e3
     step_ms = step * 1e3
     return EngineRun(
-        tp=g.tp.tp_size, batch=batch, ttft_ms=median([r.ttft_s for _, r in plain]) * 1e3,
+        tp=g.tp.tp_size, batch=batch, ttft_ms=median([ttft for _, ttft, _ in plain]) * 1e3,
         token_latency_ms=summary_ms(gaps), e2e_ms=e2e * 1e3, tokens_per_s=batch * new_tokens / e2e,
-        decode_tokens_per_s=median([r.decode_tokens_per_s for _, r in plain]), decode_step_ms=step_ms, floor=fl,
+        decode_tokens_per_s=decode_rate, decode_step_ms=step_ms, loop_step_ms=batch / decode_rate * 1e3, floor=fl,
         step_over_bandwidth_floor=step_ms / fl.bandwidth_ms,
         step_over_roofline=step_ms / max(fl.bandwidth_ms, fl.compute_ms), matmuls_alone_ms=matmuls_ms,
         matmul_kernel="ryzen_jax CPU kernel" if kernels.TARGET in hlo else "XLA dot",
         step_over_matmuls_alone=step_ms / matmuls_ms, comm=comm, collectives_alone_ms=collectives_ms,
         comm_share=collectives_ms / step_ms, params_bytes_per_device=params,
         cache_bytes_per_device=cache, xla_temp_bytes_per_device=temp,
-        token_latency_samples_ms=[x * 1e3 for x in gaps], generated_ids=plain[-1][1].generated_ids)
+        token_latency_samples_ms=[x * 1e3 for x in gaps], generated_ids=plain[-1][2].generated_ids)

@@ -10,6 +10,7 @@ import math
 import os
 from typing import Any
 
+from ryzen_jax.bench.offline import EngineRun
 from ryzen_jax.bench.serving import ServingResults
 from ryzen_jax.bench.suite import BenchmarkResults
 
@@ -118,7 +119,9 @@ def offline_table(r: BenchmarkResults) -> str:
         add("end-to-end (ms)", "e2e_ms", lambda x: x.e2e_ms, 1)
         add("tokens/s", "tokens_per_s", lambda x: x.tokens_per_s, 1)
         add("decode tokens/s", "decode_tokens_per_s", lambda x: x.decode_tokens_per_s, 1)
-        add("decode step (ms)", "decode_step_ms", lambda x: x.decode_step_ms)
+        add("decode step, in the loop (ms)", "decode_step_ms",
+            lambda x: x.loop_step_ms if isinstance(x, EngineRun) else x.decode_step_ms)
+        add("decode step, program alone (ms)", "-", lambda x: x.decode_step_ms if isinstance(x, EngineRun) else None)
         f = b.ours.floor
         lines.append(f"  floor: {(f.weight_bytes + f.kv_bytes) / 1e6:.1f} MB/step → {f.bandwidth_ms:.2f} ms "
                      f"(bandwidth), {f.flops / 1e9:.2f} GFLOP → {f.compute_ms:.2f} ms (compute); decode step = "

@@ -90,7 +90,9 @@ def _compare(ours: EngineRun, peer: PeerRun) -> dict[str, Comparison]:
              "token_latency_p50_ms": (ours.token_latency_ms["p50"], peer.token_latency_ms["p50"]),
              "token_latency_p90_ms": (ours.token_latency_ms["p90"], peer.token_latency_ms["p90"]),
              "token_latency_p99_ms": (ours.token_latency_ms["p99"], peer.token_latency_ms["p99"]),
-             "e2e_ms": (ours.e2e_ms, peer.e2e_ms), "decode_step_ms": (ours.decode_step_ms, peer.decode_step_ms)}
+             "e2e_ms": (ours.e2e_ms, peer.e2e_ms),
+             # both in their generation loops, host included (ours alone is for the floors)
+             "decode_step_ms": (ours.loop_step_ms, peer.decode_step_ms)}
     rates = {"tokens_per_s": (ours.tokens_per_s, peer.tokens_per_s),
              "decode_tokens_per_s": (ours.decode_tokens_per_s, peer.decode_tokens_per_s)}
     out = {k: Comparison(o, p, p / o) for k, (o, p) in times.items()}

@@ -179,6 +179,25 @@ def test_unscaled_checkpoint_without_lm_head_reads_the_shared_embedding(tmp_path
     np.testing.assert_array_equal(views["lm_head"], views["shared.embedding"])
 
 
+def test_a_file_that_keeps_the_shared_table_under_an_alias(t5, tmp_path):
+    """Some writers drop ``shared.weight`` as a tie and keep ``encoder.embed_tokens.weight``
+    (the same table): it is read from there, with HF's greedy tokens."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    path, _, greedy = t5("t5_relu")
+    alias = tmp_path / "alias"
+    shutil.copytree(path, alias)
+    tensors = load_file(str(alias / "model.safetensors"))
+    tensors["encoder.embed_tokens.weight"] = tensors.pop("shared.weight")
+    tensors.pop("decoder.embed_tokens.weight", None)
+    save_file(tensors, str(alias / "model.safetensors"))
+    lm = rj.load_model(str(alias), tp=1, max_seq_len=MAX_SEQ_LEN, progress=False)
+    outs = rj.generate(lm, PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert [o.generated_ids for o in outs] == greedy
+
+
 def test_generate_script_on_a_t5_checkpoint(tmp_path):
     """scripts/generate.py on a T5 directory with a tokenizer: same flags and JSON as for
     Llama, and HF's greedy tokens (decoding starts from decoder_start_token_id)."""

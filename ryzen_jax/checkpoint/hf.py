@@ -80,10 +80,12 @@ def t5_sources(cfg: ModelConfig) -> dict[str, Source]:
     def o(w: np.ndarray) -> np.ndarray:
         return w.reshape(e, h, d)
 
-    out: dict[str, Source] = {"shared.embedding": ("shared.weight", _same)}
+    # the shared table; files whose writer dropped it as a tie keep one of its aliases
+    shared = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+    out: dict[str, Source] = {"shared.embedding": (shared, _same)}
     if not cfg.tie_word_embeddings:
         # transformers 5 may write an unscaled T5 without lm_head.weight: it then reuses shared.weight
-        out["lm_head"] = (("lm_head.weight", "shared.weight"), _same)
+        out["lm_head"] = (("lm_head.weight", *shared), _same)
     stacks = (("encoder", cfg.num_layers, ()), ("decoder", cfg.num_decoder_layers, (("cross", "EncDecAttention"),)))
     for stack, layers, cross in stacks:
         out[f"{stack}.rel_bias"] = (f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", _same)

@@ -295,6 +295,27 @@ def test_decode_attention_matches_the_formula(b, h, kv, d, length, window, dtype
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2.0 ** -8, atol=1e-6)
 
 
+@needs_kernel
+def test_decode_attention_passes_nan_on_as_softmax_does():
+    """A NaN in a row's query or its cached keys makes that row's output NaN, as XLA's
+    softmax does (the kernel's vector exp once clamped NaN to a finite score); the other
+    rows are untouched."""
+    rng = np.random.default_rng(0)
+    b, h, kv, d, length = 3, 4, 2, 16, 24
+    q = rng.standard_normal((b, 1, h, d), dtype=np.float32)
+    cache_k, cache_v = (rng.standard_normal((b, kv, length, d), dtype=np.float32) for _ in range(2))
+    own_k, own_v = (rng.standard_normal((b, kv, 1, d), dtype=np.float32) for _ in range(2))
+    q[0, 0, 0, 3] = np.nan  # row 0: a NaN query, 16 scores (two full vector blocks)
+    cache_k[1, 0, 5, 0] = np.nan  # row 1: a NaN cached key
+    positions = np.array([16, 16, 16], np.int32)
+    with kernels.for_mesh(mesh(1)):
+        got = np.asarray(jax.jit(lambda *a: kernels.decode_attention(*a, positions=jnp.asarray(positions), scale=0.25,
+                                                                     window=None))(q, cache_k, cache_v, own_k, own_v))
+    assert np.isnan(got[0, 0, 0]).all() and np.isnan(got[1, 0, :2]).all()
+    want = attention_reference(q, cache_k, cache_v, own_k, own_v, positions, 0.25, None)
+    np.testing.assert_allclose(got[2], want[2], rtol=0, atol=2e-6)
+
+
 def test_decode_attention_only_where_it_serves():
     """Outside a one-device CPU mesh, or for float16, queries and own keys of different
     dtypes, cached keys and values of different dtypes or a head size off 8: None, and
@@ -322,9 +343,9 @@ def test_write_cache_matches_dynamic_update_slice(steps):
     (clamped so the slots fit), one step or a prompt's several; the cache donated is
     updated where it lies; elsewhere (no mesh, float32) None."""
     rng = np.random.default_rng(steps)
-    cache = jnp.asarray(rng.standard_normal((5, 3, 32, 16), dtype=np.float32), jnp.bfloat16)
-    new = jnp.asarray(rng.standard_normal((5, 3, steps, 16), dtype=np.float32), jnp.bfloat16)
-    start = jnp.asarray([0, 7, 31, 40, 32 - steps], jnp.int32)
+    cache = jnp.asarray(rng.standard_normal((6, 3, 32, 16), dtype=np.float32), jnp.bfloat16)
+    new = jnp.asarray(rng.standard_normal((6, 3, steps, 16), dtype=np.float32), jnp.bfloat16)
+    start = jnp.asarray([0, 7, 31, 40, 32 - steps, -3], jnp.int32)  # -3: counted from the end, as XLA does
     want = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(c, x, s, axis=1))(cache, new, start)
     with kernels.for_mesh(mesh(1)):
         write = jax.jit(kernels.write_cache, donate_argnums=0)
@@ -349,7 +370,7 @@ def test_put_row_matches_dynamic_update_slice():
     small = jnp.asarray(rng.standard_normal((2, 3, 10, 8), dtype=np.float32), jnp.bfloat16)
     with kernels.for_mesh(mesh(1)):
         put = jax.jit(kernels.put_row, donate_argnums=0)
-        for row in (0, 2, 3, 9):
+        for row in (0, 2, 3, 9, -1):
             want = jax.lax.dynamic_update_slice_in_dim(big, small[:1], row, axis=0)
             donated = jnp.array(big)
             where = donated.unsafe_buffer_pointer()
@@ -375,14 +396,14 @@ def test_the_kernels_build_where_they_can():
 @needs_kernel
 def test_take_rows_matches_numpy():
     """A bfloat16 lookup by the kernel where it serves: numpy's rows, ids of any shape,
-    an id outside the table a row of NaN (as jnp.take); elsewhere (no mesh, float32) None."""
+    a negative id counted from the end and one outside the table a row of NaN, as jnp.take;
+    elsewhere (no mesh, float32) None."""
     table = jnp.asarray(np.random.default_rng(0).standard_normal((50, 24), dtype=np.float32), jnp.bfloat16)
-    ids = jnp.asarray([[3, 49, 0], [7, 50, -1]], jnp.int32)
+    ids = jnp.asarray([[3, 49, 0], [7, 50, -1], [-50, -51, 2**31 - 1]], jnp.int32)
     with kernels.for_mesh(mesh(1)):
         got = np.asarray(jax.jit(kernels.take_rows)(table, ids), np.float32)
-    want = np.asarray(table, np.float32)[np.clip(np.asarray(ids), 0, 49)]
-    assert got.shape == (2, 3, 24)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1, 0], want[1, 0])
-    assert np.isnan(got[1, 1:]).all()
+    want = np.asarray(jnp.take(table, ids, axis=0), np.float32)  # XLA's: -1 the last row, past either end NaN
+    assert got.shape == (3, 3, 24)
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[1, 1]).all() and not np.isnan(got[1, 2]).any()
     assert kernels.take_rows(table, ids) is None and kernels.take_rows(table.astype(jnp.float32), ids) is None

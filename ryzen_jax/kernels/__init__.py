@@ -275,8 +275,8 @@ def greedy(logits: jax.Array) -> jax.Array | None:
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array | None:
     """``table[ids]`` for a bfloat16 table (rows, dim) and integer ids of any shape, by
-    the kernel (an id outside the table: a row of NaN, as ``jnp.take``); None where it
-    does not serve."""
+    the kernel (a negative id counted from the end, one outside the table a row of NaN, as
+    ``jnp.take``); None where it does not serve."""
     if not active() or table.ndim != 2 or table.dtype != jnp.bfloat16:
         return None
     flat = ids.reshape(-1).astype(jnp.int32)

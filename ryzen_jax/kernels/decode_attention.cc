@@ -34,7 +34,7 @@ using ryzen_jax::load8;
 // e^x for x <= 0 (scores minus their maximum): 2^n · p(r), |r| <= ln2/2, p of degree
 // 6; relative error about 2e-7, float32's own rounding.
 inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // max returns its second operand for a NaN: keep it NaN
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -138,7 +138,8 @@ struct Layer {
   void pair(int64_t i, std::vector<float>& scores) const {
     const int64_t b = i / kv;
     const int64_t pos = std::clamp<int64_t>(positions[b], 0, length);
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+    // the window starts from the position itself, as XLA's mask does, not from the clamped one
+    const int64_t lo = window > 0 ? std::clamp<int64_t>(int64_t(positions[b]) - window + 1, 0, pos) : 0;
     const int64_t n = pos - lo + 1;  // visible cache positions, then the own key
     const C* keys = k + (i * length + lo) * dim;
     const C* values = v + (i * length + lo) * dim;

@@ -25,8 +25,9 @@ ffi::Error TakeRows(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids, ffi
   const int32_t* id = ids.typed_data();
   for (int64_t i = 0; i < n; ++i) {
     uint16_t* row = dst + i * dim;
-    if (id[i] >= 0 && id[i] < rows) {
-      std::memcpy(row, src + int64_t(id[i]) * dim, size_t(dim) * sizeof(uint16_t));
+    const int64_t at = id[i] < 0 ? int64_t(id[i]) + rows : int64_t(id[i]);  // -1 is the last row, as in jnp.take
+    if (at >= 0 && at < rows) {
+      std::memcpy(row, src + at * dim, size_t(dim) * sizeof(uint16_t));
     } else {
       for (int64_t k = 0; k < dim; ++k) row[k] = 0x7fc0;  // a quiet NaN
     }

@@ -1,6 +1,7 @@
 // A step's keys or values written into one layer's KV cache in place: for each row b
 // of the batch, new[b] (KV, T, D) goes to cache[b, :, start[b] : start[b] + T, :], the
-// start clamped so the slots fit (as lax.dynamic_update_slice clamps it). The result
+// start (a negative one counted from the end) clamped so the slots fit, as
+// lax.dynamic_update_slice does. The result
 // is the cache's own buffer (the call aliases it), so only the new slots are touched.
 //
 // Why: XLA:CPU has no bfloat16 scatter or dynamic-update-slice; it converts the whole
@@ -41,7 +42,7 @@ ffi::Error WriteCache(ffi::AnyBuffer cache, ffi::AnyBuffer fresh, ffi::Buffer<ff
   const int64_t heads = c[1], slots = c[2], steps = n[2];
   const size_t row = size_t(c[3]) * width, block = size_t(steps) * row;  // one head's new slots
   for (int64_t b = 0; b < c[0]; ++b) {
-    const int64_t at = std::clamp<int64_t>(s[b], 0, slots - steps);
+    const int64_t at = std::clamp<int64_t>(s[b] < 0 ? int64_t(s[b]) + slots : s[b], 0, slots - steps);
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t i = b * heads + h;
       std::memcpy(dst + (i * slots + at) * row, src + i * block, block);
@@ -50,8 +51,8 @@ ffi::Error WriteCache(ffi::AnyBuffer cache, ffi::AnyBuffer fresh, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-// Row 0 of ``small`` (N, ...) into row ``row`` of ``big`` (B, ...) (clamped into
-// [0, B), as lax.dynamic_update_slice clamps it), in place: a prefilled request's
+// Row 0 of ``small`` (N, ...) into row ``row`` of ``big`` (B, ...) (a negative one
+// counted from the end, then clamped into [0, B), as lax.dynamic_update_slice does), in place: a prefilled request's
 // cache moved into its slot of a server's batch. The same bytes as write_cache moves,
 // for a whole row (XLA copied the whole batch's cache for a reshape that would have
 // let write_cache do it).
@@ -64,7 +65,8 @@ ffi::Error PutRow(ffi::AnyBuffer big, ffi::AnyBuffer small, ffi::Buffer<ffi::S32
                                        "trailing shape, and one row index");
   char* dst = in_place(big, out);
   const size_t bytes = big.size_bytes() / size_t(b[0]);
-  const int64_t at = std::clamp<int64_t>(row.typed_data()[0], 0, b[0] - 1);
+  const int64_t r = row.typed_data()[0];
+  const int64_t at = std::clamp<int64_t>(r < 0 ? r + b[0] : r, 0, b[0] - 1);
   std::memcpy(dst + at * bytes, small.untyped_data(), bytes);
   return ffi::Error::Success();
 }

@@ -227,10 +227,12 @@ async def run_async(cfg: ServingConfig, progress=None) -> ServingResults:
             return out
 
         t0 = time.perf_counter()
-        tasks = []
+        tasks, due = [], 0.0
         for prompt, gap in zip(prompts, gaps):
-            if gap:
-                await asyncio.sleep(gap)
+            due += gap  # each arrival at its own time from the start: the event loop's lag never adds up
+            wait = t0 + due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
             tasks.append(asyncio.create_task(limited(prompt)))
         outcomes = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0

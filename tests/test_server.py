@@ -242,7 +242,7 @@ def test_choices_prompt_lists_and_nulls_match_offline(server, lm):
     assert [c["text"] for c in body["choices"]] == [offline[p, j] for p in prompts for j in range(2)]
     assert offline[prompts[0], 0] != offline[prompts[0], 1]
     ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
-    assert body["usage"]["prompt_tokens"] == 2 * sum(map(len, ids))
+    assert body["usage"]["prompt_tokens"] == sum(map(len, ids))  # each prompt once, as OpenAI bills n choices
     events = stream_events(server.url, prompt=prompts, n=2, max_tokens=8, temperature=0.9, seed=7,
                            stream_options={"include_usage": True})
     assert {e["created"] for e in events} == {events[0]["created"]} and all("usage" in e for e in events)
@@ -322,6 +322,11 @@ def test_queue_bound_and_api_key(lm):
                 time.sleep(0.02)
             third = httpx.post(f"{url}/v1/completions", json=long, headers=auth, timeout=30)
             assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+            cancelled = metric(url, 'ryzen_jax_requests_total{outcome="cancelled"}')
+            multi = httpx.post(f"{url}/v1/completions", json={**long, "n": 2}, headers=auth, timeout=30)
+            assert multi.status_code == 429 and "2 choices do not fit" in multi.text  # all or none queued
+            assert metric(url, 'ryzen_jax_requests_total{outcome="cancelled"}') == cancelled
+            assert metric(url, "ryzen_jax_queue_depth") == 1
             assert first.result().status_code == second.result().status_code == 200
         # non-streaming clients that hang up, one decoding and one queued behind it, are cancelled
         cancelled = metric(url, 'ryzen_jax_requests_total{outcome="cancelled"}')

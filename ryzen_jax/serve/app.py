@@ -42,7 +42,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
     defaults = dict(gen.cfg.generation_defaults) if use_generation_config else {}
 
     def error(e: APIError) -> JSONResponse:
-        if e.status != 401:
+        if e.status != 401 and not e.counted:
             metrics.finish("rejected")
         return JSONResponse(e.body(), status_code=e.status)
 
@@ -109,13 +109,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
 
     async def run(request: HTTPRequest, req, engine_reqs: list[Request], shape) -> Response:
         """Queue every choice of a request (all or none), then answer with all of them."""
-        loop, handles = asyncio.get_running_loop(), []
         try:
-            for r in engine_reqs:
-                handles.append(scheduler.submit(r, loop))
+            handles = scheduler.submit_all(engine_reqs, asyncio.get_running_loop())
         except (QueueFull, EngineFailed) as e:
-            for h in handles:
-                scheduler.cancel(h)
             if isinstance(e, QueueFull):
                 raise APIError(429, str(e), kind="rate_limit_error") from None
             raise APIError(503, str(e), kind="server_error") from None
@@ -123,7 +119,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         head = {"id": rid, "created": created_at, "model": model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(handles, head, shape, include_usage), media_type="text/event-stream")
+            return StreamingResponse(stream(handles, head, shape, include_usage, req.n), media_type="text/event-stream")
         results = await collect(request, handles)
         if results is None:  # the client went away
             return Response(status_code=499)
@@ -132,16 +128,17 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             reason = deltas[-1].finish_reason if deltas else "stop"
             choices.append(shape.choice(i, "".join(d.text or "" for d in deltas), reason))
             n_out += sum(len(d.token_ids) for d in deltas)
-        return JSONResponse({**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out)})
+        return JSONResponse({**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out, req.n)})
 
-    def usage(handles: list[Handle], completion: int) -> dict[str, int]:
-        prompt = sum(len(h.request.prompt_ids) for h in handles)
+    def usage(handles: list[Handle], completion: int, n: int) -> dict[str, int]:
+        """Token counts; each prompt counted once, however many of its ``n`` choices ran."""
+        prompt = sum(len(h.request.prompt_ids) for h in handles[::n])
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def next_item(handle: Handle) -> StreamDelta | None:
         item = await handle.queue.get()
         if isinstance(item, Exception):
-            raise APIError(503, f"generation failed: {item}", kind="server_error")
+            raise APIError(503, f"generation failed: {item}", kind="server_error", counted=True)  # as "error"
         return item
 
     async def deltas_of(handle: Handle) -> list[StreamDelta]:
@@ -164,10 +161,11 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         finally:
             if not everything.done() or everything.exception() is not None:
                 everything.cancel()
+                everything.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no asyncio error log
                 for h in handles:
                     scheduler.cancel(h)
 
-    async def stream(handles: list[Handle], head: dict, shape, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(handles: list[Handle], head: dict, shape, include_usage: bool, n: int) -> AsyncIterator[str]:
         """Server-sent events: each choice's text as it comes (``index`` says whose),
         a final chunk per choice with its finish reason, the usage if asked, [DONE]."""
         extra = {"usage": None} if include_usage else {}
@@ -199,7 +197,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                         yield chunk(i, item.text, None)
                     pending[asyncio.ensure_future(next_item(handles[i]))] = i
             if include_usage:
-                yield sse({**head, "object": shape.chunk_object, "choices": [], "usage": usage(handles, n_out)})
+                yield sse({**head, "object": shape.chunk_object, "choices": [], "usage": usage(handles, n_out, n)})
             yield "data: [DONE]\n\n"
             finished = True
         finally:

@@ -131,18 +131,24 @@ class Scheduler:
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Handle:
         """Queue a (checked) request; raises QueueFull or EngineFailed at once."""
+        return self.submit_all([request], loop)[0]
+
+    def submit_all(self, requests: list[Request], loop: asyncio.AbstractEventLoop) -> list[Handle]:
+        """Queue every request (the choices of one HTTP request) or none: QueueFull when
+        they do not all fit, EngineFailed when the group has failed."""
         with self._lock:
             if self.failed:
                 raise EngineFailed(self.failed)
             free = self.batcher.slots - len(self.active)  # the next step admits that many at once
-            if len(self.waiting) >= self.max_queue + max(0, free):
+            if len(self.waiting) + len(requests) > self.max_queue + max(0, free):
                 raise QueueFull(f"{len(self.active)} requests running and {len(self.waiting)} waiting "
-                                f"(--max-queue {self.max_queue}); retry later")
-            handle = Handle(f"{next(self._ids)}", request, loop, asyncio.Queue())
-            self.waiting.append(handle)
+                                f"(--max-queue {self.max_queue})" + (f"; {len(requests)} choices do not fit"
+                                                                     if len(requests) > 1 else "") + "; retry later")
+            handles = [Handle(f"{next(self._ids)}", r, loop, asyncio.Queue()) for r in requests]
+            self.waiting.extend(handles)
             self.metrics.queue_depth.set(len(self.waiting))
             self._lock.notify()
-        return handle
+        return handles
 
     def cancel(self, handle: Handle) -> None:
         """The client went away: free the slot at the next step (or drop it from the queue)."""

@@ -19,7 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
 
-#: logical axis name -> mesh axis (None: replicated). See DESIGN.md, "Sharding: one table".
+#: logical axis name -> mesh axis (None: replicated); the README's sharding table lists who uses each.
 LOGICAL_RULES: Mapping[str, str | None] = {
     "batch": DATA,
     "vocab": MODEL,

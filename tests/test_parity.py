@@ -23,7 +23,8 @@ CASES = [
     ("llama_gqa", 1, 1), ("llama_gqa", 2, 1), ("llama_gqa", 4, 1), ("llama_gqa", 2, 2),
     ("llama_mqa", 4, 1), ("llama_mha_tied", 4, 1), ("llama3_rope", 4, 1), ("qwen2_bias", 2, 1),
     ("qwen2_bias", 4, 1), ("mistral", 2, 1),
-    ("mistral", 1, 1), ("qwen2_window", 2, 1),
+    ("mistral", 1, 1), ("qwen2_window", 2, 1), ("qwen2_bias", 1, 1), ("llama3_rope", 1, 1),
+    ("llama_mha_tied", 1, 1),
 ]
 
 

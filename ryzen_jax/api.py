@@ -197,15 +197,25 @@ def stream(lm: LoadedModel, prompt: str | Sequence[int], *, max_new_tokens: int 
 
 
 def embed(lm: LoadedModel, texts: Sequence[str] | Sequence[Sequence[int]], *, pooling: str = "mean",
-          normalize: bool = False) -> np.ndarray:
+          normalize: bool = False, truncate: bool = False) -> np.ndarray:
     """One embedding per text (strings, tokenized with the model's tokenizer, or
     token-id lists) from an encoder-only model: (N, hidden) float32. ``pooling="mean"``
     averages the last hidden states of the real tokens, ``"cls"`` takes the first
-    token's; ``normalize`` scales each to unit length."""
+    token's; ``normalize`` scales each to unit length. A text longer than the model's
+    positions is refused, naming it; ``truncate`` cuts it to fit instead (the tokenizer's
+    truncation, which keeps the closing special token, as sentence-transformers does)."""
     if lm.encoder is None:
         raise ValueError(f"{lm.config.model_type} is not an encoder-only model: embed() needs one (e.g. BERT); "
                          "use generate() for generative models")
     if isinstance(texts, str) or (len(texts) and isinstance(texts[0], int)):
         raise TypeError("texts must be a list of strings or of token-id lists; wrap a single text in a list")
-    ids = [encode(lm, t) if isinstance(t, str) else list(t) for t in texts]
-    return lm.encoder.embed(ids, pooling=pooling, normalize=normalize)
+    limit = lm.config.max_position_embeddings
+
+    def ids_of(text) -> list[int]:
+        if not isinstance(text, str):
+            return list(text)[:limit] if truncate else list(text)
+        if not truncate or lm.tokenizer is None:
+            return encode(lm, text)
+        return list(lm.tokenizer(text, truncation=True, max_length=limit)["input_ids"])
+
+    return lm.encoder.embed([ids_of(t) for t in texts], pooling=pooling, normalize=normalize)

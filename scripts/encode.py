@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pooling", choices=["mean", "cls"], default="mean",
                     help="mean of the real tokens' last hidden states, or the first token's")
     ap.add_argument("--normalize", action="store_true", help="scale each vector to unit length")
+    ap.add_argument("--truncate", action="store_true",
+                    help="cut a text longer than the model's positions to fit (default: refuse it)")
     add_mesh_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return ap.parse_args(argv)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.model} is a {lm.config.model_type} model, not an encoder-only one: "
                              "use scripts/generate.py for it")
         say(lm.summary())
-        vectors = rj.embed(lm, args.text, pooling=args.pooling, normalize=args.normalize)
+        vectors = rj.embed(lm, args.text, pooling=args.pooling, normalize=args.normalize, truncate=args.truncate)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -65,11 +65,12 @@ class Encoder:
         limit = self.cfg.max_position_embeddings
         if not token_id_lists:
             raise ValueError("no inputs given: pass at least one text or token-id list")
-        for ids in token_id_lists:
+        for i, ids in enumerate(token_id_lists):
             if not len(ids):
-                raise ValueError("empty input: give at least one token")
+                raise ValueError(f"input {i} is empty: give at least one token")
             if len(ids) > limit:
-                raise ValueError(f"input of {len(ids)} tokens exceeds the model's {limit} positions; shorten it")
+                raise ValueError(f"input {i} has {len(ids)} tokens, past the model's {limit} positions; shorten it "
+                                 "(rj.embed(..., truncate=True), encode.py --truncate: cut it to fit)")
             bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
@@ -80,6 +81,10 @@ class Encoder:
         n, dp = len(token_id_lists), self.tp.dp_size
         if token_type_ids is not None and [len(t) for t in token_type_ids] != [len(t) for t in token_id_lists]:
             raise ValueError("token_type_ids must give one id per token of each input")
+        bad = [t for types in token_type_ids or () for t in types if not 0 <= int(t) < self.cfg.type_vocab_size]
+        if bad:  # an out-of-range lookup would give NaN (or wrap), not an error
+            raise ValueError(f"token type id {bad[0]} is outside [0, {self.cfg.type_vocab_size}) "
+                             "(config.json 'type_vocab_size')")
         rows = dp * bucket(-(-n // dp), 1)
         length = min(bucket(max(len(t) for t in token_id_lists)), self.cfg.max_position_embeddings)
         tokens, mask, types = (np.zeros((rows, length), np.int32) for _ in range(3))

@@ -23,7 +23,7 @@ import numpy as np
 from ryzen_jax import kernels
 from ryzen_jax.checkpoint.loader import DistributedCheckpointLoader
 from ryzen_jax.config import ModelConfig
-from ryzen_jax.engine.embed import Encoder
+from ryzen_jax.engine.embed import Encoder, model_pooling
 from ryzen_jax.engine.generate import (Completion, GenerationResult, Generator, Request, StreamDelta,
                                       resolve_max_seq_len)
 from ryzen_jax.engine.sampling import SamplingParams
@@ -196,12 +196,14 @@ def stream(lm: LoadedModel, prompt: str | Sequence[int], *, max_new_tokens: int 
         yield from deltas
 
 
-def embed(lm: LoadedModel, texts: Sequence[str] | Sequence[Sequence[int]], *, pooling: str = "mean",
-          normalize: bool = False, truncate: bool = False) -> np.ndarray:
+def embed(lm: LoadedModel, texts: Sequence[str] | Sequence[Sequence[int]], *, pooling: str | None = None,
+          normalize: bool | None = None, truncate: bool = False) -> np.ndarray:
     """One embedding per text (strings, tokenized with the model's tokenizer, or
     token-id lists) from an encoder-only model: (N, hidden) float32. ``pooling="mean"``
     averages the last hidden states of the real tokens, ``"cls"`` takes the first
-    token's; ``normalize`` scales each to unit length. A text longer than the model's
+    token's; ``normalize`` scales each to unit length. Left as None, both are what a
+    sentence-transformers directory's ``modules.json`` asks for, else mean and not
+    normalized. A text longer than the model's
     positions is refused, naming it; ``truncate`` cuts it to fit instead (the tokenizer's
     truncation, which keeps the closing special token, as sentence-transformers does)."""
     if lm.encoder is None:
@@ -209,6 +211,10 @@ def embed(lm: LoadedModel, texts: Sequence[str] | Sequence[Sequence[int]], *, po
                          "use generate() for generative models")
     if isinstance(texts, str) or (len(texts) and isinstance(texts[0], int)):
         raise TypeError("texts must be a list of strings or of token-id lists; wrap a single text in a list")
+    if pooling is None or normalize is None:
+        asked_pooling, asked_normalize = model_pooling(lm.path)
+        pooling = pooling or asked_pooling or "mean"
+        normalize = bool(asked_normalize) if normalize is None else normalize
     limit = lm.config.max_position_embeddings
 
     def ids_of(text) -> list[int]:

@@ -26,9 +26,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF model dir or converted checkpoint of an encoder-only model")
     ap.add_argument("--text", action="append", required=True, help="text to embed; repeat for a batch")
-    ap.add_argument("--pooling", choices=["mean", "cls"], default="mean",
-                    help="mean of the real tokens' last hidden states, or the first token's")
-    ap.add_argument("--normalize", action="store_true", help="scale each vector to unit length")
+    ap.add_argument("--pooling", choices=["mean", "cls"], default=None,
+                    help="mean of the real tokens' last hidden states, or the first token's (default: what a "
+                         "sentence-transformers modules.json asks for, else mean)")
+    ap.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                    help="scale each vector to unit length (default: as modules.json asks, else not)")
     ap.add_argument("--truncate", action="store_true",
                     help="cut a text longer than the model's positions to fit (default: refuse it)")
     add_mesh_args(ap)
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     import ryzen_jax as rj
+    from ryzen_jax.engine.embed import model_pooling
     from ryzen_jax.runtime import is_main_process, progress_printer, setup_logging
 
     setup_logging()  # load_model turns on the persistent compilation cache
@@ -50,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.model} is a {lm.config.model_type} model, not an encoder-only one: "
                              "use scripts/generate.py for it")
         say(lm.summary())
+        asked_pooling, asked_normalize = model_pooling(args.model)  # a sentence-transformers model's own
+        args.pooling = args.pooling or asked_pooling or "mean"
+        args.normalize = bool(asked_normalize) if args.normalize is None else args.normalize
         vectors = rj.embed(lm, args.text, pooling=args.pooling, normalize=args.normalize, truncate=args.truncate)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

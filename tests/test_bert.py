@@ -114,6 +114,37 @@ def test_encoder_is_megatron(bert):
     assert set(kinds) == {"all-reduce"}, found
 
 
+def test_a_sentence_transformers_directory_sets_the_pooling(bert, hf_states, tmp_path):
+    """modules.json (Transformer, Pooling with its config, Normalize), as
+    sentence-transformers saves it: CLS pooling, normalized, by default — HF's first
+    hidden state scaled to unit length; a converted checkpoint keeps it; arguments win;
+    a pooling we lack is refused by name."""
+    import shutil
+
+    from ryzen_jax.checkpoint.convert import convert_hf
+
+    path, _, _ = bert
+    _, batch, _ = hf_states
+    st = tmp_path / "st"
+    shutil.copytree(path, st)
+    (st / "1_Pooling").mkdir()
+    (st / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 64, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    (st / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    want = batch[:, 0] / np.linalg.norm(batch[:, 0], axis=1, keepdims=True)
+    for d in (st, convert_hf(str(st), str(tmp_path / "converted"), progress=False)):
+        lm = rj.load_model(str(d), tp=1, progress=False)
+        np.testing.assert_allclose(rj.embed(lm, TEXTS), want, atol=1e-5)
+    mean = rj.embed(lm, TEXTS, pooling="mean", normalize=False)
+    np.testing.assert_allclose(mean, rj.embed(bert[2](1), TEXTS, pooling="mean"), atol=1e-6)
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match="pooling_mode_max_tokens"):
+        rj.embed(rj.load_model(str(st), tp=1, progress=False), TEXTS)
+
+
 def test_config_and_input_errors(bert):
     raw = {"model_type": "bert", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 1,
            "num_attention_heads": 8, "intermediate_size": 128}

@@ -25,8 +25,9 @@ from ryzen_jax.checkpoint.safetensors_io import SafetensorsReader
 from ryzen_jax.config import ModelConfig
 from ryzen_jax.sharding import TensorParallelConfig
 
-#: files copied beside the weights: config, generation config and every tokenizer file
-SIDE_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+#: files copied beside the weights: config, generation config, every tokenizer file, and
+#: a sentence-transformers model's module configs (its pooling, in a folder of its own)
+SIDE_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*_Pooling/config.json")
 SKIP_FILES = ("model.safetensors.index.json", orbax_io.MARKER)
 
 
@@ -59,7 +60,9 @@ def convert_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, overwrite
         for pattern in SIDE_FILES:
             for path in glob.glob(os.path.join(hf_dir, pattern)):
                 if os.path.basename(path) not in SKIP_FILES:
-                    shutil.copy2(path, tmp)
+                    where = os.path.join(tmp, os.path.relpath(os.path.dirname(path), hf_dir))
+                    os.makedirs(where, exist_ok=True)
+                    shutil.copy2(path, where)
         marker = {"format": orbax_io.FORMAT, "version": orbax_io.FORMAT_VERSION, "model_type": cfg.model_type,
                   "tensors": list(views), "dtype": str(cast) if cast is not None else "as stored",
                   "source": os.path.abspath(hf_dir)}

@@ -9,6 +9,8 @@ embedding needs only (N, E) floats from the devices.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any, Sequence
 
@@ -22,6 +24,32 @@ from ryzen_jax.engine.generate import bucket, fetch
 from ryzen_jax.sharding import TensorParallelConfig
 
 POOLINGS = ("mean", "cls")
+
+
+def model_pooling(model_dir: str) -> tuple[str | None, bool | None]:
+    """(pooling, normalize) that a sentence-transformers model directory asks for
+    (``modules.json``: its Pooling module's config, and whether a Normalize module
+    follows); (None, None) where it says nothing. A pooling we lack is an error."""
+    path = os.path.join(model_dir, "modules.json")
+    if not os.path.isfile(path):
+        return None, None
+    with open(path) as f:
+        modules = json.load(f)
+    normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    pooling = None
+    for m in modules:
+        if str(m.get("type", "")).endswith("Pooling"):
+            cfg_path = os.path.join(model_dir, m.get("path", ""), "config.json")
+            if not os.path.isfile(cfg_path):
+                continue
+            with open(cfg_path) as f:
+                modes = {k for k, v in json.load(f).items() if k.startswith("pooling_mode_") and v}
+            named = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+            if len(modes) != 1 or next(iter(modes)) not in named:
+                raise ValueError(f"{cfg_path} asks for pooling {sorted(modes)}; ryzen_jax pools by "
+                                 "mean or cls: pass pooling= (--pooling) to choose one")
+            pooling = named[next(iter(modes))]
+    return pooling, normalize
 
 
 class Encoder:

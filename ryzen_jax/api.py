@@ -132,7 +132,10 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
                     "holds those copies (about twice the weights' bytes more memory, and several times slower than "
                     "our kernels on one device); %s", mesh_devices, fix)
     model = loader.load(tp_cfg, dtype)
-    encoder = Encoder(model, tp_cfg) if cfg.is_encoder else None  # encoder-only: embeddings, no generation
+    encoder = None
+    if cfg.is_encoder:  # embeddings, pooled as a sentence-transformers directory asks; no generation
+        pooling, normalize = model_pooling(path)
+        encoder = Encoder(model, tp_cfg, pooling=pooling, normalize=normalize)
     generator = None if encoder else Generator(model, tp_cfg, tokenizer=tokenizer, max_seq_len=max_seq_len)
     if warmup and generator is not None:
         generator.warmup()
@@ -211,10 +214,6 @@ def embed(lm: LoadedModel, texts: Sequence[str] | Sequence[Sequence[int]], *, po
                          "use generate() for generative models")
     if isinstance(texts, str) or (len(texts) and isinstance(texts[0], int)):
         raise TypeError("texts must be a list of strings or of token-id lists; wrap a single text in a list")
-    if pooling is None or normalize is None:
-        asked_pooling, asked_normalize = model_pooling(lm.path)
-        pooling = pooling or asked_pooling or "mean"
-        normalize = bool(asked_normalize) if normalize is None else normalize
     limit = lm.config.max_position_embeddings
 
     def ids_of(text) -> list[int]:

@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     import ryzen_jax as rj
-    from ryzen_jax.engine.embed import model_pooling
     from ryzen_jax.runtime import is_main_process, progress_printer, setup_logging
 
     setup_logging()  # load_model turns on the persistent compilation cache
@@ -53,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.model} is a {lm.config.model_type} model, not an encoder-only one: "
                              "use scripts/generate.py for it")
         say(lm.summary())
-        asked_pooling, asked_normalize = model_pooling(args.model)  # a sentence-transformers model's own
-        args.pooling = args.pooling or asked_pooling or "mean"
-        args.normalize = bool(asked_normalize) if args.normalize is None else args.normalize
         vectors = rj.embed(lm, args.text, pooling=args.pooling, normalize=args.normalize, truncate=args.truncate)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -64,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.json:
         print(json.dumps({"model": args.model, "model_type": lm.config.model_type, "tp": lm.tp.tp_size,
-                          "dp": lm.tp.dp_size, "dtype": str(lm.encoder.dtype), "pooling": args.pooling,
-                          "normalize": args.normalize, "texts": args.text, "embeddings": vectors.tolist(),
+                          "dp": lm.tp.dp_size, "dtype": str(lm.encoder.dtype), "pooling": args.pooling or lm.encoder.pooling,
+                          "normalize": lm.encoder.normalize if args.normalize is None else args.normalize, "texts": args.text, "embeddings": vectors.tolist(),
                           "timings": {"load_s": round(lm.load_s, 3), "compile_s": round(lm.encoder.compile_s, 3)}}))
     else:
         for text, v in zip(args.text, vectors):

@@ -445,6 +445,13 @@ def test_max_seq_len_beyond_context(gqa_dir):
         rj.load_model(gqa_dir, tp=2, max_seq_len=1000, progress=False)
 
 
+def test_stop_ids_outside_the_vocabulary(lm):
+    """Refused by the engine itself, before any device work (one past int32 failed the loop)."""
+    for bad in (2**40, lm.config.vocab_size, -1):
+        with pytest.raises(ValueError, match=f"stop_token_ids: {bad} is outside the vocabulary"):
+            rj.generate(lm, [[5, 6, 7]], max_new_tokens=2, stop_token_ids=[bad])
+
+
 def test_text_prompt_not_in_a_list(lm):
     with pytest.raises(TypeError, match="wrap a single prompt in a list"):
         rj.generate(lm, [5, 6, 7])

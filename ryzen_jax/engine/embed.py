@@ -26,36 +26,37 @@ from ryzen_jax.sharding import TensorParallelConfig
 POOLINGS = ("mean", "cls")
 
 
-def model_pooling(model_dir: str) -> tuple[str | None, bool | None]:
+def model_pooling(model_dir: str) -> tuple[str, bool]:
     """(pooling, normalize) that a sentence-transformers model directory asks for
-    (``modules.json``: its Pooling module's config, and whether a Normalize module
-    follows); (None, None) where it says nothing. A pooling we lack is an error."""
+    (``modules.json``: its Pooling module's mode, and whether a Normalize module
+    follows); ("mean", False) where it says nothing. A mode we lack comes back by its
+    own name (``pooling_mode_max_tokens``), for ``Encoder.embed`` to refuse unless the
+    caller chooses a pooling."""
     path = os.path.join(model_dir, "modules.json")
     if not os.path.isfile(path):
-        return None, None
+        return "mean", False
     with open(path) as f:
         modules = json.load(f)
     normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-    pooling = None
+    pooling = "mean"
     for m in modules:
-        if str(m.get("type", "")).endswith("Pooling"):
-            cfg_path = os.path.join(model_dir, m.get("path", ""), "config.json")
-            if not os.path.isfile(cfg_path):
-                continue
+        cfg_path = os.path.join(model_dir, m.get("path", ""), "config.json")
+        if str(m.get("type", "")).endswith("Pooling") and os.path.isfile(cfg_path):
             with open(cfg_path) as f:
-                modes = {k for k, v in json.load(f).items() if k.startswith("pooling_mode_") and v}
+                modes = sorted(k for k, v in json.load(f).items() if k.startswith("pooling_mode_") and v)
             named = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
-            if len(modes) != 1 or next(iter(modes)) not in named:
-                raise ValueError(f"{cfg_path} asks for pooling {sorted(modes)}; ryzen_jax pools by "
-                                 "mean or cls: pass pooling= (--pooling) to choose one")
-            pooling = named[next(iter(modes))]
+            pooling = named.get(modes[0], modes[0]) if len(modes) == 1 else "+".join(modes)
     return pooling, normalize
 
 
 class Encoder:
     """Runs an encoder model ``model(tokens, attention_mask, token_type_ids) -> (B, T, E)``."""
 
-    def __init__(self, model: nnx.Module, tp: TensorParallelConfig):
+    def __init__(self, model: nnx.Module, tp: TensorParallelConfig, *, pooling: str = "mean",
+                 normalize: bool = False):
+        """``pooling``, ``normalize``: what ``embed`` does unless told otherwise (the
+        model's own, ``model_pooling``)."""
+        self.pooling, self.normalize = pooling, normalize
         self.cfg = model.cfg
         self.tp = tp
         self.graphdef, self.state = nnx.split(model)
@@ -133,11 +134,16 @@ class Encoder:
         (host,) = fetch([hidden])
         return [host[i, : len(ids)] for i, ids in enumerate(token_id_lists)]
 
-    def embed(self, token_id_lists: Sequence[Sequence[int]], pooling: str = "mean", normalize: bool = False,
-              token_type_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    def embed(self, token_id_lists: Sequence[Sequence[int]], pooling: str | None = None,
+              normalize: bool | None = None, token_type_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
         """One vector per input, (N, E) float32: ``pooling="mean"`` averages the hidden
         states of the real tokens, ``"cls"`` takes the first token's; ``normalize``
-        scales each to unit L2 norm."""
+        scales each to unit L2 norm. None: the encoder's defaults (the model's own)."""
+        if pooling is None and self.pooling not in POOLINGS:
+            raise ValueError(f"the model's sentence-transformers modules.json asks for pooling {self.pooling!r}; "
+                             f"ryzen_jax pools by {' or '.join(POOLINGS)}: pass pooling= (--pooling) to choose one")
+        pooling = pooling or self.pooling
+        normalize = self.normalize if normalize is None else normalize
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         _, mean, cls = self._run(token_id_lists, token_type_ids)

@@ -422,6 +422,9 @@ class Generator:
             bad = [t for t in r.prompt_ids if not 0 <= int(t) < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            bad = [t for t in r.stop_token_ids if not 0 <= int(t) < self.cfg.vocab_size]
+            if bad:  # one past int32 would fail the device loop, one past the vocabulary never match
+                raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
             stops = self._stop_ids(r)
             if len(stops) > MAX_STOP_IDS:
                 raise ValueError(f"at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(stops)}")

@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
     ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     ap.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (transformers' rule: prompt too)")
+    ap.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], 0 = off (OpenAI's)")
+    ap.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], 0 = off (OpenAI's)")
     ap.add_argument("--seed", type=int, default=None, help="default: a fresh seed per run")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text is cut before it")
     ap.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
@@ -84,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     say = progress_printer(args.json)
     try:
         sampling = rj.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                     min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                                     seed=args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -410,6 +410,9 @@ def test_max_new_tokens_not_positive(lm, n):
     ({"min_p": 1.5}, "min_p"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"repetition_penalty": -2.0}, "repetition_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**32}, "seed"),
 ])

@@ -18,7 +18,7 @@ from transformers import LogitsProcessorList, MinPLogitsWarper, RepetitionPenalt
 
 import ryzen_jax as rj
 from ryzen_jax import kernels
-from ryzen_jax.engine.sampling import SamplingArrays, filtered_logits, greedy_tokens
+from ryzen_jax.engine.sampling import History, SamplingArrays, filtered_logits, greedy_tokens
 from ryzen_jax.engine.text import Detokenizer
 from tests import hf_models
 
@@ -39,9 +39,27 @@ def hf_llama(hf_model_dir):
     return hf_models.load(hf_model_dir("llama_gqa"))
 
 
-def hf_processed(hf_model, prompt: list[int], p: rj.SamplingParams) -> np.ndarray:
-    """transformers' scores for the next token after its processors, in generate's order."""
+class OpenAIPenalties(transformers.LogitsProcessor):
+    """OpenAI's presence and frequency penalties as its API reference defines them
+    (``logit[j] -= c[j] * frequency + (c[j] > 0) * presence``, c[j]: how often token j
+    was generated so far, the prompt not counted), for transformers' generate loop,
+    which has no such processor of its own."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        counts = torch.zeros_like(scores).scatter_add_(1, input_ids[:, self.prompt_len:],
+                                                        torch.ones_like(input_ids[:, self.prompt_len:], dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+def hf_processed(hf_model, prompt: list[int], p: rj.SamplingParams, generated: list[int] = ()) -> np.ndarray:
+    """transformers' scores for the next token after its processors, in generate's order
+    (OpenAI's penalties after the repetition penalty, before the temperature, as vLLM
+    applies them), ``generated`` being the tokens generated after ``prompt`` so far."""
     procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(p.repetition_penalty),
+                                 OpenAIPenalties(len(prompt), p.presence_penalty, p.frequency_penalty),
                                  TemperatureLogitsWarper(p.temperature)])
     if p.top_k:
         procs.append(TopKLogitsWarper(p.top_k))
@@ -49,27 +67,35 @@ def hf_processed(hf_model, prompt: list[int], p: rj.SamplingParams) -> np.ndarra
         procs.append(TopPLogitsWarper(p.top_p))
     if p.min_p:
         procs.append(MinPLogitsWarper(p.min_p))
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([list(prompt) + list(generated)])
     with torch.no_grad():
         scores = hf_model(ids).logits[:, -1].float()
     return procs(ids, scores)[0].numpy()
 
 
-def our_filtered(logits: np.ndarray, prompt: list[int], p: rj.SamplingParams) -> np.ndarray:
-    seen = np.zeros((1, logits.shape[-1]), bool)
-    seen[0, prompt] = True
+def our_filtered(logits: np.ndarray, prompt: list[int], p: rj.SamplingParams,
+                 generated: list[int] = ()) -> np.ndarray:
+    h = History(prompt=np.zeros((1, logits.shape[-1]), bool), counts=np.zeros((1, logits.shape[-1]), np.int32))
+    h.prompt[0, prompt] = True
+    np.add.at(h.counts[0], list(generated), 1)
     s = SamplingArrays.from_params([p], [0])
-    return np.asarray(filtered_logits(logits[None].astype(np.float32), s, seen))[0]
+    return np.asarray(filtered_logits(logits[None].astype(np.float32), s, h))[0]
 
 
 def test_processors_match_transformers(hf_llama):
-    """Penalty, temperature, top-k, top-p and min-p keep exactly transformers' tokens,
-    with the same probabilities, for several settings."""
+    """Penalties, temperature, top-k, top-p and min-p keep exactly transformers' tokens,
+    with the same probabilities, for several settings; OpenAI's penalties count only
+    generated tokens (some of them twice here, one also in the prompt)."""
+    generated = [7, 7, 17, 200, 7]
     with torch.no_grad():
-        logits = hf_llama(torch.tensor([PROMPT])).logits[0, -1].numpy()
+        logits = hf_llama(torch.tensor([PROMPT + generated])).logits[0, -1].numpy()
     for p in (KNOBS, rj.SamplingParams(temperature=1.3, top_p=0.5), rj.SamplingParams(temperature=1.0, min_p=0.1),
-              rj.SamplingParams(temperature=0.5, top_k=5, repetition_penalty=0.8)):
-        ours, theirs = our_filtered(logits, PROMPT, p), hf_processed(hf_llama, PROMPT, p)
+              rj.SamplingParams(temperature=0.5, top_k=5, repetition_penalty=0.8),
+              rj.SamplingParams(temperature=0.8, top_k=30, presence_penalty=1.5, frequency_penalty=0.7),
+              rj.SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.2, presence_penalty=-0.5,
+                                frequency_penalty=2.0)):
+        ours = our_filtered(logits, PROMPT, p, generated)
+        theirs = hf_processed(hf_llama, PROMPT, p, generated)
         np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs), err_msg=str(p))
         kept = np.isfinite(theirs)
         assert 1 < kept.sum() < len(kept)
@@ -160,6 +186,30 @@ def test_greedy_repetition_penalty_matches_transformers(llama, hf_llama):
                                 do_sample=False, repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
     ours = llama.generator.generate([PROMPT], 24, rj.SamplingParams(repetition_penalty=1.5), stop_ids=[])
     assert ours.generated_ids[0] == ref[0, len(PROMPT):].tolist()
+
+
+def test_greedy_presence_and_frequency_penalties_match_openai_rule(llama, hf_llama):
+    """OpenAI's penalties, greedy over 24 tokens, against transformers' generate with
+    the rule as a logits processor: the same tokens at tp 4, each row with its own
+    settings in one batch (a row without penalties is plain greedy)."""
+    settings = [rj.SamplingParams(frequency_penalty=2.0), rj.SamplingParams(presence_penalty=-2.0),
+                rj.SamplingParams(repetition_penalty=1.2, presence_penalty=1.0, frequency_penalty=-1.0),
+                rj.SamplingParams()]
+    ids = torch.tensor([PROMPT])
+    refs = []
+    for p in settings:
+        with torch.no_grad():
+            out = hf_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                                    do_sample=False, repetition_penalty=p.repetition_penalty, eos_token_id=None,
+                                    pad_token_id=0, logits_processor=LogitsProcessorList(
+                                        [OpenAIPenalties(len(PROMPT), p.presence_penalty, p.frequency_penalty)]))
+        refs.append(out[0, len(PROMPT):].tolist())
+    assert len({tuple(r) for r in refs}) == len(refs)  # every setting changes the tokens
+    requests = [rj.Request(PROMPT, 24, p, ignore_eos=True) for p in settings]
+    result = rj.GenerationResult(completions=[])
+    for _ in llama.generator.run(requests, stats=result):
+        pass
+    assert [c.generated_ids for c in result.completions] == refs
 
 
 # -- stop rules -------------------------------------------------------------------------

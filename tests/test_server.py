@@ -163,6 +163,49 @@ def test_chat_completions(server, lm):
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == choice["message"]["content"]
 
 
+def test_the_openai_client_library(server, lm):
+    """The official ``openai`` Python client, as vLLM users point it at a server:
+    models, completions and chat, plain and streamed, OpenAI's presence and frequency
+    penalties, and errors raised as its typed exceptions — the texts are offline
+    generation's (itself checked against transformers)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    penalties = dict(presence_penalty=-2.0, frequency_penalty=-1.0)  # negative: repeats, which the penalties see
+    want = rj.generate(lm, ["Once upon a time"], max_new_tokens=24, ignore_eos=True,
+                       sampling=rj.SamplingParams(**penalties))[0]
+    assert want.text != rj.generate(lm, ["Once upon a time"], max_new_tokens=24, ignore_eos=True)[0].text
+    done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}, **penalties)
+    assert done.choices[0].text == want.text and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 24 and done.usage.prompt_tokens == len(want.prompt_ids)
+    chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}, **penalties))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    text = rj.generate(lm, [ids], max_new_tokens=8)[0].text
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == text
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=-1)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    assert e.value.param == "tools"
+
+
 def test_models_health_and_metrics(server):
     models = httpx.get(f"{server.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
@@ -206,6 +249,13 @@ def test_a_disconnected_client_frees_its_slot(server):
     ({"prompt": "hi", "stop_token_ids": [2**40]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "stop_token_ids": [512]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": 0}, 400, "logprobs"),
+    ({"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"prompt": "hi", "guided_choice": ["a", "b"]}, 400, "guided_choice"),
+    ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ({"prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    ({"prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ({"prompt": [1, 2, 99999]}, 400, "prompt"),
     ({"max_tokens": 3}, 400, "prompt"),
 ])

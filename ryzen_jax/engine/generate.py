@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ryzen_jax import kernels
-from ryzen_jax.engine.sampling import SamplingArrays, SamplingParams, any_penalized, any_sampled, sample
+from ryzen_jax.engine.sampling import History, SamplingArrays, SamplingParams, any_penalized, any_sampled, sample
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -152,7 +152,7 @@ class DecodeState:
     index: jax.Array  # (B,) tokens generated so far (keys the next random draw)
     max_new: jax.Array  # (B,)
     done: jax.Array  # (B,) bool
-    seen: jax.Array  # (B, V) bool: tokens in the sequence, for the repetition penalty
+    history: History  # (B, V) each: the tokens in the sequence, for the penalties
     stop_ids: jax.Array  # (B, MAX_STOP_IDS), -1 = unused
 
 
@@ -162,16 +162,15 @@ def _pin(d: DecodeState, tp: TensorParallelConfig) -> DecodeState:
 
 
 def _advance(d: DecodeState, tok: jax.Array, penalized: jax.Array | bool = True) -> tuple[jax.Array, DecodeState]:
-    """Take each live row's new token: count it, mark it seen (only needed while some row
-    has a repetition penalty: ``penalized``), and finish rows that hit a stop id or
-    their budget. Returns the tokens to report (-1 for finished rows)."""
+    """Take each live row's new token: count it (in the history only while some row has
+    a penalty: ``penalized``), and finish rows that hit a stop id or their budget.
+    Returns the tokens to report (-1 for finished rows)."""
     live = ~d.done
     tok = jnp.where(live, tok, d.tokens)
     index = d.index + live
     stopped = jnp.any(tok[:, None] == d.stop_ids, axis=1)
-    seen = jax.lax.cond(penalized, lambda: d.seen | (live[:, None] & (jnp.arange(d.seen.shape[1]) == tok[:, None])),
-                        lambda: d.seen)
-    new = dataclasses.replace(d, tokens=tok, index=index, seen=seen,
+    history = jax.lax.cond(penalized, lambda: d.history.add(tok, live), lambda: d.history)
+    new = dataclasses.replace(d, tokens=tok, index=index, history=history,
                               done=d.done | (live & (stopped | (index >= d.max_new))))
     return jnp.where(live, tok, -1), new
 
@@ -260,15 +259,16 @@ class Generator:
             logits = gathered(logits)
             b, v = logits.shape
             if enc_dec:  # the decoder's sequence so far is its start token
-                seen = jnp.arange(v)[None, :] == start_token
+                prompt = jnp.arange(v)[None, :] == start_token
             else:
                 valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-                seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.where(valid, tokens, v)].set(
+                prompt = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.where(valid, tokens, v)].set(
                     True, mode="drop")
-            seen = tp.constrain(jnp.broadcast_to(seen, (b, v)), ("batch", None))
+            history = History(prompt=tp.constrain(jnp.broadcast_to(prompt, (b, v)), ("batch", None)),
+                              counts=tp.constrain(jnp.zeros((b, v), jnp.int32), ("batch", None)))
             d = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=positions, index=jnp.zeros((b,), jnp.int32),
-                            max_new=max_new, done=jnp.zeros((b,), bool), seen=seen, stop_ids=stop_ids)
-            first, d = _advance(_pin(d, tp), sample(logits, s, seen, d.index))
+                            max_new=max_new, done=jnp.zeros((b,), bool), history=history, stop_ids=stop_ids)
+            first, d = _advance(_pin(d, tp), sample(logits, s, history, d.index))
             return first, _pin(d, tp), cache
 
         def decode(state, cache, d, s, n_steps, attend):
@@ -285,7 +285,7 @@ class Generator:
                 logits, cache = model.decode(d.tokens, d.positions, cache, attend)
                 # finished rows stay put (they rewrite their last slot, harmlessly)
                 d = dataclasses.replace(d, positions=d.positions + ~d.done)
-                tok, d = _advance(d, sample(gathered(logits), s, d.seen, d.index, sampled, penalized), penalized)
+                tok, d = _advance(d, sample(gathered(logits), s, d.history, d.index, sampled, penalized), penalized)
                 return i + 1, _pin(d, tp), cache, out.at[:, i].set(tok)
 
             _, d, cache, out = jax.lax.while_loop(cond, body, (jnp.int32(0), d, cache, out))

@@ -1,5 +1,6 @@
-"""Token selection on the device: repetition penalty, temperature, top-k, top-p and
-min-p, applied in Hugging Face's order, one row at a time.
+"""Token selection on the device: repetition penalty, presence and frequency penalties,
+temperature, top-k, top-p and min-p, applied in that order (Hugging Face's for the
+ones it has; vLLM's for OpenAI's two penalties), one row at a time.
 
 Every setting is a traced array (one value per batch row), so changing it never
 recompiles and each request in a batch keeps its own settings. Each row draws from
@@ -27,9 +28,12 @@ class SamplingError(ValueError):
 class SamplingParams:
     """How to pick each next token (the knobs of transformers' ``generate`` / vLLM).
 
-    ``temperature == 0`` is greedy (argmax, after the repetition penalty).
-    ``top_k == 0``, ``top_p == 1``, ``min_p == 0`` and ``repetition_penalty == 1``
-    switch those off. ``seed=None`` draws a fresh seed per request.
+    ``temperature == 0`` is greedy (argmax, after the penalties).
+    ``top_k == 0``, ``top_p == 1``, ``min_p == 0``, ``repetition_penalty == 1`` and
+    ``presence_penalty == frequency_penalty == 0`` switch those off. The repetition
+    penalty (transformers') looks at the prompt and the generated tokens; the presence
+    and frequency penalties (OpenAI's) at the generated tokens only. ``seed=None``
+    draws a fresh seed per request.
     """
 
     temperature: float = 0.0
@@ -37,6 +41,8 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
 
     def __post_init__(self):
@@ -55,6 +61,9 @@ class SamplingParams:
             bad("min_p", "in [0, 1] (0 = off)")
         if not (real(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf")):
             bad("repetition_penalty", "a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (real(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
+                bad(name, "in [-2, 2] (0 = off), as in the OpenAI API")
         if self.seed is not None and not (integer(self.seed) and 0 <= self.seed < 2**32):
             bad("seed", "an integer in [0, 2**32) or None")
 
@@ -72,7 +81,9 @@ class SamplingArrays:
     top_k: jax.Array  # (B,) int32
     top_p: jax.Array  # (B,) float32
     min_p: jax.Array  # (B,) float32
-    penalty: jax.Array  # (B,) float32
+    penalty: jax.Array  # (B,) float32: repetition
+    presence: jax.Array  # (B,) float32
+    frequency: jax.Array  # (B,) float32
     seed: jax.Array  # (B,) uint32
 
     @classmethod
@@ -81,15 +92,33 @@ class SamplingArrays:
         f32 = lambda name: np.asarray([getattr(p, name) for p in params], np.float32)  # noqa: E731
         return cls(temperature=f32("temperature"), top_k=np.asarray([p.top_k for p in params], np.int32),
                    top_p=f32("top_p"), min_p=f32("min_p"), penalty=f32("repetition_penalty"),
+                   presence=f32("presence_penalty"), frequency=f32("frequency_penalty"),
                    seed=np.asarray(seeds, np.uint32))
 
 
-def penalize(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
-    """Repetition penalty (CTRL; transformers' rule): a token already in the sequence
-    has a positive logit divided by ``penalty`` and a negative one multiplied by it.
-    ``seen`` (B, V) bool; ``penalty`` (B,)."""
-    p = penalty[:, None]
-    return jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class History:
+    """Which tokens each row's sequence holds, for the penalties."""
+
+    prompt: jax.Array  # (B, V) bool: in the prompt (a decoder's start token for an encoder-decoder)
+    counts: jax.Array  # (B, V) int32: times generated so far
+
+    def add(self, tok: jax.Array, live: jax.Array) -> "History":
+        """Count each live row's new token."""
+        hit = live[:, None] & (jnp.arange(self.counts.shape[1]) == tok[:, None])
+        return dataclasses.replace(self, counts=self.counts + hit)
+
+
+def penalize(logits: jax.Array, h: History, s: SamplingArrays) -> jax.Array:
+    """The repetition penalty (CTRL; transformers' rule): a token already in the
+    sequence, prompt included, has a positive logit divided by the penalty and a
+    negative one multiplied by it. Then OpenAI's presence and frequency penalties: a
+    token generated c times so far loses ``c * frequency + (c > 0) * presence``."""
+    counts = h.counts.astype(jnp.float32)
+    p = s.penalty[:, None]
+    logits = jnp.where(h.prompt | (counts > 0), jnp.where(logits > 0, logits / p, logits * p), logits)
+    return logits - counts * s.frequency[:, None] - (counts > 0) * s.presence[:, None]
 
 
 def _filter_row(scaled: jax.Array, top_k, top_p, min_p) -> jax.Array:
@@ -112,10 +141,10 @@ def _filter_row(scaled: jax.Array, top_k, top_p, min_p) -> jax.Array:
     return jnp.where((min_p > 0) & (scaled < floor), -jnp.inf, scaled)
 
 
-def filtered_logits(logits: jax.Array, s: SamplingArrays, seen: jax.Array) -> jax.Array:
-    """The logits a sampled row draws from (penalty, temperature and filters applied);
+def filtered_logits(logits: jax.Array, s: SamplingArrays, h: History) -> jax.Array:
+    """The logits a sampled row draws from (penalties, temperature and filters applied);
     exposed so tests can compare the distribution with transformers' processors."""
-    logits = penalize(logits, seen, s.penalty)
+    logits = penalize(logits, h, s)
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
     return jax.vmap(_filter_row)(scaled, s.top_k, s.top_p, s.min_p)
 
@@ -126,8 +155,8 @@ def any_sampled(s: SamplingArrays) -> jax.Array:
 
 
 def any_penalized(s: SamplingArrays) -> jax.Array:
-    """Whether any row has a repetition penalty; local when the settings are replicated."""
-    return jnp.any(s.penalty != 1)
+    """Whether any row has a penalty; local when the settings are replicated."""
+    return jnp.any((s.penalty != 1) | (s.presence != 0) | (s.frequency != 0))
 
 
 def greedy_tokens(logits: jax.Array) -> jax.Array:
@@ -148,23 +177,23 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     return jnp.where(nan < n, nan, first(logits == top))
 
 
-def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, index: jax.Array,
+def sample(logits: jax.Array, s: SamplingArrays, h: History, index: jax.Array,
            sampled: jax.Array | None = None, penalized: jax.Array | None = None) -> jax.Array:
-    """Next token per row from float32 ``logits`` (B, V). ``seen`` (B, V): tokens
-    already in each sequence (for the penalty); ``index`` (B,): which generated token
-    of its request each row is drawing (keys the random draw).
+    """Next token per row from float32 ``logits`` (B, V). ``h``: the tokens already in
+    each sequence (for the penalties); ``index`` (B,): which generated token of its
+    request each row is drawing (keys the random draw).
 
     When no row samples (``sampled``, default ``any_sampled(s)``, is False: all greedy),
-    the sort-based filters are skipped altogether; when no row has a repetition penalty
-    (``penalized``, default ``any_penalized(s)``), so is the penalty. Callers compute both
+    the sort-based filters are skipped altogether; when no row has a penalty
+    (``penalized``, default ``any_penalized(s)``), so are the penalties. Callers compute both
     once from replicated settings, so the tests cost no communication."""
     penalized = any_penalized(s) if penalized is None else penalized
-    chosen = jax.lax.cond(penalized, lambda: penalize(logits, seen, s.penalty), lambda: logits)
+    chosen = jax.lax.cond(penalized, lambda: penalize(logits, h, s), lambda: logits)
     greedy = greedy_tokens(chosen)
 
     def draw() -> jax.Array:
         keys = jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(s.seed, index)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, s, seen)).astype(jnp.int32)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, s, h)).astype(jnp.int32)
         return jnp.where(s.temperature > 0, drawn, greedy)
 
     return jax.lax.cond(any_sampled(s) if sampled is None else sampled, draw, lambda: greedy)

@@ -94,7 +94,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         try:
             sampling = SamplingParams(temperature=given("temperature"), top_k=max(0, int(given("top_k"))),
                                       top_p=given("top_p"), min_p=given("min_p"),
-                                      repetition_penalty=given("repetition_penalty"), seed=seed)
+                                      repetition_penalty=given("repetition_penalty"),
+                                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                      seed=seed)
             request = Request(prompt_ids, max_tokens, sampling, tuple(req.stop_token_ids or ()),
                               tuple(req.stop_strings()), req.ignore_eos)
             gen.check([request])

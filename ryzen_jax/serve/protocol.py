@@ -3,7 +3,10 @@
 Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature``
 1); a few widely used vLLM extensions are accepted too (``top_k``, ``min_p``,
 ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``). Unknown fields are
-ignored, as vLLM does. Anything out of range is a 400 whose error names the field.
+ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server lacks
+(``logprobs``, ``logit_bias``, ``tools``, ``response_format`` beyond text, guided
+decoding, ...) is refused when set, rather than silently not honoured. Anything out
+of range is a 400 whose error names the field.
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def _refuse(name: str):
-    """A validator that refuses any set value of an OpenAI field this server lacks."""
-    def check(cls, value):
-        if value not in (None, False):
-            raise ValueError(f"{name} is not supported by this server")
+def _refuse(*names: str, unless: Any = lambda value: value in (None, False) or value == {} or value == []):
+    """A validator that refuses a set value of a field this server lacks the effect of
+    (``unless``: the values that ask for nothing, by default unset, false or empty)."""
+    def check(cls, value, info):
+        if not unless(value):
+            raise ValueError(f"{info.field_name} is not supported by this server")
         return value
 
-    return field_validator(name)(classmethod(check))
+    return field_validator(*names)(classmethod(check))
 
 
 class StreamOptions(BaseModel):
@@ -63,6 +67,8 @@ class _Sampling(BaseModel):
     top_k: int = Field(default=0, ge=-1, lt=2**31)  # vLLM: -1 (or 0) = off
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, lt=2**32)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(default=None, max_length=32)
@@ -71,6 +77,16 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
+    # fields whose effect we lack: refused when they ask for something
+    logit_bias: Any = None
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    _not_honoured = _refuse("logit_bias", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    _text_only = _refuse("response_format", unless=lambda v: v is None or v == {"type": "text"})
 
     @field_validator("stop")
     @classmethod
@@ -91,9 +107,12 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
 
-    _no_logprobs = _refuse("logprobs")
-    _no_echo = _refuse("echo")
+    _no_echo = _refuse("echo", "suffix")
+    _no_logprobs = _refuse("logprobs", unless=lambda v: v is None)  # 0 asks for the chosen tokens'
+    _one_best = _refuse("best_of", unless=lambda v: v in (None, 1))
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list (a bare string or id list is one prompt)."""
@@ -134,8 +153,13 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
 
-    _no_logprobs = _refuse("logprobs")
+    _no_logprobs = _refuse("logprobs", "top_logprobs", "tools", "functions")
+    _no_tool_choice = _refuse("tool_choice", unless=lambda v: v in (None, "none", "auto"))
 
 
 def parse(model: type[BaseModel], raw: Any) -> Any:

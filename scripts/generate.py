@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], 0 = off (OpenAI's)")
     ap.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], 0 = off (OpenAI's)")
     ap.add_argument("--seed", type=int, default=None, help="default: a fresh seed per run")
+    ap.add_argument("--logprobs", type=int, default=None, metavar="K",
+                    help="with --json: each token's log-probability and the K most likely tokens' (0-20)")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text is cut before it")
     ap.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
     ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS ids")
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling = rj.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                                     seed=args.seed)
+                                     seed=args.seed, logprobs=args.logprobs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,13 +46,20 @@ def test_generate_on_a_converted_checkpoint_matches_hf(tmp_path):
     assert conv.returncode == 0, conv.stderr[-3000:]
 
     prompts = ["The weather is", "Distributed computing across many machines"]
-    out, _ = run_generate("--model", str(tmp_path / "conv"), "--tp", "2", "--max-new-tokens", "12",
+    out, _ = run_generate("--model", str(tmp_path / "conv"), "--tp", "2", "--max-new-tokens", "12", "--logprobs", "2",
                           *[a for p in prompts for a in ("--prompt", p)], env={"RYZEN_JAX_CACHE": str(tmp_path / "c")})
     assert os.listdir(tmp_path / "c" / "xla")  # the persistent compilation cache was written
     assert out["tp"] == 2 and len(out["outputs"]) == 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     for o in out["outputs"]:
         assert o["generated_ids"][: len(o["generated_ids"])] == hf_greedy(str(hf_dir), o["prompt_ids"], 12)[: len(o["generated_ids"])]
         assert len(o["generated_ids"]) == 12 or o["generated_ids"][-1] in (cfg.eos_token_id,)
+        with torch.no_grad():  # --logprobs 2: the tokens' log-probabilities under HF's logits, and the 2 best
+            logp = torch.log_softmax(hf(torch.tensor([o["prompt_ids"] + o["generated_ids"]])).logits[0], -1)
+        logp = logp[len(o["prompt_ids"]) - 1:-1]
+        n = len(o["generated_ids"])
+        assert max(abs(a - float(b)) for a, b in zip(o["logprobs"], logp[range(n), o["generated_ids"]])) < 1e-4
+        assert [[t for t, _ in top] for top in o["top_logprobs"]] == logp.topk(2).indices.tolist()
     for key in ("load_s", "compile_s", "time_to_first_token_s", "decode_tokens_per_s"):
         assert out["timings"][key] >= 0
 

@@ -212,6 +212,36 @@ def test_greedy_presence_and_frequency_penalties_match_openai_rule(llama, hf_lla
     assert [c.generated_ids for c in result.completions] == refs
 
 
+def test_logprobs_are_the_models_own_against_transformers(hf_model_dir, llama, hf_llama):
+    """Each generated token's log-probability and the k best alternatives are the
+    log-softmax of transformers' logits at that step (before any processor): greedy
+    and sampled rows with their own k, and a row that asks for none, in one batch at
+    tp 4, plain and streamed (one step per dispatch), and at dp 2 × tp 2."""
+    settings = [rj.SamplingParams(logprobs=5), rj.SamplingParams(temperature=0.9, seed=3, logprobs=0),
+                rj.SamplingParams(), rj.SamplingParams(repetition_penalty=1.3, logprobs=20)]
+    requests = [rj.Request(PROMPT, 12, p, ignore_eos=True) for p in settings]
+    dp2 = rj.load_model(hf_model_dir("llama_gqa"), tp=2, dp=2, progress=False)
+    for lm, steps in ((llama, 32), (llama, 1), (dp2, 32)):
+        result = rj.GenerationResult(completions=[])
+        for _ in lm.generator.run(requests, steps_per_dispatch=steps, stats=result):
+            pass
+        assert result.completions[2].logprobs is None and result.completions[2].top_logprobs is None
+        for c, p in zip(result.completions, settings):
+            if p.logprobs is None:
+                continue
+            ids = torch.tensor([PROMPT + c.generated_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf_llama(ids).logits[0, len(PROMPT) - 1:-1].float(), -1).numpy()
+            np.testing.assert_allclose(c.logprobs, logp[np.arange(12), c.generated_ids], atol=1e-4)
+            assert [len(t) for t in c.top_logprobs] == [p.logprobs] * 12
+            for step, top in enumerate(c.top_logprobs):
+                want = np.sort(logp[step])[::-1][:p.logprobs]
+                np.testing.assert_allclose([lp for _, lp in top], want, atol=1e-4)
+                np.testing.assert_allclose(logp[step, [t for t, _ in top]], want, atol=1e-4)  # the ids name them
+            if p.greedy and p.repetition_penalty == 1:
+                assert [top[0][0] for top in c.top_logprobs] == c.generated_ids
+
+
 # -- stop rules -------------------------------------------------------------------------
 
 def test_eos_from_generation_config_and_stop_token_ids(hf_model_dir, hf_llama, tmp_path):

@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -195,6 +196,37 @@ def test_the_openai_client_library(server, lm):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
+    # log-probabilities: offline generation's (checked against transformers' logits elsewhere)
+    want = rj.generate(lm, ["Once upon a time"], max_new_tokens=6, sampling=rj.SamplingParams(logprobs=3))[0]
+    done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=3)
+    lp = done.choices[0].logprobs
+    assert lp.tokens == [lm.tokenizer.decode([t]) for t in want.generated_ids]
+    np.testing.assert_allclose(lp.token_logprobs, want.logprobs, atol=1e-5)
+    for got, top, t, chosen in zip(lp.top_logprobs, want.top_logprobs, want.generated_ids, want.logprobs):
+        assert got == pytest.approx({lm.tokenizer.decode([a]): b for a, b in [(t, chosen), *top]}, abs=1e-5)
+    assert lp.text_offset == list(np.cumsum([0] + [len(x) for x in lp.tokens[:-1]]))
+    chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                            logprobs=3, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((x.tokens for x in streamed), []) == lp.tokens
+    assert sum((x.text_offset for x in streamed), []) == lp.text_offset
+    want = rj.generate(lm, [ids], max_new_tokens=8, sampling=rj.SamplingParams(logprobs=2))[0]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == [lm.tokenizer.decode([t]) for t in want.generated_ids]
+    np.testing.assert_allclose([c.logprob for c in content], want.logprobs, atol=1e-5)
+    assert [[a.token for a in c.top_logprobs] for c in content] == \
+        [[lm.tokenizer.decode([a]) for a, _ in top] for top in want.top_logprobs]
+    np.testing.assert_allclose([[a.logprob for a in c.top_logprobs] for c in content],
+                               [[b for _, b in top] for top in want.top_logprobs], atol=1e-5)
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8,
+                                                 temperature=0, logprobs=True, stream=True))
+    assert [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content] \
+        == [c.token for c in content]
+    assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].logprobs is None
+
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError) as e:
@@ -248,8 +280,8 @@ def test_a_disconnected_client_frees_its_slot(server):
     ({"prompt": "hi", "top_k": 2**40}, 400, "top_k"),
     ({"prompt": "hi", "stop_token_ids": [2**40]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "stop_token_ids": [512]}, 400, "stop_token_ids"),
-    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
-    ({"prompt": "hi", "logprobs": 0}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "hi", "echo": True}, 400, "echo"),
     ({"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"prompt": "hi", "guided_choice": ["a", "b"]}, 400, "guided_choice"),

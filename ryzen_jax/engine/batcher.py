@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ryzen_jax import cache as kv
-from ryzen_jax.engine.generate import Generator, Request, StreamDelta, _Row, fetch
-from ryzen_jax.engine.sampling import SamplingParams
+from ryzen_jax.engine.generate import Generator, Request, StreamDelta, _Row
+from ryzen_jax.engine.sampling import Picked, SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,28 +151,32 @@ class SlotBatcher:
             first, d, cache = self.gen.prefill_program(self.one, length)(*args)
             insert = self._insert_program(length)
             self.cache, self.d, self.s = insert((self.cache, self.d, self.s), (cache, d, args[3]), jnp.int32(a.slot))
-            (first,) = fetch([first])
+            row = self.gen.new_row(request)
+            first = self.gen.fetch_picked(first, [row])
             out.ttft_s[a.slot] = time.perf_counter() - t0
-            self.rows[a.slot] = self.gen.new_row(request)
+            self.rows[a.slot] = row
             self.bound[a.slot] = 1 if self.gen.encoder_decoder else len(request.prompt_ids)
-            self._collect(self._one_row(a.slot, first[0]), out)
+            self._collect(self._one_row(a.slot, first), out)
         if plan.steps and any(r is not None for r in self.rows):
             live = [i for i, r in enumerate(self.rows) if r is not None]
             for i in live:
                 self.bound[i] += plan.steps
             decode = self.gen.decode_program(self.slots, self.gen.attend_for(max(self.bound[i] for i in live)))
-            tokens, self.d, self.cache = decode(self.gen.state, self.cache, self.d, self.s, jnp.int32(plan.steps))
-            (tokens,) = fetch([tokens])
-            self._collect(tokens, out)
+            picked, self.d, self.cache = decode(self.gen.state, self.cache, self.d, self.s, jnp.int32(plan.steps))
+            self._collect(self.gen.fetch_picked(picked, self.rows), out)
         return out
 
-    def _one_row(self, slot: int, token: int) -> np.ndarray:
-        tokens = np.full((self.slots, 1), -1, np.int32)
-        tokens[slot, 0] = token
-        return tokens
+    def _one_row(self, slot: int, first: Picked) -> Picked:
+        """A prefill's picks for the request in ``slot`` (its row 0) as a step of every slot."""
+        def widen(x):
+            wide = np.full((self.slots,) + x.shape[1:], -1, x.dtype)
+            wide[slot] = x[0]
+            return wide
 
-    def _collect(self, tokens: np.ndarray, out: StepOutput) -> None:
-        for delta in self.gen.take(self.rows, tokens):
+        return jax.tree.map(widen, first)
+
+    def _collect(self, picked: Picked, out: StepOutput) -> None:
+        for delta in self.gen.take(self.rows, picked):
             out.deltas.append(delta)
             if delta.finish_reason is not None:
                 out.finished.append(delta.index)

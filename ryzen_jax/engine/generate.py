@@ -34,7 +34,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ryzen_jax import kernels
-from ryzen_jax.engine.sampling import History, SamplingArrays, SamplingParams, any_penalized, any_sampled, sample
+from ryzen_jax.engine.sampling import MAX_LOGPROBS, History, Picked, SamplingArrays, SamplingParams, any_penalized, any_sampled, \
+    pick, sample
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -102,12 +103,16 @@ class Request:
 @dataclasses.dataclass
 class Completion:
     """What one request produced. ``finish_reason``: "stop" (EOS, stop id or stop
-    string) or "length" (max_new_tokens)."""
+    string) or "length" (max_new_tokens). With ``SamplingParams.logprobs`` set,
+    ``logprobs[i]`` is generated token i's log-probability and ``top_logprobs[i]`` the
+    ``(token id, log-probability)`` pairs of the most likely tokens there, best first."""
 
     prompt_ids: list[int]
     generated_ids: list[int]
     text: str | None
     finish_reason: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass
@@ -119,6 +124,8 @@ class StreamDelta:
     token_ids: list[int]
     text: str | None
     finish_reason: str | None = None  # set on the request's last delta
+    logprobs: list[float] | None = None  # as in Completion, for these tokens
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass
@@ -183,6 +190,8 @@ class _Row:
     stop_ids: set[int]
     text: TextTracker | None
     generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] | None = None  # when the request asks for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str | None = None
     stop_device: bool = False  # ended by a stop string: the device still thinks it is live
 
@@ -247,6 +256,15 @@ class Generator:
 
         graphdef, max_len, enc_dec = self.graphdef, self.max_seq_len, self.encoder_decoder
         start_token = getattr(self.cfg, "decoder_start_token_id", None) or 0
+        n_top = min(MAX_LOGPROBS, self.cfg.vocab_size)  # alternatives reported per token, at most
+
+        def picked(logits, tokens, s):
+            # each device its own rows: XLA's partitioner runs a batch-split top-k
+            # on all of them (an all-gather of the logits over data)
+            rows = P("data")
+            return jax.shard_map(functools.partial(pick, k=n_top), mesh=tp.mesh, in_specs=(P("data", None), rows, P()),
+                                 out_specs=Picked(rows, rows, P("data", None), P("data", None)),
+                                 check_vma=False)(logits, tokens, s)
 
         def gathered(logits):
             # The LM head's one all-gather: vocab-sharded logits → whole rows, so that
@@ -269,12 +287,15 @@ class Generator:
             d = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=positions, index=jnp.zeros((b,), jnp.int32),
                             max_new=max_new, done=jnp.zeros((b,), bool), history=history, stop_ids=stop_ids)
             first, d = _advance(_pin(d, tp), sample(logits, s, history, d.index))
-            return first, _pin(d, tp), cache
+            return picked(logits, first, s), _pin(d, tp), cache
 
         def decode(state, cache, d, s, n_steps, attend):
             model = nnx.merge(graphdef, state)
-            out = jnp.full((d.tokens.shape[0], DECODE_CHUNK), -1, jnp.int32)
             sampled, penalized = any_sampled(s), any_penalized(s)  # once per dispatch, from replicated settings
+            b = d.tokens.shape[0]
+            out = Picked(tokens=jnp.full((b, DECODE_CHUNK), -1, jnp.int32), logprobs=jnp.zeros((b, DECODE_CHUNK)),
+                         top_ids=jnp.zeros((b, DECODE_CHUNK, n_top), jnp.int32),
+                         top_logprobs=jnp.zeros((b, DECODE_CHUNK, n_top)))
 
             def cond(carry):
                 i, d, _, _ = carry
@@ -285,8 +306,10 @@ class Generator:
                 logits, cache = model.decode(d.tokens, d.positions, cache, attend)
                 # finished rows stay put (they rewrite their last slot, harmlessly)
                 d = dataclasses.replace(d, positions=d.positions + ~d.done)
-                tok, d = _advance(d, sample(gathered(logits), s, d.history, d.index, sampled, penalized), penalized)
-                return i + 1, _pin(d, tp), cache, out.at[:, i].set(tok)
+                logits = gathered(logits)
+                tok, d = _advance(d, sample(logits, s, d.history, d.index, sampled, penalized), penalized)
+                return i + 1, _pin(d, tp), cache, jax.tree.map(lambda o, x: o.at[:, i].set(x), out,
+                                                                picked(logits, tok, s))
 
             _, d, cache, out = jax.lax.while_loop(cond, body, (jnp.int32(0), d, cache, out))
             return out, d, cache
@@ -345,7 +368,8 @@ class Generator:
             cache, d, s = self.decode_inputs(batch)
             # state and cache leave each chunk placed as they came in, ready for the next
             fn = jax.jit(functools.partial(self._decode_fn, attend=attend), donate_argnums=(1, 2),
-                         out_shardings=(self._rows(2), jax.tree.map(lambda a: a.sharding, d),
+                         out_shardings=(Picked(self._rows(2), self._rows(2), self._rows(3), self._rows(3)),
+                                        jax.tree.map(lambda a: a.sharding, d),
                                         jax.tree.map(lambda a: a.sharding, cache)))
             return fn.lower(self.state, cache, d, s, jax.ShapeDtypeStruct((), jnp.int32))
 
@@ -458,9 +482,9 @@ class Generator:
 
         t0 = time.perf_counter()
         first, d, cache = prefill(*args)
-        (first,) = fetch([first])
+        first = self.fetch_picked(first, rows)
         ttft = time.perf_counter() - t0
-        yield self.take(rows, first[:, None])
+        yield self.take(rows, first)
 
         t1, decoded = time.perf_counter(), 0
         n_steps = jnp.int32(steps_per_dispatch)
@@ -479,12 +503,13 @@ class Generator:
                 pending = out
                 continue
             out, pending = pending, out
-            (host,) = fetch([out])
-            decoded += int((host[:n] >= 0).sum())
+            host = self.fetch_picked(out, rows)
+            decoded += int((host.tokens[:n] >= 0).sum())
             yield self.take(rows, host)
         if stats is not None:
             stats.completions = [Completion(list(map(int, r.request.prompt_ids)), r.generated,
-                                            r.text.text if r.text else None, r.finish_reason) for r in rows]
+                                            r.text.text if r.text else None, r.finish_reason, r.logprobs,
+                                            r.top_logprobs) for r in rows]
             stats.compile_s = self.compile_s - compile_before
             stats.ttft_s, stats.decode_s, stats.decode_tokens = ttft, time.perf_counter() - t1, decoded
 
@@ -510,7 +535,22 @@ class Generator:
         # the text's left context is the prompt, except in an encoder–decoder, whose output starts afresh
         context = () if self.encoder_decoder else request.prompt_ids
         text = TextTracker(self.tokenizer, context, request.stop) if self.tokenizer is not None else None
-        return _Row(request, set(self._stop_ids(request)), text)
+        row = _Row(request, set(self._stop_ids(request)), text)
+        if request.sampling.logprobs is not None:
+            row.logprobs, row.top_logprobs = [], []
+        return row
+
+    @staticmethod
+    def fetch_picked(p: Picked, rows: Sequence[_Row | None]) -> Picked:
+        """Host copies of a dispatch's picks, (B, steps) — a prefill's one step too;
+        the log-probabilities only when one of ``rows`` asks for them (else None)."""
+        if any(r is not None and r.logprobs is not None for r in rows):
+            host = Picked(*fetch([p.tokens, p.logprobs, p.top_ids, p.top_logprobs]))
+        else:
+            host = Picked(fetch([p.tokens])[0], None, None, None)
+        if host.tokens.ndim == 1:  # a prefill's: one step
+            host = jax.tree.map(lambda x: x[:, None], host)
+        return host
 
     @staticmethod
     def stop_rows(d: DecodeState, rows: Sequence[int]) -> DecodeState:
@@ -519,20 +559,27 @@ class Generator:
         done[list(rows)] = True
         return dataclasses.replace(d, done=jax.device_put(done, d.done.sharding))
 
-    def take(self, rows: Sequence[_Row | None], tokens: np.ndarray) -> list[StreamDelta]:
-        """Fold a dispatch's tokens (B, steps; -1 = none) into the rows (None = an
-        empty slot), token by token (a stop string may end a row mid-chunk); return
-        the deltas."""
+    def take(self, rows: Sequence[_Row | None], picked: Picked) -> list[StreamDelta]:
+        """Fold a dispatch's host picks (``fetch_picked``: tokens (B, steps), -1 = none)
+        into the rows (None = an empty slot), token by token (a stop string may end a
+        row mid-chunk); return the deltas."""
         deltas = []
         for i, row in enumerate(rows):
             if row is None:
                 continue
             new, text = [], ""
-            for t in map(int, tokens[i]):
+            measured = row.logprobs is not None and picked.logprobs is not None
+            lps, tops = ([], []) if measured else (None, None)
+            for j, t in enumerate(map(int, picked.tokens[i])):
                 if row.finish_reason or t < 0:
                     break
                 new.append(t)
                 row.generated.append(t)
+                if measured:
+                    k = row.request.sampling.logprobs
+                    lps.append(float(picked.logprobs[i, j]))
+                    tops.append([(int(a), float(b)) for a, b in zip(picked.top_ids[i, j, :k],
+                                                                     picked.top_logprobs[i, j, :k])])
                 ended = t in row.stop_ids or len(row.generated) >= row.request.max_new_tokens
                 if row.text is not None:
                     text += row.text.push([t], final=ended)
@@ -541,7 +588,11 @@ class Generator:
                 elif ended:
                     row.finish_reason = "stop" if t in row.stop_ids else "length"
             if new:
-                deltas.append(StreamDelta(i, new, text if row.text is not None else None, row.finish_reason))
+                if measured:
+                    row.logprobs.extend(lps)
+                    row.top_logprobs.extend(tops)
+                deltas.append(StreamDelta(i, new, text if row.text is not None else None, row.finish_reason,
+                                          lps, tops))
         return deltas
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,

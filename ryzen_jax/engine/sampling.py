@@ -20,6 +20,10 @@ import numpy as np
 from ryzen_jax import kernels
 
 
+#: most alternatives a request may ask log-probabilities of per token (vLLM's default cap, OpenAI's for chat)
+MAX_LOGPROBS = 20
+
+
 class SamplingError(ValueError):
     """A sampling setting out of its range."""
 
@@ -34,6 +38,11 @@ class SamplingParams:
     penalty (transformers') looks at the prompt and the generated tokens; the presence
     and frequency penalties (OpenAI's) at the generated tokens only. ``seed=None``
     draws a fresh seed per request.
+
+    ``logprobs`` (vLLM's): ``None`` reports none; ``k`` reports each generated token's
+    log-probability and the ``k`` most likely tokens' (0 to ``MAX_LOGPROBS``), from
+    the model's own distribution (a log-softmax of its logits, before penalties,
+    temperature and filters, as vLLM reports by default).
     """
 
     temperature: float = 0.0
@@ -44,6 +53,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self):
         def bad(name: str, rng: str):
@@ -66,6 +76,8 @@ class SamplingParams:
                 bad(name, "in [-2, 2] (0 = off), as in the OpenAI API")
         if self.seed is not None and not (integer(self.seed) and 0 <= self.seed < 2**32):
             bad("seed", "an integer in [0, 2**32) or None")
+        if self.logprobs is not None and not (integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}] (how many alternatives to report)")
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +97,7 @@ class SamplingArrays:
     presence: jax.Array  # (B,) float32
     frequency: jax.Array  # (B,) float32
     seed: jax.Array  # (B,) uint32
+    logprobs: jax.Array  # (B,) int32: alternatives to report, -1 = no log-probabilities
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], seeds: list[int]) -> "SamplingArrays":
@@ -93,7 +106,8 @@ class SamplingArrays:
         return cls(temperature=f32("temperature"), top_k=np.asarray([p.top_k for p in params], np.int32),
                    top_p=f32("top_p"), min_p=f32("min_p"), penalty=f32("repetition_penalty"),
                    presence=f32("presence_penalty"), frequency=f32("frequency_penalty"),
-                   seed=np.asarray(seeds, np.uint32))
+                   seed=np.asarray(seeds, np.uint32),
+                   logprobs=np.asarray([-1 if p.logprobs is None else p.logprobs for p in params], np.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -197,3 +211,35 @@ def sample(logits: jax.Array, s: SamplingArrays, h: History, index: jax.Array,
         return jnp.where(s.temperature > 0, drawn, greedy)
 
     return jax.lax.cond(any_sampled(s) if sampled is None else sampled, draw, lambda: greedy)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Picked:
+    """The tokens a step picked per row (-1: none, the row had finished) and, when
+    some row asked for them, their log-probabilities and the ``MAX_LOGPROBS`` most
+    likely tokens' (zeros otherwise). Shapes (B,) and (B, MAX_LOGPROBS) for one step;
+    a dispatch stacks its steps on axis 1."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def pick(logits: jax.Array, tokens: jax.Array, s: SamplingArrays, k: int = MAX_LOGPROBS) -> Picked:
+    """``tokens`` with their log-probabilities under ``logits`` (B, V) float32, the
+    model's own distribution, and the ``k`` best (at most the true vocabulary's size),
+    computed only when some row asked (``s.logprobs``)."""
+    b = logits.shape[0]
+
+    def measured():
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        top_lp, top_ids = jax.lax.top_k(logp, k)
+        chosen = jnp.take_along_axis(logp, jnp.maximum(tokens, 0)[:, None], axis=-1)[:, 0]
+        return chosen, top_ids.astype(jnp.int32), top_lp
+
+    def none():
+        return jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)
+
+    return Picked(tokens, *jax.lax.cond(jnp.any(s.logprobs >= 0), measured, none))

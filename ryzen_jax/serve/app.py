@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ryzen_jax.engine.generate import Request, StreamDelta
 from ryzen_jax.engine.sampling import SamplingParams
+from ryzen_jax.serve.logprobs import LogprobFormatter
 from ryzen_jax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from ryzen_jax.serve.scheduler import EngineFailed, Handle, QueueFull, Scheduler
 
@@ -41,6 +42,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
     metrics = scheduler.metrics
     created = int(time.time())
     defaults = dict(gen.cfg.generation_defaults) if use_generation_config else {}
+    logprob_formatter = LogprobFormatter(tokenizer)
 
     def error(e: APIError) -> JSONResponse:
         if e.status != 401 and not e.counted:
@@ -96,7 +98,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                                       top_p=given("top_p"), min_p=given("min_p"),
                                       repetition_penalty=given("repetition_penalty"),
                                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                      seed=seed)
+                                      seed=seed, logprobs=req.logprob_count())
             request = Request(prompt_ids, max_tokens, sampling, tuple(req.stop_token_ids or ()),
                               tuple(req.stop_strings()), req.ignore_eos)
             gen.check([request])
@@ -125,7 +127,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         choices, n_out = [], 0
         for i, deltas in enumerate(results):
             reason = deltas[-1].finish_reason if deltas else "stop"
-            choices.append(shape.choice(i, "".join(d.text or "" for d in deltas), reason))
+            choices.append(shape.choice(i, "".join(d.text or "" for d in deltas), reason,
+                                        shape.logprobs(logprob_formatter, deltas, [0], 0)))
             n_out += sum(len(d.token_ids) for d in deltas)
         return JSONResponse({**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out, req.n)})
 
@@ -168,9 +171,10 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         """Server-sent events: each choice's text as it comes (``index`` says whose),
         a final chunk per choice with its finish reason, the usage if asked, [DONE]."""
         extra = {"usage": None} if include_usage else {}
-        chunk = lambda i, text, reason: sse({**head, **shape.chunk(i, text, reason), **extra})  # noqa: E731
+        chunk = lambda i, text, reason, lp=None: sse({**head, **shape.chunk(i, text, reason, lp), **extra})  # noqa: E731
         pending: dict[asyncio.Future, int] = {}
         reasons: list[str | None] = [None] * len(handles)
+        offsets = [0] * len(handles)  # each choice's text so far, for the completions' logprobs text_offset
         n_out, finished = 0, False
         try:
             if shape.first is not None:
@@ -192,8 +196,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                         continue
                     n_out += len(item.token_ids)
                     reasons[i] = item.finish_reason or reasons[i]
-                    if item.text:
-                        yield chunk(i, item.text, None)
+                    lp = shape.logprobs(logprob_formatter, [item], offsets, i)
+                    if item.text or lp is not None:
+                        yield chunk(i, item.text or "", None, lp)
                     pending[asyncio.ensure_future(next_item(handles[i]))] = i
             if include_usage:
                 yield sse({**head, "object": shape.chunk_object, "choices": [], "usage": usage(handles, n_out, n)})
@@ -210,28 +215,37 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         prefix, object, chunk_object, first = "cmpl", "text_completion", "text_completion", None
 
         @staticmethod
-        def choice(i: int, text: str, reason: str | None) -> dict:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+        def logprobs(fmt: LogprobFormatter, deltas: list[StreamDelta], offsets: list[int], i: int) -> dict | None:
+            out, offsets[i] = fmt.completion(deltas, offsets[i])
+            return out
 
         @staticmethod
-        def chunk(i: int, text: str | None, reason: str | None) -> dict:
+        def choice(i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+        @staticmethod
+        def chunk(i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
             return {"object": "text_completion",
-                    "choices": [{"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}]}
 
     class _Chat:
         prefix, object, chunk_object, first = "chatcmpl", "chat.completion", "chat.completion.chunk", ""
 
         @staticmethod
-        def choice(i: int, text: str, reason: str | None) -> dict:
-            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        def logprobs(fmt: LogprobFormatter, deltas: list[StreamDelta], offsets: list[int], i: int) -> dict | None:
+            return fmt.chat(deltas)
+
+        @staticmethod
+        def choice(i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                     "finish_reason": reason}
 
         @staticmethod
-        def chunk(i: int, text: str | None, reason: str | None) -> dict:
-            delta = {} if text is None else ({"role": "assistant", "content": ""} if text == "" and reason is None
-                                              else {"content": text})
+        def chunk(i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
+            opening = text == "" and reason is None and logprobs is None  # the first chunk: the role
+            delta = {} if text is None else ({"role": "assistant", "content": ""} if opening else {"content": text})
             return {"object": "chat.completion.chunk",
-                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
     @app.exception_handler(APIError)
     async def api_error(_request: HTTPRequest, e: APIError):

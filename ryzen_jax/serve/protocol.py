@@ -4,7 +4,7 @@ Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature
 1); a few widely used vLLM extensions are accepted too (``top_k``, ``min_p``,
 ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``). Unknown fields are
 ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server lacks
-(``logprobs``, ``logit_bias``, ``tools``, ``response_format`` beyond text, guided
+(``echo``, ``logit_bias``, ``tools``, ``response_format`` beyond text, guided
 decoding, ...) is refused when set, rather than silently not honoured. Anything out
 of range is a 400 whose error names the field.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ryzen_jax.engine.sampling import MAX_LOGPROBS
 
 MAX_CHOICES = 16  # n × prompts per request: each choice takes a decode slot or a queue place
 
@@ -105,14 +107,16 @@ class CompletionRequest(_Sampling):
     prompt, times ``n``)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # 0: the chosen tokens' only
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
-    _no_echo = _refuse("echo", "suffix")
-    _no_logprobs = _refuse("logprobs", unless=lambda v: v is None)  # 0 asks for the chosen tokens'
+    _no_echo = _refuse("echo", "suffix")  # echo: the prompt's log-probabilities, which prefill does not keep
     _one_best = _refuse("best_of", unless=lambda v: v in (None, 1))
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list (a bare string or id list is one prompt)."""
@@ -153,13 +157,22 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: Any = None
     functions: Any = None
     tool_choice: Any = None
 
-    _no_logprobs = _refuse("logprobs", "top_logprobs", "tools", "functions")
+    _no_tools = _refuse("tools", "functions")
     _no_tool_choice = _refuse("tool_choice", unless=lambda v: v in (None, "none", "auto"))
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def parse(model: type[BaseModel], raw: Any) -> Any:

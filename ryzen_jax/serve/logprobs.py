@@ -1,0 +1,50 @@
+"""Log-probabilities in the OpenAI API's two shapes.
+
+The engine reports, per generated token, its log-probability and the best
+alternatives' as ``(token id, log-probability)`` pairs (``StreamDelta.logprobs`` /
+``top_logprobs``). Completions answer them in the legacy shape (``tokens``,
+``token_logprobs``, ``top_logprobs`` as one ``{token: logprob}`` map per token, the
+chosen token always in it as OpenAI does, ``text_offset``); chat completions as a
+``content`` list of ``{token, logprob, bytes, top_logprobs}``. A token's text is the
+tokenizer's decoding of that one id (a piece of a multi-byte character decodes to
+U+FFFD there, as vLLM reports it).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+from ryzen_jax.engine.generate import StreamDelta
+
+
+class LogprobFormatter:
+    """Turns a choice's deltas into either API shape, decoding each token id once."""
+
+    def __init__(self, tokenizer: Any):
+        self._text = functools.lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t]))
+
+    def completion(self, deltas: Sequence[StreamDelta], offset: int = 0) -> tuple[dict | None, int]:
+        """The legacy ``logprobs`` object of these deltas' tokens, their text offsets
+        counted from ``offset``; and the offset after them (for the next chunk)."""
+        if not deltas or deltas[0].logprobs is None:
+            return None, offset
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for d in deltas:
+            for t, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs):
+                text = self._text(t)
+                out["tokens"].append(text)
+                out["token_logprobs"].append(lp)
+                out["top_logprobs"].append({self._text(a): b for a, b in [(t, lp), *top]})
+                out["text_offset"].append(offset)
+                offset += len(text)
+        return out, offset
+
+    def chat(self, deltas: Sequence[StreamDelta]) -> dict | None:
+        """The chat ``logprobs`` object of these deltas' tokens."""
+        if not deltas or deltas[0].logprobs is None:
+            return None
+        entry = lambda t, lp: {"token": (s := self._text(t)), "logprob": lp,  # noqa: E731
+                               "bytes": list(s.encode("utf-8"))}
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]}
+                            for d in deltas for t, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs)]}

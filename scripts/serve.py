@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Serve a model over the OpenAI API (completions, chat completions, streaming).
+"""Serve a model over the OpenAI API (completions, chat completions, streaming; embeddings
+for an encoder-only model such as BERT).
 
     python scripts/serve.py --model DIR [--tp N] [--dp N] [--host 127.0.0.1] [--port 8000]
                             [--max-batch N] [--max-queue N] [--api-key KEY]
@@ -53,14 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ryzen_jax as rj
     from ryzen_jax.runtime import setup_logging
-    from ryzen_jax.serve import Server
+    from ryzen_jax.serve import EmbeddingServer, Server
 
     setup_logging()  # load_model turns on the persistent compilation cache
     try:
         lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
-        server = Server(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
-                        model_name=args.served_model_name, steps_per_dispatch=args.steps_per_dispatch,
-                        step_timeout_s=args.step_timeout, generation_config=args.generation_config)
+        if lm.encoder is not None:  # BERT: POST /v1/embeddings
+            server = EmbeddingServer(lm, max_queue=args.max_queue, api_key=args.api_key,
+                                     model_name=args.served_model_name)
+        else:
+            server = Server(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+                            model_name=args.served_model_name, steps_per_dispatch=args.steps_per_dispatch,
+                            step_timeout_s=args.step_timeout, generation_config=args.generation_config)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -191,3 +191,46 @@ def test_encode_cli_matches_hf(bert, hf_states, monkeypatch, capsys):
     spec.loader.exec_module(cli)
     assert cli.main(["--model", path, "--text", "x", "--tp", "3"]) == 2
     assert "num_attention_heads=8 is not divisible by tp=3" in capsys.readouterr().err
+
+
+def test_embeddings_server_matches_hf(bert, hf_states):
+    """scripts/serve.py's app for an encoder: POST /v1/embeddings on a loopback port,
+    through the official openai client (base64, its default) and plain JSON floats,
+    texts and token ids, gives HF's mean-pooled states; bad input is a named 400 and
+    the server keeps serving."""
+    import httpx
+    import openai
+
+    from ryzen_jax.serve import EmbeddingServer
+    from tests.test_server import Running
+
+    path, ids, lm = bert
+    alone, _, _ = hf_states
+    want = np.stack([a.mean(axis=0) for a in alone])
+    tol = TOL * max(1.0, float(np.abs(want).max()))
+    running = Running(EmbeddingServer(lm(4), model_name="bert", max_queue=4))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["bert"]
+        r = client.embeddings.create(model="bert", input=TEXTS)
+        assert [d.index for d in r.data] == list(range(len(TEXTS)))
+        np.testing.assert_allclose([d.embedding for d in r.data], want, atol=tol)
+        assert r.usage.prompt_tokens == sum(map(len, ids))
+        body = httpx.post(f"{running.url}/v1/embeddings", timeout=60,
+                          json={"input": ids[1], "encoding_format": "float"}).json()
+        np.testing.assert_allclose(body["data"][0]["embedding"], want[1], atol=tol)
+        for bad, param in (({"input": []}, "input"), ({"input": [""]}, "input"), ({"input": "x " * 600}, "input"),
+                           ({"input": [[1, 10 ** 6]]}, "input"), ({"input": "hi", "dimensions": 3}, "dimensions"),
+                           ({"input": "hi", "encoding_format": "int8"}, "encoding_format")):
+            r = httpx.post(f"{running.url}/v1/embeddings", json=bad, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="other", input="hi")
+        r = httpx.post(f"{running.url}/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 400 and "/v1/embeddings" in r.json()["error"]["message"]
+        assert httpx.get(f"{running.url}/health").status_code == 200
+        assert 'ryzen_jax_requests_total{outcome="ok"} 2.0' in httpx.get(f"{running.url}/metrics").text
+        np.testing.assert_allclose(client.embeddings.create(model="bert", input="Hi").data[0].embedding, want[3],
+                                   atol=tol)
+    finally:
+        running.stop()

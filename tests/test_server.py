@@ -59,15 +59,18 @@ def build_chat_model(out_dir: str) -> str:
 
 
 class Running:
-    """A Server under uvicorn in a thread, on a free loopback port."""
+    """A Server (or EmbeddingServer, which has no scheduler) under uvicorn in a thread,
+    on a free loopback port."""
 
-    def __init__(self, server: Server):
+    def __init__(self, server):
         import uvicorn
 
         self.server = server
+        self.scheduler = getattr(server, "scheduler", None)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        server.scheduler.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
         self.uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.uv.run, daemon=True)
         self.thread.start()
@@ -79,7 +82,8 @@ class Running:
     def stop(self) -> None:
         self.uv.should_exit = True
         self.thread.join(timeout=10)
-        self.server.scheduler.shutdown()
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +243,8 @@ def test_the_openai_client_library(server, lm):
 
 
 def test_models_health_and_metrics(server):
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"model": "tiny", "input": "hi"})
+    assert r.status_code == 400 and "encoder-only" in r.json()["error"]["message"]
     models = httpx.get(f"{server.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
     assert httpx.get(f"{server.url}/health").status_code == 200

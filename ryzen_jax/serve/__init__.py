@@ -1,7 +1,8 @@
-"""The OpenAI-compatible server: continuous batching behind FastAPI.
+"""The OpenAI-compatible server: continuous batching behind FastAPI, and
+``/v1/embeddings`` for encoder-only models.
 
     lm = ryzen_jax.load_model(path, tp=4)
-    server = ryzen_jax.serve.Server(lm, max_batch=16)
+    server = ryzen_jax.serve.Server(lm, max_batch=16)   # EmbeddingServer(lm) for a BERT
     server.run(host="127.0.0.1", port=8000)       # process 0; followers call server.follow()
 """
 
@@ -15,8 +16,10 @@ import jax
 
 from ryzen_jax.api import LoadedModel
 from ryzen_jax.engine.batcher import SlotBatcher
+from ryzen_jax.engine.embed import POOLINGS
 from ryzen_jax.engine.generate import DECODE_CHUNK
 from ryzen_jax.serve.app import create_app
+from ryzen_jax.serve.embeddings import create_embedding_app
 from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.scheduler import PlanChannel, Scheduler, follow
 
@@ -42,7 +45,7 @@ class Server:
                  model_name: str | None = None, steps_per_dispatch: int = 1, step_timeout_s: float = 60.0,
                  max_body_bytes: int = 1 << 20, generation_config: str = "auto"):
         if lm.generator is None:
-            raise ValueError(f"{lm.config.model_type} is not a generative model: the server needs one")
+            raise ValueError(f"{lm.config.model_type} is not a generative model: serve it with EmbeddingServer")
         if lm.tokenizer is None:
             raise ValueError(f"{lm.path} has no tokenizer (tokenizer.json / tokenizer_config.json): the server "
                              "needs one to read prompts and write text")
@@ -89,3 +92,41 @@ class Server:
     def follow(self) -> None:
         log.info("following the leader's plans (pid %d)", os.getpid())
         follow(self.batcher, self.channel)
+
+
+class EmbeddingServer:
+    """A loaded encoder-only model (BERT) behind ``POST /v1/embeddings``, in one process
+    (its mesh: this host's devices). Compiles the encoder for one input at every
+    length bucket before it answers."""
+
+    leader = True
+
+    def __init__(self, lm: LoadedModel, *, max_queue: int = 64, api_key: str | None = None,
+                 model_name: str | None = None, max_body_bytes: int = 1 << 20):
+        if lm.encoder is None:
+            raise ValueError(f"{lm.config.model_type} is not an encoder-only model: serve it with Server")
+        if jax.process_count() > 1:
+            raise ValueError("embeddings are served from one process: run scripts/serve.py without the launcher "
+                             "(--tp splits the model over this host's devices)")
+        if lm.encoder.pooling not in POOLINGS:
+            raise ValueError(f"the model's sentence-transformers modules.json asks for pooling "
+                             f"{lm.encoder.pooling!r}, which ryzen_jax lacks ({' or '.join(POOLINGS)})")
+        check_limits(1, max_queue, 1)
+        self.lm = lm
+        self.model_name = model_name or os.path.basename(os.path.normpath(lm.path))
+        t0, length = time.perf_counter(), 16
+        while True:
+            lm.encoder.encode_program(lm.tp.dp_size, min(length, lm.config.max_position_embeddings))
+            if length >= lm.config.max_position_embeddings:
+                break
+            length *= 2
+        log.info("compiled the encoder in %.1fs: inputs up to %d tokens (pooling %s%s)", time.perf_counter() - t0,
+                 lm.config.max_position_embeddings, lm.encoder.pooling, ", normalized" if lm.encoder.normalize else "")
+        self.app = create_embedding_app(lm, self.model_name, api_key=api_key, max_body_bytes=max_body_bytes,
+                                        max_queue=max_queue)
+
+    def run(self, host: str = "127.0.0.1", port: int = 8000) -> None:
+        """Serve HTTP until interrupted."""
+        import uvicorn
+
+        uvicorn.run(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -14,7 +14,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import jinja2
 
@@ -25,10 +25,28 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ryzen_jax.engine.generate import Request, StreamDelta
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.serve.logprobs import LogprobFormatter
+from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from ryzen_jax.serve.scheduler import EngineFailed, Handle, QueueFull, Scheduler
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+async def read_json(request: HTTPRequest, max_body_bytes: int) -> Any:
+    """The decoded JSON body, read no further than ``max_body_bytes`` (a chunked
+    upload has no Content-Length for the guard to check)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise APIError(400, "malformed JSON body: nested too deeply") from None
 
 
 def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key: str | None = None,
@@ -40,32 +58,10 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
     app = FastAPI(title="ryzen_jax", docs_url=None, redoc_url=None)
     gen = scheduler.batcher.gen
     metrics = scheduler.metrics
-    created = int(time.time())
     defaults = dict(gen.cfg.generation_defaults) if use_generation_config else {}
     logprob_formatter = LogprobFormatter(tokenizer)
 
-    def error(e: APIError) -> JSONResponse:
-        if e.status != 401 and not e.counted:
-            metrics.finish("rejected")
-        return JSONResponse(e.body(), status_code=e.status)
-
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, refuse=error)
-
-    async def body(request: HTTPRequest) -> Any:
-        """The decoded JSON body, read no further than ``max_body_bytes`` (a chunked
-        upload has no Content-Length for the guard to check)."""
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"malformed JSON body: {e}") from None
-        except RecursionError:
-            raise APIError(400, "malformed JSON body: nested too deeply") from None
+    common_routes(app, model_name, gen.max_seq_len, metrics, api_key=api_key, max_body_bytes=max_body_bytes)
 
     def engine_request(req, prompt_ids: list[int], max_tokens: int | None, choice: int = 0) -> Request:
         """The engine's request for one choice; ``choice`` j > 0 of a seeded request
@@ -247,13 +243,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             return {"object": "chat.completion.chunk",
                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
-    @app.exception_handler(APIError)
-    async def api_error(_request: HTTPRequest, e: APIError):
-        return error(e)
-
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        req = parse(CompletionRequest, await body(request))
+        req = parse(CompletionRequest, await read_json(request, max_body_bytes))
         prompts = []
         for prompt in req.prompts():
             if isinstance(prompt, str):
@@ -270,7 +262,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
-        req = parse(ChatCompletionRequest, await body(request))
+        req = parse(ChatCompletionRequest, await read_json(request, max_body_bytes))
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, f"model {model_name!r} has no chat template (tokenizer_config.json "
                                 "'chat_template'); use /v1/completions with a plain prompt", param="messages")
@@ -283,10 +275,10 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await run(request, req, [engine_request(req, ids, max_tokens, j) for j in range(req.n)], _Chat)
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "ryzen_jax", "max_model_len": gen.max_seq_len}]}
+    @app.post("/v1/embeddings")
+    async def no_embeddings():
+        raise APIError(400, f"model {model_name!r} generates text; embeddings come from an encoder-only model "
+                            "(BERT) served by scripts/serve.py", param="model")
 
     @app.get("/health")
     async def health():
@@ -296,14 +288,40 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         return JSONResponse({"status": "unhealthy", "reason": scheduler.failed or "the device probe did not answer"},
                             status_code=503)
 
+    return app
+
+
+def common_routes(app: FastAPI, model_name: str, max_model_len: int, metrics: ServerMetrics, *,
+                  api_key: str | None, max_body_bytes: int) -> Callable[[APIError], JSONResponse]:
+    """What every server of ours has: the guard (API key, body size), OpenAI-style
+    errors (counted as rejections, except a missing key), ``GET /v1/models`` and
+    ``GET /metrics``. Returns the error responder."""
+    created = int(time.time())
+
+    def error(e: APIError) -> JSONResponse:
+        if e.status != 401 and not e.counted:
+            metrics.finish("rejected")
+        return JSONResponse(e.body(), status_code=e.status)
+
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, refuse=error)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: HTTPRequest, e: APIError):
+        return error(e)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "ryzen_jax", "max_model_len": max_model_len}]}
+
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return error
 
 
-class _Guard:
+class Guard:
     """ASGI middleware: the API key (routes under /v1) and the declared body size,
     checked before anything is read or parsed. Pure ASGI rather than
     ``@app.middleware``, whose wrapper hides a client's disconnect from the handlers."""

@@ -49,9 +49,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Fields shared by completions and chat completions. A field sent as ``null``
-    takes its default, as OpenAI's API reads it."""
+class _Body(BaseModel):
+    """A request body: unknown fields ignored; a field sent as ``null`` takes its
+    default, as OpenAI's API reads it."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -63,6 +63,12 @@ class _Sampling(BaseModel):
         return raw
 
     model: str | None = None
+    user: str | None = None
+
+
+class _Sampling(_Body):
+    """Fields shared by completions and chat completions."""
+
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -78,7 +84,6 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    user: str | None = None
     # fields whose effect we lack: refused when they ask for something
     logit_bias: Any = None
     response_format: Any = None
@@ -175,6 +180,30 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+MAX_INPUTS = 2048  # inputs per embeddings request, OpenAI's limit
+
+
+class EmbeddingRequest(_Body):
+    """``input``: a text, a list of token ids, or a list of either (one embedding each)."""
+
+    input: str | list[int] | list[str] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+
+    def inputs(self) -> list[str | list[int]]:
+        x = self.input
+        return [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        if not 1 <= len(self.inputs()) <= MAX_INPUTS:
+            raise ValueError(f"input takes 1 to {MAX_INPUTS} texts or token-id lists, got {len(self.inputs())}")
+        empty = [i for i, x in enumerate(self.inputs()) if not len(x)]
+        if empty:
+            raise ValueError(f"input {empty[0]} is empty: give at least one character or token")
+        return self
+
+
 def parse(model: type[BaseModel], raw: Any) -> Any:
     """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
     if not isinstance(raw, dict):
@@ -185,4 +214,7 @@ def parse(model: type[BaseModel], raw: Any) -> Any:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or len(err["loc"]) == 1) or None
         msg = err["msg"].removeprefix("Value error, ")
-        raise APIError(400, f"invalid '{field}': {msg}" if field else msg, param=field) from None
+        if field is None:  # a check across fields: its message starts with the field it blames
+            first = msg.split(" ", 1)[0]
+            raise APIError(400, msg, param=first if first in model.model_fields else None) from None
+        raise APIError(400, f"invalid '{field}': {msg}", param=field) from None

@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.logprobs is not None and not args.json:
+        ap.error("--logprobs needs --json (the log-probabilities are part of the JSON output)")
     return args
 
 

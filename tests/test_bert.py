@@ -216,6 +216,8 @@ def test_embeddings_server_matches_hf(bert, hf_states):
         assert [d.index for d in r.data] == list(range(len(TEXTS)))
         np.testing.assert_allclose([d.embedding for d in r.data], want, atol=tol)
         assert r.usage.prompt_tokens == sum(map(len, ids))
+        many = client.embeddings.create(model="bert", input=TEXTS * 10)  # 40 inputs: two device batches
+        np.testing.assert_allclose([d.embedding for d in many.data], np.tile(want, (10, 1)), atol=tol)
         body = httpx.post(f"{running.url}/v1/embeddings", timeout=60,
                           json={"input": ids[1], "encoding_format": "float"}).json()
         np.testing.assert_allclose(body["data"][0]["embedding"], want[1], atol=tol)
@@ -229,7 +231,7 @@ def test_embeddings_server_matches_hf(bert, hf_states):
         r = httpx.post(f"{running.url}/v1/completions", json={"prompt": "hi"})
         assert r.status_code == 400 and "/v1/embeddings" in r.json()["error"]["message"]
         assert httpx.get(f"{running.url}/health").status_code == 200
-        assert 'ryzen_jax_requests_total{outcome="ok"} 2.0' in httpx.get(f"{running.url}/metrics").text
+        assert 'ryzen_jax_requests_total{outcome="ok"} 3.0' in httpx.get(f"{running.url}/metrics").text
         np.testing.assert_allclose(client.embeddings.create(model="bert", input="Hi").data[0].embedding, want[3],
                                    atol=tol)
     finally:

@@ -242,6 +242,37 @@ def test_logprobs_are_the_models_own_against_transformers(hf_model_dir, llama, h
                 assert [top[0][0] for top in c.top_logprobs] == c.generated_ids
 
 
+def test_server_slots_report_logprobs_only_where_asked(llama, hf_llama):
+    """In a server's decode slots, a request with logprobs gets transformers' values
+    while its neighbour without them gets none; free and finished slots never make a
+    dispatch compute them (the decode step then returns zeros for every row)."""
+    from ryzen_jax.engine.batcher import Admission, Plan, SlotBatcher
+
+    batcher = SlotBatcher(llama.generator, 4)
+    plain = rj.Request(PROMPT, 6, rj.SamplingParams(), ignore_eos=True)
+    asking = rj.Request(PROMPT[:7], 3, rj.SamplingParams(logprobs=2), ignore_eos=True)
+
+    def decode_logprobs() -> np.ndarray:  # one raw dispatch of the slots' decode program, state left as it was
+        g = batcher.gen
+        cache, d = jax.tree.map(lambda x: x.copy(), (batcher.cache, batcher.d))
+        picked, _, _ = g.decode_program(batcher.slots, g.max_seq_len)(g.state, cache, d, batcher.s, np.int32(1))
+        return np.asarray(picked.logprobs[:, 0])
+
+    out = batcher.apply(Plan(admit=(Admission(0, plain, 0),), steps=0))
+    assert out.deltas[0].logprobs is None
+    assert not decode_logprobs().any()  # one live row, three free slots: nothing computed
+    deltas = batcher.apply(Plan(admit=(Admission(2, asking, 0),), steps=2)).deltas
+    mine = [d for d in deltas if d.index == 2]
+    ids = [t for d in mine for t in d.token_ids]
+    lps = [lp for d in mine for lp in d.logprobs]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_llama(torch.tensor([PROMPT[:7] + ids])).logits[0, 6:-1].float(), -1).numpy()
+    np.testing.assert_allclose(lps, logp[np.arange(len(ids)), ids], atol=1e-4)
+    assert all(d.logprobs is None for d in deltas if d.index == 0)
+    assert batcher.rows[2] is None  # finished after its 3 tokens
+    assert not decode_logprobs().any()  # its slot is done: nothing computed for it
+
+
 # -- stop rules -------------------------------------------------------------------------
 
 def test_eos_from_generation_config_and_stop_token_ids(hf_model_dir, hf_llama, tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ryzen_jax import cache as kv
 from ryzen_jax.engine.generate import Generator, Request, StreamDelta, _Row
-from ryzen_jax.engine.sampling import Picked, SamplingParams
+from ryzen_jax.engine.sampling import Picked, SamplingArrays, SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +93,11 @@ class SlotBatcher:
         """All slots free: zeros everywhere, every row marked done."""
         shapes = self.gen.decode_inputs(self.slots)
 
-        def make():
-            cache, d, s = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-            return cache, dataclasses.replace(d, done=jnp.ones_like(d.done)), s
+        idle = SamplingArrays.from_params([SamplingParams()] * self.slots, [0] * self.slots)
+
+        def make():  # free slots: greedy, no penalty, no log-probabilities (no branch taken for them)
+            cache, d, _ = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            return cache, dataclasses.replace(d, done=jnp.ones_like(d.done)), jax.tree.map(jnp.asarray, idle)
 
         return jax.jit(make, out_shardings=self._shardings)()
 
@@ -163,7 +165,7 @@ class SlotBatcher:
                 self.bound[i] += plan.steps
             decode = self.gen.decode_program(self.slots, self.gen.attend_for(max(self.bound[i] for i in live)))
             picked, self.d, self.cache = decode(self.gen.state, self.cache, self.d, self.s, jnp.int32(plan.steps))
-            self._collect(self.gen.fetch_picked(picked, self.rows), out)
+            self._collect(self.gen.fetch_picked(picked, self.rows, plan.steps), out)
         return out
 
     def _one_row(self, slot: int, first: Picked) -> Picked:

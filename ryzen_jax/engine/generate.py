@@ -258,13 +258,14 @@ class Generator:
         start_token = getattr(self.cfg, "decoder_start_token_id", None) or 0
         n_top = min(MAX_LOGPROBS, self.cfg.vocab_size)  # alternatives reported per token, at most
 
-        def picked(logits, tokens, s):
-            # each device its own rows: XLA's partitioner runs a batch-split top-k
-            # on all of them (an all-gather of the logits over data)
+        def picked(logits, tokens, s, live):
+            # each device its own rows, and whether any of them (live, asking) needs the
+            # log-softmax: XLA's partitioner would run a batch-split top-k on all rows
+            # (an all-gather of the logits over data); the branches hold no collectives
             rows = P("data")
-            return jax.shard_map(functools.partial(pick, k=n_top), mesh=tp.mesh, in_specs=(P("data", None), rows, P()),
+            return jax.shard_map(functools.partial(pick, k=n_top), mesh=tp.mesh, in_specs=(P("data", None), rows, rows),
                                  out_specs=Picked(rows, rows, P("data", None), P("data", None)),
-                                 check_vma=False)(logits, tokens, s)
+                                 check_vma=False)(logits, tokens, (s.logprobs >= 0) & live)
 
         def gathered(logits):
             # The LM head's one all-gather: vocab-sharded logits → whole rows, so that
@@ -287,7 +288,7 @@ class Generator:
             d = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=positions, index=jnp.zeros((b,), jnp.int32),
                             max_new=max_new, done=jnp.zeros((b,), bool), history=history, stop_ids=stop_ids)
             first, d = _advance(_pin(d, tp), sample(logits, s, history, d.index))
-            return picked(logits, first, s), _pin(d, tp), cache
+            return picked(logits, first, s, jnp.ones((b,), bool)), _pin(d, tp), cache
 
         def decode(state, cache, d, s, n_steps, attend):
             model = nnx.merge(graphdef, state)
@@ -306,10 +307,10 @@ class Generator:
                 logits, cache = model.decode(d.tokens, d.positions, cache, attend)
                 # finished rows stay put (they rewrite their last slot, harmlessly)
                 d = dataclasses.replace(d, positions=d.positions + ~d.done)
-                logits = gathered(logits)
+                logits, live = gathered(logits), ~d.done
                 tok, d = _advance(d, sample(logits, s, d.history, d.index, sampled, penalized), penalized)
                 return i + 1, _pin(d, tp), cache, jax.tree.map(lambda o, x: o.at[:, i].set(x), out,
-                                                                picked(logits, tok, s))
+                                                                picked(logits, tok, s, live))
 
             _, d, cache, out = jax.lax.while_loop(cond, body, (jnp.int32(0), d, cache, out))
             return out, d, cache
@@ -503,7 +504,7 @@ class Generator:
                 pending = out
                 continue
             out, pending = pending, out
-            host = self.fetch_picked(out, rows)
+            host = self.fetch_picked(out, rows, steps_per_dispatch)
             decoded += int((host.tokens[:n] >= 0).sum())
             yield self.take(rows, host)
         if stats is not None:
@@ -541,11 +542,13 @@ class Generator:
         return row
 
     @staticmethod
-    def fetch_picked(p: Picked, rows: Sequence[_Row | None]) -> Picked:
+    def fetch_picked(p: Picked, rows: Sequence[_Row | None], steps: int | None = None) -> Picked:
         """Host copies of a dispatch's picks, (B, steps) — a prefill's one step too;
-        the log-probabilities only when one of ``rows`` asks for them (else None)."""
+        the log-probabilities only when one of ``rows`` asks for them (else None), and
+        of the first ``steps`` steps only (a dispatch that ran fewer than it holds)."""
         if any(r is not None and r.logprobs is not None for r in rows):
-            host = Picked(*fetch([p.tokens, p.logprobs, p.top_ids, p.top_logprobs]))
+            cut = (lambda x: x[:, :steps]) if steps is not None and p.tokens.ndim == 2 else (lambda x: x)
+            host = Picked(*fetch([p.tokens, cut(p.logprobs), cut(p.top_ids), cut(p.top_logprobs)]))
         else:
             host = Picked(fetch([p.tokens])[0], None, None, None)
         if host.tokens.ndim == 1:  # a prefill's: one step

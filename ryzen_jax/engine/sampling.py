@@ -227,10 +227,10 @@ class Picked:
     top_logprobs: jax.Array
 
 
-def pick(logits: jax.Array, tokens: jax.Array, s: SamplingArrays, k: int = MAX_LOGPROBS) -> Picked:
+def pick(logits: jax.Array, tokens: jax.Array, wanted: jax.Array, k: int = MAX_LOGPROBS) -> Picked:
     """``tokens`` with their log-probabilities under ``logits`` (B, V) float32, the
     model's own distribution, and the ``k`` best (at most the true vocabulary's size),
-    computed only when some row asked (``s.logprobs``)."""
+    computed only when some row is ``wanted`` (B,) bool: live and asking for them."""
     b = logits.shape[0]
 
     def measured():
@@ -242,4 +242,4 @@ def pick(logits: jax.Array, tokens: jax.Array, s: SamplingArrays, k: int = MAX_L
     def none():
         return jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)
 
-    return Picked(tokens, *jax.lax.cond(jnp.any(s.logprobs >= 0), measured, none))
+    return Picked(tokens, *jax.lax.cond(jnp.any(wanted), measured, none))

@@ -17,9 +17,9 @@ import jax
 from ryzen_jax.api import LoadedModel
 from ryzen_jax.engine.batcher import SlotBatcher
 from ryzen_jax.engine.embed import POOLINGS
-from ryzen_jax.engine.generate import DECODE_CHUNK
+from ryzen_jax.engine.generate import DECODE_CHUNK, bucket
 from ryzen_jax.serve.app import create_app
-from ryzen_jax.serve.embeddings import create_embedding_app
+from ryzen_jax.serve.embeddings import EMBED_BATCH, create_embedding_app
 from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.scheduler import PlanChannel, Scheduler, follow
 
@@ -96,8 +96,8 @@ class Server:
 
 class EmbeddingServer:
     """A loaded encoder-only model (BERT) behind ``POST /v1/embeddings``, in one process
-    (its mesh: this host's devices). Compiles the encoder for one input at every
-    length bucket before it answers."""
+    (its mesh: this host's devices). Compiles the encoder for one input and for a
+    full batch (``EMBED_BATCH``) at every length bucket before it answers."""
 
     leader = True
 
@@ -114,9 +114,10 @@ class EmbeddingServer:
         check_limits(1, max_queue, 1)
         self.lm = lm
         self.model_name = model_name or os.path.basename(os.path.normpath(lm.path))
-        t0, length = time.perf_counter(), 16
+        t0, length, dp = time.perf_counter(), 16, lm.tp.dp_size
         while True:
-            lm.encoder.encode_program(lm.tp.dp_size, min(length, lm.config.max_position_embeddings))
+            for rows in {dp, dp * bucket(-(-EMBED_BATCH // dp), 1)}:  # as Encoder pads a batch
+                lm.encoder.encode_program(rows, min(length, lm.config.max_position_embeddings))
             if length >= lm.config.max_position_embeddings:
                 break
             length *= 2

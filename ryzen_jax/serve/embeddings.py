@@ -4,7 +4,9 @@ A request's inputs (texts or token-id lists, up to ``MAX_INPUTS``) are checked a
 tokenized before they queue, then embedded in one call of the model's ``Encoder``,
 pooled and normalized as the model's sentence-transformers config asks (the
 defaults of ``rj.embed``). One request at a time holds the devices; beyond
-``max_queue`` waiting requests get 429. ``encoding_format`` is "float" or "base64"
+``max_queue`` waiting requests get 429. The inputs go to the devices in batches of at
+most ``EMBED_BATCH`` (bounded memory; one input and a full batch are compiled for
+every length bucket at start-up, other counts on first use). ``encoding_format`` is "float" or "base64"
 (little-endian float32, which the openai client asks for by default).
 """
 
@@ -22,6 +24,8 @@ from fastapi import FastAPI, Request as HTTPRequest
 from ryzen_jax.serve.app import common_routes, read_json
 from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.protocol import APIError, EmbeddingRequest, parse
+
+EMBED_BATCH = 32  # inputs per device call
 
 
 def create_embedding_app(lm: Any, model_name: str, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
@@ -52,7 +56,7 @@ def create_embedding_app(lm: Any, model_name: str, *, api_key: str | None = None
 
     def embed(ids: list[list[int]]) -> np.ndarray:
         with device:
-            return encoder.embed(ids)
+            return np.concatenate([encoder.embed(ids[i:i + EMBED_BATCH]) for i in range(0, len(ids), EMBED_BATCH)])
 
     @app.post("/v1/embeddings")
     async def embeddings(request: HTTPRequest):

@@ -112,7 +112,7 @@ class CompletionRequest(_Sampling):
     prompt, times ``n``)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # 0: the chosen tokens' only
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, strict=True)  # 0: the chosen tokens' only
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -172,7 +172,7 @@ class ChatCompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
-        if self.top_logprobs and not self.logprobs:
+        if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
 

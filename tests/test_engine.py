@@ -69,7 +69,7 @@ def test_bfloat16_runs_close_to_float32(hf_model_dir):
 def test_compiler_options_an_xla_refuses_are_dropped_with_a_warning(caplog):
     """Our XLA:CPU options are tuning: an XLA that does not know one still compiles the
     program (without them) and says so, and the options are not tried again."""
-    from ryzen_jax.engine.generate import CPU_COMPILER_OPTIONS, compile_lowered
+    from ryzen_jax.engine.compile import CPU_COMPILER_OPTIONS, compile_lowered
 
     lowered = jax.jit(lambda x: x * 2 + 1).lower(jnp.ones(3))
     assert np.array_equal(compile_lowered(lowered, dict(CPU_COMPILER_OPTIONS))(jnp.ones(3)), [3.0] * 3)

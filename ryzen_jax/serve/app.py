@@ -124,7 +124,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         for i, deltas in enumerate(results):
             reason = deltas[-1].finish_reason if deltas else "stop"
             choices.append(shape.choice(i, "".join(d.text or "" for d in deltas), reason,
-                                        shape.logprobs(logprob_formatter, deltas, [0], 0)))
+                                        shape.logprobs(logprob_formatter, deltas, 0)[0]))
             n_out += sum(len(d.token_ids) for d in deltas)
         return JSONResponse({**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out, req.n)})
 
@@ -192,7 +192,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                         continue
                     n_out += len(item.token_ids)
                     reasons[i] = item.finish_reason or reasons[i]
-                    lp = shape.logprobs(logprob_formatter, [item], offsets, i)
+                    lp, offsets[i] = shape.logprobs(logprob_formatter, [item], offsets[i])
                     if item.text or lp is not None:
                         yield chunk(i, item.text or "", None, lp)
                     pending[asyncio.ensure_future(next_item(handles[i]))] = i
@@ -211,9 +211,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         prefix, object, chunk_object, first = "cmpl", "text_completion", "text_completion", None
 
         @staticmethod
-        def logprobs(fmt: LogprobFormatter, deltas: list[StreamDelta], offsets: list[int], i: int) -> dict | None:
-            out, offsets[i] = fmt.completion(deltas, offsets[i])
-            return out
+        def logprobs(fmt: LogprobFormatter, deltas: list[StreamDelta], offset: int) -> tuple[dict | None, int]:
+            """The choice's logprobs object and its text offset after these deltas."""
+            return fmt.completion(deltas, offset)
 
         @staticmethod
         def choice(i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
@@ -228,8 +228,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         prefix, object, chunk_object, first = "chatcmpl", "chat.completion", "chat.completion.chunk", ""
 
         @staticmethod
-        def logprobs(fmt: LogprobFormatter, deltas: list[StreamDelta], offsets: list[int], i: int) -> dict | None:
-            return fmt.chat(deltas)
+        def logprobs(fmt: LogprobFormatter, deltas: list[StreamDelta], offset: int) -> tuple[dict | None, int]:
+            return fmt.chat(deltas), offset  # chat has no text offsets
 
         @staticmethod
         def choice(i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:

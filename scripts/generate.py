@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=None, help="default: a fresh seed per run")
     ap.add_argument("--logprobs", type=int, default=None, metavar="K",
                     help="with --json: each token's log-probability and the K most likely tokens' (0-20)")
+    ap.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                    help="with --json: the same for every prompt token (given those before it; decoder-only models)")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text is cut before it")
     ap.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
     ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS ids")
@@ -52,8 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.logprobs is not None and not args.json:
-        ap.error("--logprobs needs --json (the log-probabilities are part of the JSON output)")
+    for flag in ("logprobs", "prompt_logprobs"):
+        if getattr(args, flag) is not None and not args.json:
+            ap.error(f"--{flag.replace('_', '-')} needs --json (the log-probabilities are part of the JSON output)")
     return args
 
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling = rj.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                                     seed=args.seed, logprobs=args.logprobs)
+                                     seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if not main_process:
         return 0
     decode_s = sum(r.decode_s for r in results)
+    compile_s += sum(r.compile_s for r in results)  # what warm-up leaves (the prompt-scoring prefill)
     timings = {"load_s": round(lm.load_s, 3), "compile_s": round(compile_s, 3),
                "time_to_first_token_s": round(results[0].ttft_s, 4),
                "decode_tokens_per_s": round(sum(r.decode_tokens for r in results) / decode_s, 1) if decode_s else 0.0}

@@ -415,6 +415,8 @@ def test_max_new_tokens_not_positive(lm, n):
     ({"frequency_penalty": float("nan")}, "frequency_penalty"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**32}, "seed"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
 ])
 def test_bad_sampling_params(kwargs, name):
     with pytest.raises(ValueError) as e:

@@ -47,6 +47,7 @@ def test_generate_on_a_converted_checkpoint_matches_hf(tmp_path):
 
     prompts = ["The weather is", "Distributed computing across many machines"]
     out, _ = run_generate("--model", str(tmp_path / "conv"), "--tp", "2", "--max-new-tokens", "12", "--logprobs", "2",
+                          "--prompt-logprobs", "1",
                           *[a for p in prompts for a in ("--prompt", p)], env={"RYZEN_JAX_CACHE": str(tmp_path / "c")})
     assert os.listdir(tmp_path / "c" / "xla")  # the persistent compilation cache was written
     assert out["tp"] == 2 and len(out["outputs"]) == 2
@@ -60,6 +61,12 @@ def test_generate_on_a_converted_checkpoint_matches_hf(tmp_path):
         n = len(o["generated_ids"])
         assert max(abs(a - float(b)) for a, b in zip(o["logprobs"], logp[range(n), o["generated_ids"]])) < 1e-4
         assert [[t for t, _ in top] for top in o["top_logprobs"]] == logp.topk(2).indices.tolist()
+        with torch.no_grad():  # --prompt-logprobs 1: each prompt token's given those before it, and the best there
+            logp = torch.log_softmax(hf(torch.tensor([o["prompt_ids"]])).logits[0, :-1], -1)
+        n = len(o["prompt_ids"])
+        assert o["prompt_logprobs"][0] is None and o["prompt_top_logprobs"][0] is None
+        assert max(abs(a - float(b)) for a, b in zip(o["prompt_logprobs"][1:], logp[range(n - 1), o["prompt_ids"][1:]])) < 1e-4
+        assert [[t for t, _ in top] for top in o["prompt_top_logprobs"][1:]] == logp.topk(1).indices.tolist()
     for key in ("load_s", "compile_s", "time_to_first_token_s", "decode_tokens_per_s"):
         assert out["timings"][key] >= 0
 

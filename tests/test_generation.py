@@ -273,6 +273,52 @@ def test_server_slots_report_logprobs_only_where_asked(llama, hf_llama):
     assert not decode_logprobs().any()  # its slot is done: nothing computed for it
 
 
+def test_prompt_logprobs_score_the_prompt_against_transformers(hf_model_dir, llama, hf_llama):
+    """``prompt_logprobs``: every prompt token's log-probability given those before it
+    (none for the first) and the k best there are the log-softmax of transformers'
+    logits over the prompt: prompts of different lengths in one padded batch (one row
+    asking for none) at tp 4 and dp 2 × tp 2, and a request admitted into a server slot;
+    the generated tokens are those of a plain prefill."""
+    from ryzen_jax.engine.batcher import Admission, Plan, SlotBatcher
+
+    prompts = [PROMPT, PROMPT[3:10], PROMPT[:5]]
+    settings = [rj.SamplingParams(prompt_logprobs=3), rj.SamplingParams(prompt_logprobs=0, logprobs=1),
+                rj.SamplingParams()]
+    requests = [rj.Request(p, 4, s, ignore_eos=True) for p, s in zip(prompts, settings)]
+
+    def check(c: rj.Completion, prompt: list[int], k: int) -> None:
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_llama(torch.tensor([prompt])).logits[0, :-1].float(), -1).numpy()
+        assert c.prompt_logprobs[0] is None and c.prompt_top_logprobs[0] is None
+        assert len(c.prompt_logprobs) == len(prompt) == len(c.prompt_top_logprobs)
+        np.testing.assert_allclose(c.prompt_logprobs[1:], logp[np.arange(len(prompt) - 1), prompt[1:]], atol=1e-4)
+        for j, top in enumerate(c.prompt_top_logprobs[1:]):
+            want = np.sort(logp[j])[::-1][:k]
+            np.testing.assert_allclose([lp for _, lp in top], want, atol=1e-4)
+            np.testing.assert_allclose(logp[j, [t for t, _ in top]], want, atol=1e-4)
+
+    plain = llama.generator.generate(prompts, 4, stop_ids=[]).generated_ids
+    dp2 = rj.load_model(hf_model_dir("llama_gqa"), tp=2, dp=2, progress=False)
+    for lm in (llama, dp2):
+        result = rj.GenerationResult(completions=[])
+        deltas = [d for step in lm.generator.run(requests, stats=result) for d in step]
+        assert [c.generated_ids for c in result.completions] == plain
+        for c, p, s in zip(result.completions, prompts, settings):
+            if s.prompt_logprobs is None:
+                assert c.prompt_logprobs is None and c.prompt_top_logprobs is None
+            else:
+                check(c, p, s.prompt_logprobs)
+        firsts = {d.index: d for d in reversed(deltas)}  # each request's first delta carries its prompt's
+        assert firsts[0].prompt_logprobs == result.completions[0].prompt_logprobs
+        assert all(d.prompt_logprobs is None for d in deltas if d is not firsts[d.index])
+
+    batcher = SlotBatcher(llama.generator, 2)
+    out = batcher.apply(Plan(admit=(Admission(1, requests[0], 0),), steps=0))
+    c = rj.Completion(prompts[0], [], None, "", prompt_logprobs=out.deltas[0].prompt_logprobs,
+                      prompt_top_logprobs=out.deltas[0].prompt_top_logprobs)
+    check(c, prompts[0], 3)
+
+
 # -- stop rules -------------------------------------------------------------------------
 
 def test_eos_from_generation_config_and_stop_token_ids(hf_model_dir, hf_llama, tmp_path):

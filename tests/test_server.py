@@ -242,6 +242,56 @@ def test_the_openai_client_library(server, lm):
     assert e.value.param == "tools"
 
 
+def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, lm):
+    """``echo`` with ``logprobs``, through the official client: the request an
+    evaluation harness sends for a log-likelihood (token-id prompt, ``max_tokens`` 1,
+    ``logprobs`` 1, ``echo``) answers every prompt token's log-probability (none for
+    the first) before the generated token's, and ``max_tokens=0`` the prompt's alone,
+    plain and streamed — the values are offline generation's ``prompt_logprobs``
+    (checked against transformers' logits in test_generation.py)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    prompt = "Once upon a time"
+    ids = lm.tokenizer(prompt)["input_ids"]
+    want = rj.generate(lm, [ids], max_new_tokens=1, sampling=rj.SamplingParams(logprobs=2, prompt_logprobs=2))[0]
+    name = lambda t: lm.tokenizer.decode([t])  # noqa: E731
+
+    def check(lp, n_generated: int) -> None:
+        tokens = ids + want.generated_ids[:n_generated]
+        assert lp.tokens == [name(t) for t in tokens]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        np.testing.assert_allclose(lp.token_logprobs[1:], want.prompt_logprobs[1:] + want.logprobs[:n_generated],
+                                   atol=1e-5)
+        tops = want.prompt_top_logprobs[1:] + want.top_logprobs[:n_generated]
+        for got, t, chosen, top in zip(lp.top_logprobs[1:], tokens[1:], lp.token_logprobs[1:], tops):
+            assert got == pytest.approx({name(a): b for a, b in [(t, chosen), *top]}, abs=1e-5)
+        assert lp.text_offset == list(np.cumsum([0] + [len(x) for x in lp.tokens[:-1]]))
+
+    done = client.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=2, temperature=0)
+    choice = done.choices[0]
+    assert choice.text == lm.tokenizer.decode(ids) + want.text
+    check(choice.logprobs, 1)
+    assert done.usage.prompt_tokens == len(ids) and done.usage.completion_tokens == 1
+
+    done = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    assert done.choices[0].text == prompt and done.choices[0].finish_reason == "length"
+    check(done.choices[0].logprobs, 0)
+    assert done.usage.completion_tokens == 0
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == prompt
+    assert sum((c.choices[0].logprobs.tokens for c in chunks if c.choices[0].logprobs), []) == [name(t) for t in ids]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    plain = rj.generate(lm, [prompt], max_new_tokens=5)[0]  # echo without logprobs: the text only
+    done = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, echo=True, temperature=0)
+    assert done.choices[0].text == prompt + plain.text and done.choices[0].logprobs is None
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=5, echo=True, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == prompt + plain.text
+
+
 def test_models_health_and_metrics(server):
     r = httpx.post(f"{server.url}/v1/embeddings", json={"model": "tiny", "input": "hi"})
     assert r.status_code == 400 and "encoder-only" in r.json()["error"]["message"]
@@ -287,7 +337,7 @@ def test_a_disconnected_client_frees_its_slot(server):
     ({"prompt": "hi", "stop_token_ids": [2**40]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "stop_token_ids": [512]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
-    ({"prompt": "hi", "echo": True}, 400, "echo"),
+    ({"prompt": "hi", "max_tokens": 0, "echo": False}, 400, "max_tokens"),
     ({"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"prompt": "hi", "guided_choice": ["a", "b"]}, 400, "guided_choice"),

@@ -244,6 +244,16 @@ def test_continuous_batching_slots_give_hf_tokens(t5):
     assert sorted(finished) == sorted(greedy)
 
 
+def test_prompt_logprobs_are_refused_before_any_device_work(t5):
+    """An encoder–decoder's prompt goes to its encoder, which predicts nothing: asking
+    for its tokens' log-probabilities is an error naming the field, not a silent None."""
+    lm = rj.load_model(t5("t5_relu")[0], tp=2, max_seq_len=64, progress=False)
+    before = lm.generator.compile_count
+    with pytest.raises(ValueError, match="prompt_logprobs: an encoder-decoder"):
+        lm.generator.generate([PROMPTS[0]], 4, sampling=rj.SamplingParams(prompt_logprobs=1))
+    assert lm.generator.compile_count == before
+
+
 def test_text_of_a_sentencepiece_t5_matches_hf_decode(tmp_path):
     """With a SentencePiece-style tokenizer (Unigram, "▁" marks a word start), the text
     of T5's output is HF's decode of its tokens: the encoder's prompt is no left context

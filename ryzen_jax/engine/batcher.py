@@ -150,11 +150,14 @@ class SlotBatcher:
             padded = [request] + [dataclasses.replace(request, max_new_tokens=1)] * (self.one - 1)
             length = self.gen.prompt_bucket(len(request.prompt_ids))
             args = self.gen.prefill_inputs(padded, length)
-            first, d, cache = self.gen.prefill_program(self.one, length)(*args)
+            first, d, cache, *prompt = self.gen.prefill_program(self.one, length, self.gen.scores_prompt([request]))(
+                *args)
             insert = self._insert_program(length)
             self.cache, self.d, self.s = insert((self.cache, self.d, self.s), (cache, d, args[3]), jnp.int32(a.slot))
             row = self.gen.new_row(request)
             first = self.gen.fetch_picked(first, [row])
+            if prompt:
+                self.gen.record_prompt([row], prompt[0])
             out.ttft_s[a.slot] = time.perf_counter() - t0
             self.rows[a.slot] = row
             self.bound[a.slot] = 1 if self.gen.encoder_decoder else len(request.prompt_ids)

@@ -5,7 +5,8 @@ Two programs run on the devices, both compiled ahead of time and kept:
 
 * ``prefill`` — one per (batch, prompt-length bucket): runs the right-padded
   prompts, creates the cache (``max_seq_len`` positions, born sharded) and picks each
-  row's first token;
+  row's first token; a second variant, compiled when a request first asks for
+  ``prompt_logprobs``, also scores every prompt token;
 * ``decode`` — one per batch size: a ``while_loop`` of up to ``DECODE_CHUNK`` decode
   steps (the count is a traced argument), each feeding one token per row into the
   donated cache, sampling the next and applying EOS / stop ids / ``max_new_tokens``
@@ -103,7 +104,9 @@ class Completion:
     """What one request produced. ``finish_reason``: "stop" (EOS, stop id or stop
     string) or "length" (max_new_tokens). With ``SamplingParams.logprobs`` set,
     ``logprobs[i]`` is generated token i's log-probability and ``top_logprobs[i]`` the
-    ``(token id, log-probability)`` pairs of the most likely tokens there, best first."""
+    ``(token id, log-probability)`` pairs of the most likely tokens there, best first.
+    With ``prompt_logprobs`` set, ``prompt_logprobs`` and ``prompt_top_logprobs`` are
+    the same per prompt token (None at the first: nothing predicts it)."""
 
     prompt_ids: list[int]
     generated_ids: list[int]
@@ -111,6 +114,8 @@ class Completion:
     finish_reason: str
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclasses.dataclass
@@ -124,6 +129,8 @@ class StreamDelta:
     finish_reason: str | None = None  # set on the request's last delta
     logprobs: list[float] | None = None  # as in Completion, for these tokens
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # as in Completion, on a request's first delta only
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclasses.dataclass
@@ -190,6 +197,8 @@ class _Row:
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] | None = None  # when the request asks for them
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # when the request asks for them, after prefill
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     finish_reason: str | None = None
     stop_device: bool = False  # ended by a stop string: the device still thinks it is live
 
@@ -234,15 +243,33 @@ class Generator:
                                  out_specs=Picked(rows, rows, P("data", None), P("data", None)),
                                  check_vma=False)(logits, tokens, (s.logprobs >= 0) & live)
 
+        def scored(every, tokens):
+            # each prompt position's logits score the token after it (the last one's, a
+            # padding position's: ignored); per device rows, as in `picked`
+            def rows(logits, nxt):
+                b, t, v = logits.shape
+                p = pick(logits.reshape(b * t, v), nxt.reshape(-1), jnp.ones((b * t,), bool), n_top)
+                return jax.tree.map(lambda x: x.reshape((b, t) + x.shape[1:]), p)
+
+            nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+            spec, wide = P("data", None), P("data", None, None)
+            return jax.shard_map(rows, mesh=tp.mesh, in_specs=(wide, spec), out_specs=Picked(spec, spec, wide, wide),
+                                 check_vma=False)(every, nxt)
+
         def gathered(logits):
             # The LM head's one all-gather: vocab-sharded logits → whole rows, so that
             # sampling (sort, cumsum, argmax) runs locally instead of as many collectives.
-            return tp.constrain(logits, ("batch", None))
+            return tp.constrain(logits, ("batch",) + (None,) * (logits.ndim - 1))
 
-        def prefill(state, tokens, lengths, s, max_new, stop_ids):
+        def prefill(state, tokens, lengths, s, max_new, stop_ids, score_prompt=False):
             model = nnx.merge(graphdef, state)
-            logits, cache, positions = model.prefill(tokens, lengths, max_len)
-            logits = gathered(logits)
+            if score_prompt:  # the logits at every position (B, T, V), the last prompt token's pick the first token
+                every, cache, positions = model.prefill(tokens, lengths, max_len, every_position=True)
+                every = gathered(every)
+                logits = jnp.take_along_axis(every, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            else:
+                logits, cache, positions = model.prefill(tokens, lengths, max_len)
+                logits = gathered(logits)
             b, v = logits.shape
             if enc_dec:  # the decoder's sequence so far is its start token
                 prompt = jnp.arange(v)[None, :] == start_token
@@ -255,7 +282,8 @@ class Generator:
             d = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=positions, index=jnp.zeros((b,), jnp.int32),
                             max_new=max_new, done=jnp.zeros((b,), bool), history=history, stop_ids=stop_ids)
             first, d = _advance(_pin(d, tp), sample(logits, s, history, d.index))
-            return picked(logits, first, s, jnp.ones((b,), bool)), _pin(d, tp), cache
+            out = picked(logits, first, s, jnp.ones((b,), bool)), _pin(d, tp), cache
+            return out + (scored(every, tokens),) if score_prompt else out
 
         def decode(state, cache, d, s, n_steps, attend):
             model = nnx.merge(graphdef, state)
@@ -283,6 +311,7 @@ class Generator:
             return out, d, cache
 
         self._prefill = jax.jit(prefill)
+        self._prefill_scored = jax.jit(functools.partial(prefill, score_prompt=True))
         self._decode_fn = decode
 
     # -- compiled programs ------------------------------------------------------------
@@ -322,9 +351,14 @@ class Generator:
         s = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated()), s)
         return (self.state, rows((batch, length)), rows((batch,)), s, rows((batch,)), rows((batch, MAX_STOP_IDS)))
 
-    def prefill_program(self, batch: int, length: int):
-        """The compiled prefill for (batch, prompt bucket) — compiled on first use."""
-        return self._get("prefill", self._prefill, *self._abstract_prefill_inputs(batch, length))
+    def prefill_program(self, batch: int, length: int, score_prompt: bool = False):
+        """The compiled prefill for (batch, prompt bucket) — compiled on first use.
+        ``score_prompt``: the variant that also returns the prompt tokens' picks
+        (``Picked`` of shape (B, length)), for requests with ``prompt_logprobs``; it
+        holds every position's logits, (B, length, vocabulary) float32, so ``warmup``
+        leaves it to the first request that asks."""
+        fn, name = (self._prefill_scored, "prefill-scored") if score_prompt else (self._prefill, "prefill")
+        return self._get(name, fn, *self._abstract_prefill_inputs(batch, length))
 
     def decode_program(self, batch: int, attend: int | None = None):
         """The compiled decode chunk for this batch size, reading the first ``attend``
@@ -414,6 +448,9 @@ class Generator:
             bad = [t for t in r.prompt_ids if not 0 <= int(t) < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            if r.sampling.prompt_logprobs is not None and self.encoder_decoder:
+                raise ValueError("prompt_logprobs: an encoder-decoder model's prompt goes to its encoder, which "
+                                 "predicts no tokens; ask for logprobs of the generated tokens instead")
             bad = [t for t in r.stop_token_ids if not 0 <= int(t) < self.cfg.vocab_size]
             if bad:  # one past int32 would fail the device loop, one past the vocabulary never match
                 raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
@@ -442,15 +479,17 @@ class Generator:
         args = self.prefill_inputs(padded, length)
         rows = [self.new_row(r) for r in requests]
         compile_before = self.compile_s
-        prefill = self.prefill_program(batch, length)
+        prefill = self.prefill_program(batch, length, self.scores_prompt(requests))
         # the first decode step writes at `start`; a dispatch of n more steps reads below start + done + n
         start = 1 if self.encoder_decoder else max(len(r.prompt_ids) for r in requests)
         limit = start + max(r.max_new_tokens for r in requests)
         decode = {a: self.decode_program(batch, a) for a in self.attend_buckets() if a <= self.attend_for(limit)}
 
         t0 = time.perf_counter()
-        first, d, cache = prefill(*args)
+        first, d, cache, *prompt = prefill(*args)
         first = self.fetch_picked(first, rows)
+        if prompt:
+            self.record_prompt(rows, prompt[0])
         ttft = time.perf_counter() - t0
         yield self.take(rows, first)
 
@@ -477,7 +516,7 @@ class Generator:
         if stats is not None:
             stats.completions = [Completion(list(map(int, r.request.prompt_ids)), r.generated,
                                             r.text.text if r.text else None, r.finish_reason, r.logprobs,
-                                            r.top_logprobs) for r in rows]
+                                            r.top_logprobs, r.prompt_logprobs, r.prompt_top_logprobs) for r in rows]
             stats.compile_s = self.compile_s - compile_before
             stats.ttft_s, stats.decode_s, stats.decode_tokens = ttft, time.perf_counter() - t1, decoded
 
@@ -509,6 +548,26 @@ class Generator:
         return row
 
     @staticmethod
+    def scores_prompt(requests: Sequence[Request]) -> bool:
+        """Whether a prefill of these requests must score their prompts."""
+        return any(r.sampling.prompt_logprobs is not None for r in requests)
+
+    @staticmethod
+    def record_prompt(rows: Sequence[_Row], p: Picked) -> None:
+        """Fold a scored prefill's prompt picks (B, bucket) into the rows that asked:
+        prompt token j's log-probability sits at position j - 1."""
+        host = Picked(*fetch([p.tokens, p.logprobs, p.top_ids, p.top_logprobs]))
+        for i, row in enumerate(rows):
+            k = row.request.sampling.prompt_logprobs
+            if k is None:
+                continue
+            n = len(row.request.prompt_ids)
+            row.prompt_logprobs = [None] + [float(x) for x in host.logprobs[i, : n - 1]]
+            row.prompt_top_logprobs = [None] + [[(int(a), float(b)) for a, b in zip(host.top_ids[i, j, :k],
+                                                                                  host.top_logprobs[i, j, :k])]
+                                                for j in range(n - 1)]
+
+    @staticmethod
     def fetch_picked(p: Picked, rows: Sequence[_Row | None], steps: int | None = None) -> Picked:
         """Host copies of a dispatch's picks, (B, steps) — a prefill's one step too;
         the log-probabilities only when one of ``rows`` asks for them (else None), and
@@ -537,7 +596,7 @@ class Generator:
         for i, row in enumerate(rows):
             if row is None:
                 continue
-            new, text = [], ""
+            new, text, opening = [], "", not row.generated
             measured = row.logprobs is not None and picked.logprobs is not None
             lps, tops = ([], []) if measured else (None, None)
             for j, t in enumerate(map(int, picked.tokens[i])):
@@ -561,8 +620,10 @@ class Generator:
                 if measured:
                     row.logprobs.extend(lps)
                     row.top_logprobs.extend(tops)
-                deltas.append(StreamDelta(i, new, text if row.text is not None else None, row.finish_reason,
-                                          lps, tops))
+                delta = StreamDelta(i, new, text if row.text is not None else None, row.finish_reason, lps, tops)
+                if opening:
+                    delta.prompt_logprobs, delta.prompt_top_logprobs = row.prompt_logprobs, row.prompt_top_logprobs
+                deltas.append(delta)
         return deltas
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,

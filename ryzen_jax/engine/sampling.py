@@ -42,7 +42,9 @@ class SamplingParams:
     ``logprobs`` (vLLM's): ``None`` reports none; ``k`` reports each generated token's
     log-probability and the ``k`` most likely tokens' (0 to ``MAX_LOGPROBS``), from
     the model's own distribution (a log-softmax of its logits, before penalties,
-    temperature and filters, as vLLM reports by default).
+    temperature and filters, as vLLM reports by default). ``prompt_logprobs`` (vLLM's)
+    does the same for the prompt's tokens: each one's log-probability given those
+    before it (none for the first), and the ``k`` best there; decoder-only models only.
     """
 
     temperature: float = 0.0
@@ -54,6 +56,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def bad(name: str, rng: str):
@@ -76,8 +79,10 @@ class SamplingParams:
                 bad(name, "in [-2, 2] (0 = off), as in the OpenAI API")
         if self.seed is not None and not (integer(self.seed) and 0 <= self.seed < 2**32):
             bad("seed", "an integer in [0, 2**32) or None")
-        if self.logprobs is not None and not (integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}] (how many alternatives to report)")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not (integer(k) and 0 <= k <= MAX_LOGPROBS):
+                bad(name, f"None or an integer in [0, {MAX_LOGPROBS}] (how many alternatives to report)")
 
     @property
     def greedy(self) -> bool:

@@ -3,6 +3,9 @@
     prefill(tokens (B, T), lengths (B,), max_len) -> logits (B, V), cache, positions (B,)
     decode(tokens (B,), positions (B,), cache)    -> logits (B, V), cache
 
+A decoder-only model's ``prefill(..., every_position=True)`` returns the logits at
+every prompt position instead, (B, T, V), for scoring the prompt itself.
+
 ``prefill`` starts every row (right-padded prompts of true ``lengths``), creates the
 model's cache for ``max_len`` positions inside the program (so it is born sharded)
 and returns the logits that pick each row's first new token, plus the position the
@@ -37,11 +40,11 @@ class DecoderOnlyLM:
         layers, kv_heads, head_dim, dtype = self.cache_shape()
         return kv.init_cache(layers, batch, max_len, kv_heads, head_dim, self.tp, dtype)
 
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int):
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int, every_position: bool = False):
         cache = self.new_cache(tokens.shape[0], max_len)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, cache = self(tokens, positions, cache, prefill=True, logits_at=lengths - 1)
-        return logits[:, 0], cache, lengths
+        logits, cache = self(tokens, positions, cache, prefill=True, logits_at=None if every_position else lengths - 1)
+        return (logits if every_position else logits[:, 0]), cache, lengths
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache, attend: int | None = None):
         logits, cache = self(tokens[:, None], positions[:, None], cache, prefill=False, attend=attend)

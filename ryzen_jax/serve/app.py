@@ -9,6 +9,7 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import re
@@ -69,7 +70,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         sampling field the request leaves out takes the model's default (its
         generation_config.json) where it has one, else the API's; ``max_tokens=None``
         the model's ``max_new_tokens`` (within the context), else 16 for a completion and
-        the rest of the context for a chat."""
+        the rest of the context for a chat. A completion's ``echo`` with ``logprobs``
+        scores the prompt too; its ``max_tokens=0`` runs one token, which the answer drops."""
         given = lambda name: getattr(req, name) if name in req.model_fields_set else defaults.get(  # noqa: E731
             name, getattr(req, name))
         if req.model is not None and req.model != model_name:
@@ -88,13 +90,15 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         if len(prompt_ids) + max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} + {len(prompt_ids)} prompt tokens exceeds this server's "
                                 f"context of {limit}", param="max_tokens")
+        max_tokens = max_tokens or 1  # 0: echo only (protocol refuses it otherwise); the token is dropped
         seed = None if req.seed is None else (req.seed + choice) % 2**32
+        scored = req.logprobs if getattr(req, "echo", False) else None
         try:
             sampling = SamplingParams(temperature=given("temperature"), top_k=max(0, int(given("top_k"))),
                                       top_p=given("top_p"), min_p=given("min_p"),
                                       repetition_penalty=given("repetition_penalty"),
                                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                      seed=seed, logprobs=req.logprob_count())
+                                      seed=seed, logprobs=req.logprob_count(), prompt_logprobs=scored)
             request = Request(prompt_ids, max_tokens, sampling, tuple(req.stop_token_ids or ()),
                               tuple(req.stop_strings()), req.ignore_eos)
             gen.check([request])
@@ -104,29 +108,43 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                            else None) from None
         return request
 
-    async def run(request: HTTPRequest, req, engine_reqs: list[Request], shape) -> Response:
-        """Queue every choice of a request (all or none), then answer with all of them."""
+    async def run(request: HTTPRequest, req, engine_reqs: list[Request], shape, echo: list[str] | None = None) -> Response:
+        """Queue every choice of a request (all or none), then answer with all of them.
+        ``echo``: each choice's prompt text, which its answer starts with (completions)."""
         try:
             handles = scheduler.submit_all(engine_reqs, asyncio.get_running_loop())
         except QueueFull as e:
             raise APIError(429, str(e), kind="rate_limit_error") from None
         except EngineFailed as e:
             raise APIError(503, str(e), kind="server_error") from None
+        keep = req.max_tokens != 0  # max_tokens=0 (with echo): the one token run is not part of the answer
         rid, created_at = f"{shape.prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created_at, "model": model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(handles, head, shape, include_usage, req.n), media_type="text/event-stream")
+            return StreamingResponse(stream(handles, head, shape, include_usage, req.n, echo, keep),
+                                     media_type="text/event-stream")
         results = await collect(request, handles)
         if results is None:  # the client went away
             return Response(status_code=499)
         choices, n_out = [], 0
         for i, deltas in enumerate(results):
             reason = deltas[-1].finish_reason if deltas else "stop"
-            choices.append(shape.choice(i, "".join(d.text or "" for d in deltas), reason,
-                                        shape.logprobs(logprob_formatter, deltas, 0)[0]))
+            deltas = deltas if keep else [dropped(d) for d in deltas]
+            text = "".join(d.text or "" for d in deltas)
+            if echo is None:
+                lp = shape.logprobs(logprob_formatter, deltas, 0)[0]
+            else:
+                text, lp = echo[i] + text, logprob_formatter.completion(deltas, 0, engine_reqs[i].prompt_ids)[0]
+            choices.append(shape.choice(i, text, reason, lp))
             n_out += sum(len(d.token_ids) for d in deltas)
         return JSONResponse({**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out, req.n)})
+
+    def dropped(d: StreamDelta) -> StreamDelta:
+        """A delta with its generated tokens taken out (what ``max_tokens=0`` answers)."""
+        return dataclasses.replace(d, token_ids=[], text="", logprobs=None if d.logprobs is None else [],
+                                   top_logprobs=None if d.top_logprobs is None else [],
+                                   finish_reason=d.finish_reason and "length")
 
     def usage(handles: list[Handle], completion: int, n: int) -> dict[str, int]:
         """Token counts; each prompt counted once, however many of its ``n`` choices ran."""
@@ -163,14 +181,18 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                 for h in handles:
                     scheduler.cancel(h)
 
-    async def stream(handles: list[Handle], head: dict, shape, include_usage: bool, n: int) -> AsyncIterator[str]:
+    async def stream(handles: list[Handle], head: dict, shape, include_usage: bool, n: int,
+                     echo: list[str] | None = None, keep: bool = True) -> AsyncIterator[str]:
         """Server-sent events: each choice's text as it comes (``index`` says whose),
-        a final chunk per choice with its finish reason, the usage if asked, [DONE]."""
+        a final chunk per choice with its finish reason, the usage if asked, [DONE].
+        ``echo``: each choice's first chunk is its prompt (with its log-probabilities
+        when asked); ``keep=False``: the generated tokens are left out."""
         extra = {"usage": None} if include_usage else {}
         chunk = lambda i, text, reason, lp=None: sse({**head, **shape.chunk(i, text, reason, lp), **extra})  # noqa: E731
         pending: dict[asyncio.Future, int] = {}
         reasons: list[str | None] = [None] * len(handles)
         offsets = [0] * len(handles)  # each choice's text so far, for the completions' logprobs text_offset
+        echoed = [False] * len(handles)
         n_out, finished = 0, False
         try:
             if shape.first is not None:
@@ -190,10 +212,15 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                     if item is None:
                         yield chunk(i, "" if shape.first is None else None, reasons[i] or "stop")
                         continue
+                    item = item if keep else dropped(item)
+                    if echo is not None and not echoed[i]:  # the choice's first delta: its prompt first
+                        echoed[i] = True
+                        lp, offsets[i] = logprob_formatter.completion([dropped(item)], 0, handles[i].request.prompt_ids)
+                        yield chunk(i, echo[i], None, lp)
                     n_out += len(item.token_ids)
                     reasons[i] = item.finish_reason or reasons[i]
                     lp, offsets[i] = shape.logprobs(logprob_formatter, [item], offsets[i])
-                    if item.text or lp is not None:
+                    if item.text or (lp is not None and item.token_ids):
                         yield chunk(i, item.text or "", None, lp)
                     pending[asyncio.ensure_future(next_item(handles[i]))] = i
             if include_usage:
@@ -258,7 +285,10 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                                         f"[0, {gen.cfg.vocab_size})", param="prompt")
             prompts.append(ids)
         reqs = [engine_request(req, ids, req.max_tokens, j) for ids in prompts for j in range(req.n)]
-        return await run(request, req, reqs, _Completions)
+        echo = None
+        if req.echo:  # a text prompt echoes as sent; token ids as their decoding
+            echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompts() for _ in range(req.n)]
+        return await run(request, req, reqs, _Completions, echo)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):

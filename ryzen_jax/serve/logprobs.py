@@ -5,7 +5,8 @@ alternatives' as ``(token id, log-probability)`` pairs (``StreamDelta.logprobs``
 ``top_logprobs``). Completions answer them in the legacy shape (``tokens``,
 ``token_logprobs``, ``top_logprobs`` as one ``{token: logprob}`` map per token, the
 chosen token always in it as OpenAI does, ``text_offset``); chat completions as a
-``content`` list of ``{token, logprob, bytes, top_logprobs}``. A token's text is the
+``content`` list of ``{token, logprob, bytes, top_logprobs}``. An echoed prompt's
+tokens lead the legacy shape. A token's text is the
 tokenizer's decoding of that one id (a piece of a multi-byte character decodes to
 U+FFFD there, as vLLM reports it).
 """
@@ -24,20 +25,31 @@ class LogprobFormatter:
     def __init__(self, tokenizer: Any):
         self._text = functools.lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t]))
 
-    def completion(self, deltas: Sequence[StreamDelta], offset: int = 0) -> tuple[dict | None, int]:
+    def completion(self, deltas: Sequence[StreamDelta], offset: int = 0,
+                   echo: Sequence[int] | None = None) -> tuple[dict | None, int]:
         """The legacy ``logprobs`` object of these deltas' tokens, their text offsets
-        counted from ``offset``; and the offset after them (for the next chunk)."""
+        counted from ``offset``; and the offset after them (for the next chunk).
+        ``echo``: the prompt's ids, whose tokens come first (scored on the first delta;
+        the very first has no log-probability, as in OpenAI's echo)."""
         if not deltas or deltas[0].logprobs is None:
             return None, offset
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+        def add(t: int, lp: float | None, top: list[tuple[int, float]] | None):
+            nonlocal offset
+            text = self._text(t)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if top is None else {self._text(a): b for a, b in [(t, lp), *top]})
+            out["text_offset"].append(offset)
+            offset += len(text)
+
+        if echo is not None:
+            for t, lp, top in zip(echo, deltas[0].prompt_logprobs, deltas[0].prompt_top_logprobs):
+                add(t, lp, top)
         for d in deltas:
             for t, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs):
-                text = self._text(t)
-                out["tokens"].append(text)
-                out["token_logprobs"].append(lp)
-                out["top_logprobs"].append({self._text(a): b for a, b in [(t, lp), *top]})
-                out["text_offset"].append(offset)
-                offset += len(text)
+                add(t, lp, top)
         return out, offset
 
     def chat(self, deltas: Sequence[StreamDelta]) -> dict | None:

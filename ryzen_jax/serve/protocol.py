@@ -4,13 +4,14 @@ Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature
 1); a few widely used vLLM extensions are accepted too (``top_k``, ``min_p``,
 ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``). Unknown fields are
 ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server lacks
-(``echo``, ``logit_bias``, ``tools``, ``response_format`` beyond text, guided
+(``suffix``, ``logit_bias``, ``tools``, ``response_format`` beyond text, guided
 decoding, ...) is refused when set, rather than silently not honoured. Anything out
 of range is a 400 whose error names the field.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -109,15 +110,18 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     """``prompt``: a string, a list of token ids, or a list of either (one choice per
-    prompt, times ``n``)."""
+    prompt, times ``n``). ``echo``: each choice's text (and, with ``logprobs``, its
+    log-probabilities) starts with its prompt's; ``max_tokens=0`` then only scores the
+    prompt (what evaluation harnesses ask for a log-likelihood)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, strict=True)  # 0: the chosen tokens' only
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
-    _no_echo = _refuse("echo", "suffix")  # echo: the prompt's log-probabilities, which prefill does not keep
+    _no_suffix = _refuse("suffix")
     _one_best = _refuse("best_of", unless=lambda v: v in (None, 1))
 
     def logprob_count(self) -> int | None:
@@ -132,6 +136,8 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _bounded(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens=0 generates nothing: it needs echo set to true (to score the prompt)")
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ValueError(f"prompts × n must be at most {MAX_CHOICES}, got {len(self.prompts())} × {self.n}")
         return self
@@ -215,6 +221,6 @@ def parse(model: type[BaseModel], raw: Any) -> Any:
         field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or len(err["loc"]) == 1) or None
         msg = err["msg"].removeprefix("Value error, ")
         if field is None:  # a check across fields: its message starts with the field it blames
-            first = msg.split(" ", 1)[0]
+            first = re.match(r"\w*", msg).group()
             raise APIError(400, msg, param=first if first in model.model_fields else None) from None
         raise APIError(400, f"invalid '{field}': {msg}", param=field) from None

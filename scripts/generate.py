@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="with --json: each token's log-probability and the K most likely tokens' (0-20)")
     ap.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
                     help="with --json: the same for every prompt token (given those before it; decoder-only models)")
+    ap.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", type=token_bias,
+                    help="add BIAS (in [-100, 100]) to token ID's logit before sampling (repeatable; OpenAI's logit_bias)")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text is cut before it")
     ap.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
     ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS ids")
@@ -58,6 +60,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, flag) is not None and not args.json:
             ap.error(f"--{flag.replace('_', '-')} needs --json (the log-probabilities are part of the JSON output)")
     return args
+
+
+def token_bias(text: str) -> tuple[int, float]:
+    """``ID=BIAS`` → (id, bias), for --logit-bias."""
+    tok, sep, bias = text.partition("=")
+    try:
+        return int(tok), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS (a token id and a number), got {text!r}") from None
 
 
 def check_before_loading(model_dir: str, prompts: list[str], args: argparse.Namespace) -> None:
@@ -95,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         sampling = rj.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                                     seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs)
+                                     seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+                                     logit_bias=args.logit_bias)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

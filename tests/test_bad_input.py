@@ -427,6 +427,25 @@ def test_bad_sampling_params(kwargs, name):
     assert str(value) in msg
 
 
+@pytest.mark.parametrize("bias,says", [
+    ({5: 101}, r"bias of token 5 must be in \[-100, 100\], got 101"),
+    ({-1: 1.0}, "token id -1 must be an integer >= 0"),
+    ([(5, 1.0), (5, 2.0)], "at most 300 distinct token ids"),
+    ({i: 1.0 for i in range(301)}, "at most 300 distinct token ids"),
+    ("5:1", "a {token id: bias} mapping"),
+])
+def test_bad_logit_bias(bias, says):
+    with pytest.raises(ValueError, match=f"logit_bias.*{says}"):
+        SamplingParams(logit_bias=bias)
+
+
+def test_logit_bias_outside_the_vocabulary(lm):
+    before = lm.generator.compile_count
+    with pytest.raises(ValueError, match=r"logit_bias: token id 300 is outside the vocabulary \[0, 256\)"):
+        lm.generator.generate([[1, 2]], 2, SamplingParams(logit_bias={300: 1.0}))
+    assert lm.generator.compile_count == before
+
+
 def test_token_id_outside_vocabulary(lm):
     before = lm.generator.compile_count
     with pytest.raises(ValueError, match=r"token id 300 is outside the vocabulary \[0, 256\)"):

@@ -14,11 +14,11 @@ from jax.sharding import AxisType
 import torch
 import transformers
 from transformers import LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, \
-    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    SequenceBiasLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import ryzen_jax as rj
 from ryzen_jax import kernels
-from ryzen_jax.engine.sampling import History, SamplingArrays, filtered_logits, greedy_tokens
+from ryzen_jax.engine.sampling import History, SamplingArrays, add_bias, filtered_logits, greedy_tokens
 from ryzen_jax.engine.text import Detokenizer
 from tests import hf_models
 
@@ -56,9 +56,11 @@ class OpenAIPenalties(transformers.LogitsProcessor):
 
 def hf_processed(hf_model, prompt: list[int], p: rj.SamplingParams, generated: list[int] = ()) -> np.ndarray:
     """transformers' scores for the next token after its processors, in generate's order
-    (OpenAI's penalties after the repetition penalty, before the temperature, as vLLM
-    applies them), ``generated`` being the tokens generated after ``prompt`` so far."""
-    procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(p.repetition_penalty),
+    (its sequence bias of one-token sequences for the logit bias; OpenAI's penalties
+    after the repetition penalty, before the temperature, as vLLM applies them),
+    ``generated`` being the tokens generated after ``prompt`` so far."""
+    procs = LogitsProcessorList([SequenceBiasLogitsProcessor(sequence_bias_of(p))] if p.logit_bias else [])
+    procs.extend([RepetitionPenaltyLogitsProcessor(p.repetition_penalty),
                                  OpenAIPenalties(len(prompt), p.presence_penalty, p.frequency_penalty),
                                  TemperatureLogitsWarper(p.temperature)])
     if p.top_k:
@@ -79,7 +81,13 @@ def our_filtered(logits: np.ndarray, prompt: list[int], p: rj.SamplingParams,
     h.prompt[0, prompt] = True
     np.add.at(h.counts[0], list(generated), 1)
     s = SamplingArrays.from_params([p], [0])
-    return np.asarray(filtered_logits(logits[None].astype(np.float32), s, h))[0]
+    biased = add_bias(logits[None].astype(np.float32), s.bias_ids, s.bias)
+    return np.asarray(filtered_logits(biased, s, h))[0]
+
+
+def sequence_bias_of(p: rj.SamplingParams) -> dict[tuple[int], float]:
+    """A logit bias as transformers' ``sequence_bias`` (one-token sequences)."""
+    return {(t,): b for t, b in p.logit_bias}
 
 
 def test_processors_match_transformers(hf_llama):
@@ -93,7 +101,9 @@ def test_processors_match_transformers(hf_llama):
               rj.SamplingParams(temperature=0.5, top_k=5, repetition_penalty=0.8),
               rj.SamplingParams(temperature=0.8, top_k=30, presence_penalty=1.5, frequency_penalty=0.7),
               rj.SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.2, presence_penalty=-0.5,
-                                frequency_penalty=2.0)):
+                                frequency_penalty=2.0),
+              rj.SamplingParams(temperature=0.9, top_k=20, repetition_penalty=1.3,
+                                logit_bias={7: -100, 17: 2.5, 200: -1.0, 64: 4.0, 230: 9.0})):
         ours = our_filtered(logits, PROMPT, p, generated)
         theirs = hf_processed(hf_llama, PROMPT, p, generated)
         np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs), err_msg=str(p))
@@ -186,6 +196,46 @@ def test_greedy_repetition_penalty_matches_transformers(llama, hf_llama):
                                 do_sample=False, repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
     ours = llama.generator.generate([PROMPT], 24, rj.SamplingParams(repetition_penalty=1.5), stop_ids=[])
     assert ours.generated_ids[0] == ref[0, len(PROMPT):].tolist()
+
+
+def test_logit_bias_matches_transformers_sequence_bias(hf_model_dir, llama, hf_llama):
+    """OpenAI's logit bias, greedy over 16 tokens, against transformers' generate with
+    the same biases as its ``sequence_bias``: banning the plain greedy path's tokens and
+    favouring others, alone and with a repetition penalty, each row with its own
+    biases in one batch (an unbiased row stays plain greedy) at tp 4 and dp 2 × tp 2.
+    A sampled row whose +100 biases single out three tokens draws only those, and the
+    reported log-probabilities stay the model's own."""
+    ids = torch.tensor([PROMPT])
+    plain = llama.generator.generate([PROMPT], 16, stop_ids=[]).generated_ids[0]
+    settings = [rj.SamplingParams(logit_bias={plain[0]: -100, plain[2]: -100, 250: 3.0}),
+                rj.SamplingParams(repetition_penalty=1.3, logit_bias=[(plain[1], -100.0), (5, 6.0), (77, 2.0)]),
+                rj.SamplingParams()]
+    refs = []
+    for p in settings:
+        extra = {"sequence_bias": sequence_bias_of(p)} if p.logit_bias else {}
+        with torch.no_grad():
+            out = hf_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                                    do_sample=False, repetition_penalty=p.repetition_penalty, eos_token_id=None,
+                                    pad_token_id=0, **extra)
+        refs.append(out[0, len(PROMPT):].tolist())
+    assert refs[2] == plain and refs[0] != plain and refs[1] != plain  # the biases change the tokens
+    dp2 = rj.load_model(hf_model_dir("llama_gqa"), tp=2, dp=2, progress=False)
+    for lm in (llama, dp2):
+        assert lm.generator.generate([PROMPT] * 3, 16, settings, stop_ids=[]).generated_ids == refs
+
+    few = {3: 100.0, 64: 100.0, 128: 100.0}
+    sampled = [rj.SamplingParams(temperature=1.0, seed=5, logit_bias=few, logprobs=1),
+               rj.SamplingParams(temperature=1.0, seed=5)]
+    result = rj.GenerationResult(completions=[])
+    for _ in llama.generator.run([rj.Request(PROMPT, 16, p, ignore_eos=True) for p in sampled], stats=result):
+        pass
+    biased, free = result.completions
+    assert set(biased.generated_ids) <= set(few) and len(set(biased.generated_ids)) > 1
+    assert not set(free.generated_ids) <= set(few)
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_llama(torch.tensor([PROMPT + biased.generated_ids])).logits[0, len(PROMPT) - 1:-1],
+                                 -1).numpy()
+    np.testing.assert_allclose(biased.logprobs, logp[np.arange(16), biased.generated_ids], atol=1e-4)
 
 
 def test_greedy_presence_and_frequency_penalties_match_openai_rule(llama, hf_llama):
@@ -317,6 +367,18 @@ def test_prompt_logprobs_score_the_prompt_against_transformers(hf_model_dir, lla
     c = rj.Completion(prompts[0], [], None, "", prompt_logprobs=out.deltas[0].prompt_logprobs,
                       prompt_top_logprobs=out.deltas[0].prompt_top_logprobs)
     check(c, prompts[0], 3)
+
+
+def test_a_plan_crosses_processes_with_every_setting():
+    """The leader's plan, as JSON through the key-value store, gives followers the very
+    same requests: every sampling setting, the logit bias's pairs and both kinds of
+    log-probabilities included."""
+    from ryzen_jax.engine.batcher import Admission, Plan
+
+    p = rj.SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5,
+                          frequency_penalty=-0.5, seed=9, logprobs=3, prompt_logprobs=1, logit_bias={5: -100, 2: 1.5})
+    plan = Plan(admit=(Admission(1, rj.Request([1, 2, 3], 7, p, (4,), ("\n",), True), 11),), cancel=(0,), steps=4)
+    assert Plan.from_json(plan.to_json()) == plan
 
 
 # -- stop rules -------------------------------------------------------------------------

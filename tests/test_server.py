@@ -189,6 +189,16 @@ def test_the_openai_client_library(server, lm):
                                             stream=True, extra_body={"ignore_eos": True}, **penalties))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
 
+    # logit bias: banning the plain greedy text's first two tokens changes it, as offline
+    plain = rj.generate(lm, ["Once upon a time"], max_new_tokens=8, ignore_eos=True)[0]
+    bias = {plain.generated_ids[0]: -100, plain.generated_ids[1]: -100, 300: 5.0}
+    want = rj.generate(lm, ["Once upon a time"], max_new_tokens=8, ignore_eos=True,
+                       sampling=rj.SamplingParams(logit_bias=bias))[0]
+    assert want.text != plain.text
+    done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0,
+                                     logit_bias={str(k): v for k, v in bias.items()}, extra_body={"ignore_eos": True})
+    assert done.choices[0].text == want.text
+
     messages = [{"role": "user", "content": "Hello there"}]
     prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -338,7 +348,10 @@ def test_a_disconnected_client_frees_its_slot(server):
     ({"prompt": "hi", "stop_token_ids": [512]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "hi", "max_tokens": 0, "echo": False}, 400, "max_tokens"),
-    ({"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"five": 10}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"512": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
     ({"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"prompt": "hi", "guided_choice": ["a", "b"]}, 400, "guided_choice"),
     ({"prompt": "hi", "best_of": 3}, 400, "best_of"),

@@ -8,6 +8,7 @@ import re
 import pytest
 
 import ryzen_jax as rj
+from ryzen_jax.engine.sampling import MAX_LOGIT_BIAS
 
 COLLECTIVE = re.compile(r"^\s*%?[\w.-]+ = (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 
@@ -60,8 +61,9 @@ def test_bytes_per_device(tp, hf_model_dir):
     cache = 2 * cfg.num_layers * batch * max_len * lm.generator.kv_heads * cfg.head_dim * 4 // tp
     mem = lm.generator.decode_program(batch).memory_analysis()
     vocab = -(-cfg.vocab_size // tp) * tp
-    # per row: the penalties' history (a prompt mask and int32 counts), 16 stop ids, and a few scalars
-    small_inputs = batch * (vocab * 5 + 16 * 4 + 64) + 64
+    # per row: the penalties' history (a prompt mask and int32 counts), 16 stop ids, the logit bias's
+    # 300 (id, bias) pairs and a few scalars
+    small_inputs = batch * (vocab * 5 + 16 * 4 + MAX_LOGIT_BIAS * 8 + 64) + 64
     assert per_device + cache <= mem.argument_size_in_bytes <= per_device + cache + small_inputs
     assert mem.alias_size_in_bytes >= cache  # the donated cache is updated in place
 

@@ -35,8 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ryzen_jax import kernels
 from ryzen_jax.engine.compile import compile_lowered, compiler_options
-from ryzen_jax.engine.sampling import (MAX_LOGPROBS, History, Picked, SamplingArrays, SamplingParams, any_penalized,
-                                       any_sampled, pick, sample)
+from ryzen_jax.engine.sampling import (MAX_LOGPROBS, History, Picked, SamplingArrays, SamplingParams, add_bias,
+                                       any_biased, any_penalized, any_sampled, pick, sample)
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -243,6 +243,12 @@ class Generator:
                                  out_specs=Picked(rows, rows, P("data", None), P("data", None)),
                                  check_vma=False)(logits, tokens, (s.logprobs >= 0) & live)
 
+        def biased(logits, s, on):
+            # the rows' logit biases, when some row has one (`on`): per device rows, as in `picked`
+            wide = P("data", None)
+            add = jax.shard_map(add_bias, mesh=tp.mesh, in_specs=(wide, wide, wide), out_specs=wide, check_vma=False)
+            return jax.lax.cond(on, lambda: add(logits, s.bias_ids, s.bias), lambda: logits)
+
         def scored(every, tokens):
             # each prompt position's logits score the token after it (the last one's, a
             # padding position's: ignored); per device rows, as in `picked`
@@ -281,13 +287,14 @@ class Generator:
                               counts=tp.constrain(jnp.zeros((b, v), jnp.int32), ("batch", None)))
             d = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=positions, index=jnp.zeros((b,), jnp.int32),
                             max_new=max_new, done=jnp.zeros((b,), bool), history=history, stop_ids=stop_ids)
-            first, d = _advance(_pin(d, tp), sample(logits, s, history, d.index))
+            first, d = _advance(_pin(d, tp), sample(biased(logits, s, any_biased(s)), s, history, d.index))
             out = picked(logits, first, s, jnp.ones((b,), bool)), _pin(d, tp), cache
             return out + (scored(every, tokens),) if score_prompt else out
 
         def decode(state, cache, d, s, n_steps, attend):
             model = nnx.merge(graphdef, state)
-            sampled, penalized = any_sampled(s), any_penalized(s)  # once per dispatch, from replicated settings
+            # once per dispatch, from replicated settings
+            sampled, penalized, bias_on = any_sampled(s), any_penalized(s), any_biased(s)
             b = d.tokens.shape[0]
             out = Picked(tokens=jnp.full((b, DECODE_CHUNK), -1, jnp.int32), logprobs=jnp.zeros((b, DECODE_CHUNK)),
                          top_ids=jnp.zeros((b, DECODE_CHUNK, n_top), jnp.int32),
@@ -303,7 +310,8 @@ class Generator:
                 # finished rows stay put (they rewrite their last slot, harmlessly)
                 d = dataclasses.replace(d, positions=d.positions + ~d.done)
                 logits, live = gathered(logits), ~d.done
-                tok, d = _advance(d, sample(logits, s, d.history, d.index, sampled, penalized), penalized)
+                tok, d = _advance(d, sample(biased(logits, s, bias_on), s, d.history, d.index, sampled, penalized),
+                                  penalized)
                 return i + 1, _pin(d, tp), cache, jax.tree.map(lambda o, x: o.at[:, i].set(x), out,
                                                                 picked(logits, tok, s, live))
 
@@ -451,6 +459,9 @@ class Generator:
             if r.sampling.prompt_logprobs is not None and self.encoder_decoder:
                 raise ValueError("prompt_logprobs: an encoder-decoder model's prompt goes to its encoder, which "
                                  "predicts no tokens; ask for logprobs of the generated tokens instead")
+            bad = [t for t, _ in r.sampling.logit_bias if t >= self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
             bad = [t for t in r.stop_token_ids if not 0 <= int(t) < self.cfg.vocab_size]
             if bad:  # one past int32 would fail the device loop, one past the vocabulary never match
                 raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")

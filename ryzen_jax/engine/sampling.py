@@ -1,6 +1,7 @@
-"""Token selection on the device: repetition penalty, presence and frequency penalties,
-temperature, top-k, top-p and min-p, applied in that order (Hugging Face's for the
-ones it has; vLLM's for OpenAI's two penalties), one row at a time.
+"""Token selection on the device: logit bias, repetition penalty, presence and
+frequency penalties, temperature, top-k, top-p and min-p, applied in that order
+(Hugging Face's for the ones it has; vLLM's for OpenAI's two penalties), one row at a
+time.
 
 Every setting is a traced array (one value per batch row), so changing it never
 recompiles and each request in a batch keeps its own settings. Each row draws from
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,8 @@ from ryzen_jax import kernels
 
 #: most alternatives a request may ask log-probabilities of per token (vLLM's default cap, OpenAI's for chat)
 MAX_LOGPROBS = 20
+#: most tokens a request may bias (OpenAI's limit); the arrays are fixed-size so they never recompile
+MAX_LOGIT_BIAS = 300
 
 
 class SamplingError(ValueError):
@@ -45,6 +49,11 @@ class SamplingParams:
     temperature and filters, as vLLM reports by default). ``prompt_logprobs`` (vLLM's)
     does the same for the prompt's tokens: each one's log-probability given those
     before it (none for the first), and the ``k`` best there; decoder-only models only.
+
+    ``logit_bias`` (OpenAI's): ``{token id: bias}`` (or ``(id, bias)`` pairs), each bias
+    in [-100, 100] added to that token's logit before anything else (transformers'
+    ``sequence_bias`` of one-token sequences); -100 all but bans a token, +100 all but
+    forces it. It changes the tokens picked, not the reported log-probabilities.
     """
 
     temperature: float = 0.0
@@ -57,6 +66,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         def bad(name: str, rng: str):
@@ -83,6 +93,19 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and not (integer(k) and 0 <= k <= MAX_LOGPROBS):
                 bad(name, f"None or an integer in [0, {MAX_LOGPROBS}] (how many alternatives to report)")
+        bias = self.logit_bias
+        pairs = list(bias.items() if isinstance(bias, Mapping) else bias) if isinstance(bias, (Mapping, list, tuple)) \
+            else None
+        if pairs is None or any(not (isinstance(p, (list, tuple)) and len(p) == 2) for p in pairs):
+            bad("logit_bias", "a {token id: bias} mapping or a sequence of (token id, bias) pairs")
+        for t, b in pairs:
+            if not (integer(t) and 0 <= t < 2**31):
+                raise SamplingError(f"logit_bias: token id {t!r} must be an integer >= 0")
+            if not (real(b) and -100 <= b <= 100):
+                raise SamplingError(f"logit_bias: the bias of token {t} must be in [-100, 100], got {b!r}")
+        if len(pairs) > MAX_LOGIT_BIAS or len({int(t) for t, _ in pairs}) < len(pairs):
+            bad("logit_bias", f"at most {MAX_LOGIT_BIAS} distinct token ids")
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in pairs)))
 
     @property
     def greedy(self) -> bool:
@@ -103,16 +126,24 @@ class SamplingArrays:
     frequency: jax.Array  # (B,) float32
     seed: jax.Array  # (B,) uint32
     logprobs: jax.Array  # (B,) int32: alternatives to report, -1 = no log-probabilities
+    bias_ids: jax.Array  # (B, MAX_LOGIT_BIAS) int32, -1 = unused
+    bias: jax.Array  # (B, MAX_LOGIT_BIAS) float32
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], seeds: list[int]) -> "SamplingArrays":
         """``seeds``: the resolved seed of every row (``params[i].seed`` or a drawn one)."""
         f32 = lambda name: np.asarray([getattr(p, name) for p in params], np.float32)  # noqa: E731
+        bias_ids = np.full((len(params), MAX_LOGIT_BIAS), -1, np.int32)
+        bias = np.zeros((len(params), MAX_LOGIT_BIAS), np.float32)
+        for i, p in enumerate(params):
+            bias_ids[i, : len(p.logit_bias)] = [t for t, _ in p.logit_bias]
+            bias[i, : len(p.logit_bias)] = [b for _, b in p.logit_bias]
         return cls(temperature=f32("temperature"), top_k=np.asarray([p.top_k for p in params], np.int32),
                    top_p=f32("top_p"), min_p=f32("min_p"), penalty=f32("repetition_penalty"),
                    presence=f32("presence_penalty"), frequency=f32("frequency_penalty"),
                    seed=np.asarray(seeds, np.uint32),
-                   logprobs=np.asarray([-1 if p.logprobs is None else p.logprobs for p in params], np.int32))
+                   logprobs=np.asarray([-1 if p.logprobs is None else p.logprobs for p in params], np.int32),
+                   bias_ids=bias_ids, bias=bias)
 
 
 @jax.tree_util.register_dataclass
@@ -127,6 +158,18 @@ class History:
         """Count each live row's new token."""
         hit = live[:, None] & (jnp.arange(self.counts.shape[1]) == tok[:, None])
         return dataclasses.replace(self, counts=self.counts + hit)
+
+
+def add_bias(logits: jax.Array, ids: jax.Array, bias: jax.Array) -> jax.Array:
+    """Each row's logit bias: ``bias[i, j]`` added to the logit of token ``ids[i, j]``
+    (-1: an unused entry) of logits (B, V)."""
+    v = logits.shape[-1]
+    return jax.vmap(lambda row, i, b: row.at[jnp.where(i >= 0, i, v)].add(b, mode="drop"))(logits, ids, bias)
+
+
+def any_biased(s: SamplingArrays) -> jax.Array:
+    """Whether any row has a logit bias; local when the settings are replicated."""
+    return jnp.any(s.bias != 0)
 
 
 def penalize(logits: jax.Array, h: History, s: SamplingArrays) -> jax.Array:

@@ -98,7 +98,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                                       top_p=given("top_p"), min_p=given("min_p"),
                                       repetition_penalty=given("repetition_penalty"),
                                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                      seed=seed, logprobs=req.logprob_count(), prompt_logprobs=scored)
+                                      seed=seed, logprobs=req.logprob_count(), prompt_logprobs=scored,
+                                      logit_bias=req.token_biases())
             request = Request(prompt_ids, max_tokens, sampling, tuple(req.stop_token_ids or ()),
                               tuple(req.stop_strings()), req.ignore_eos)
             gen.check([request])

@@ -4,7 +4,7 @@ Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature
 1); a few widely used vLLM extensions are accepted too (``top_k``, ``min_p``,
 ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``). Unknown fields are
 ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server lacks
-(``suffix``, ``logit_bias``, ``tools``, ``response_format`` beyond text, guided
+(``suffix``, ``tools``, ``response_format`` beyond text, guided
 decoding, ...) is refused when set, rather than silently not honoured. Anything out
 of range is a 400 whose error names the field.
 """
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ryzen_jax.engine.sampling import MAX_LOGPROBS
+from ryzen_jax.engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 MAX_CHOICES = 16  # n × prompts per request: each choice takes a decode slot or a queue place
 
@@ -85,15 +85,15 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)  # {"token id": bias}
     # fields whose effect we lack: refused when they ask for something
-    logit_bias: Any = None
     response_format: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
 
-    _not_honoured = _refuse("logit_bias", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    _not_honoured = _refuse("guided_json", "guided_regex", "guided_choice", "guided_grammar")
     _text_only = _refuse("response_format", unless=lambda v: v is None or v == {"type": "text"})
 
     @field_validator("stop")
@@ -103,6 +103,20 @@ class _Sampling(_Body):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, bias):
+        """OpenAI's shape: token ids as decimal strings, each bias in [-100, 100]."""
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (decimal strings), got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"biases are in [-100, 100], got {value} for token {key}")
+        return bias
+
+    def token_biases(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     def stop_strings(self) -> list[str]:
         return list(self.stop or [])

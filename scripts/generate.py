@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text is cut before it")
     ap.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
     ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS ids")
+    ap.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                    help="no EOS, stop id or stop string ends a prompt's output before N tokens")
     ap.add_argument("--max-seq-len", type=int, default=None,
                     help="prompt + new tokens per sequence; sizes the cache (default: model context, at most 2048)")
     ap.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                      seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
-                                     logit_bias=args.logit_bias)
+                                     logit_bias=args.logit_bias, min_tokens=args.min_tokens)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -369,6 +369,36 @@ def test_prompt_logprobs_score_the_prompt_against_transformers(hf_model_dir, lla
     check(c, prompts[0], 3)
 
 
+def test_min_tokens_holds_back_stop_ids_as_transformers_min_new_tokens(hf_model_dir, llama, hf_llama):
+    """``min_tokens``: a row's stop ids cannot be picked before it has that many tokens,
+    as transformers' ``min_new_tokens`` holds back its EOS ids: with the plain greedy
+    path's second token as the stop id, the row without min_tokens ends at it while the
+    rows with 6 and 12 go on to transformers' tokens, in one batch at tp 4 and dp 2 ×
+    tp 2, greedy and with a +100 bias on the stop id (picked as soon as it is allowed)."""
+    ids = torch.tensor([PROMPT])
+    plain = llama.generator.generate([PROMPT], 16, stop_ids=[]).generated_ids[0]
+    stop = plain[1]
+    settings = [rj.SamplingParams(min_tokens=6), rj.SamplingParams(),
+                rj.SamplingParams(min_tokens=12, logit_bias={stop: 100.0})]
+    refs = []
+    for p in settings:
+        extra = {"sequence_bias": sequence_bias_of(p)} if p.logit_bias else {}
+        with torch.no_grad():
+            out = hf_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                    min_new_tokens=p.min_tokens, do_sample=False, eos_token_id=stop, pad_token_id=0,
+                                    **extra)
+        refs.append(out[0, len(PROMPT):].tolist())
+    assert refs[1] == plain[:2] and len(refs[0]) >= 6
+    assert len(refs[2]) == 13 and refs[2][-1] == stop  # the bias forces the stop id as soon as it is allowed
+    requests = [rj.Request(PROMPT, 16, p, stop_token_ids=(stop,), ignore_eos=True) for p in settings]
+    dp2 = rj.load_model(hf_model_dir("llama_gqa"), tp=2, dp=2, progress=False)
+    for lm in (llama, dp2):
+        result = rj.GenerationResult(completions=[])
+        for _ in lm.generator.run(requests, stats=result):
+            pass
+        assert [c.generated_ids for c in result.completions] == refs
+
+
 def test_a_plan_crosses_processes_with_every_setting():
     """The leader's plan, as JSON through the key-value store, gives followers the very
     same requests: every sampling setting, the logit bias's pairs and both kinds of
@@ -376,7 +406,8 @@ def test_a_plan_crosses_processes_with_every_setting():
     from ryzen_jax.engine.batcher import Admission, Plan
 
     p = rj.SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5,
-                          frequency_penalty=-0.5, seed=9, logprobs=3, prompt_logprobs=1, logit_bias={5: -100, 2: 1.5})
+                          frequency_penalty=-0.5, seed=9, logprobs=3, prompt_logprobs=1, logit_bias={5: -100, 2: 1.5},
+                          min_tokens=2)
     plan = Plan(admit=(Admission(1, rj.Request([1, 2, 3], 7, p, (4,), ("\n",), True), 11),), cancel=(0,), steps=4)
     assert Plan.from_json(plan.to_json()) == plan
 

@@ -199,6 +199,18 @@ def test_the_openai_client_library(server, lm):
                                      logit_bias={str(k): v for k, v in bias.items()}, extra_body={"ignore_eos": True})
     assert done.choices[0].text == want.text
 
+    # vLLM's min_tokens: a stop string counts only in text that comes after the first min_tokens tokens
+    plain = rj.generate(lm, ["Once upon a time"], max_new_tokens=12, ignore_eos=True)[0]
+    early = rj.generate(lm, ["Once upon a time"], max_new_tokens=4, ignore_eos=True)[0].text
+    assert plain.text.startswith(early)
+    stop = next(c for c in early if plain.text.find(c, len(early)) >= 0)  # in the first 4 tokens' text and later
+    for min_tokens, before in ((0, ""), (4, early)):
+        cut = next(i for i in range(len(plain.text)) if plain.text.startswith(stop, i) and i + len(stop) > len(before))
+        done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                         stop=[stop], extra_body={"ignore_eos": True, "min_tokens": min_tokens})
+        assert done.choices[0].text == plain.text[:cut] and done.choices[0].finish_reason == "stop"
+    assert plain.text.index(stop) < len(early) <= cut  # min_tokens moved the cut
+
     messages = [{"role": "user", "content": "Hello there"}]
     prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -347,6 +359,8 @@ def test_a_disconnected_client_frees_its_slot(server):
     ({"prompt": "hi", "stop_token_ids": [2**40]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "stop_token_ids": [512]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    ({"prompt": "hi", "max_tokens": 3, "min_tokens": 4}, 400, "min_tokens"),
     ({"prompt": "hi", "max_tokens": 0, "echo": False}, 400, "max_tokens"),
     ({"prompt": "hi", "logit_bias": {"five": 10}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ryzen_jax import kernels
 from ryzen_jax.engine.compile import compile_lowered, compiler_options
 from ryzen_jax.engine.sampling import (MAX_LOGPROBS, History, Picked, SamplingArrays, SamplingParams, add_bias,
-                                       any_biased, any_penalized, any_sampled, pick, sample)
+                                       any_biased, any_penalized, any_sampled, hold_stops, pick, sample)
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -243,11 +243,22 @@ class Generator:
                                  out_specs=Picked(rows, rows, P("data", None), P("data", None)),
                                  check_vma=False)(logits, tokens, (s.logprobs >= 0) & live)
 
-        def biased(logits, s, on):
-            # the rows' logit biases, when some row has one (`on`): per device rows, as in `picked`
-            wide = P("data", None)
+        def steering(s):
+            # whether some row has a logit bias, and whether some row has min_tokens: once per
+            # dispatch, from replicated settings
+            return any_biased(s), jnp.any(s.min_tokens > 0)
+
+        def steered(logits, s, d, flags):
+            # the logits as the rows' settings bend them before sampling, each step only where
+            # some row asks (`flags`): the logit bias added; the stop ids of rows short of their
+            # min_tokens held back. Per device rows, as in `picked`
+            bias_on, hold_on = flags
+            wide, rows = P("data", None), P("data")
             add = jax.shard_map(add_bias, mesh=tp.mesh, in_specs=(wide, wide, wide), out_specs=wide, check_vma=False)
-            return jax.lax.cond(on, lambda: add(logits, s.bias_ids, s.bias), lambda: logits)
+            hold = jax.shard_map(hold_stops, mesh=tp.mesh, in_specs=(wide, wide, rows), out_specs=wide,
+                                 check_vma=False)
+            logits = jax.lax.cond(bias_on, lambda: add(logits, s.bias_ids, s.bias), lambda: logits)
+            return jax.lax.cond(hold_on, lambda: hold(logits, d.stop_ids, d.index < s.min_tokens), lambda: logits)
 
         def scored(every, tokens):
             # each prompt position's logits score the token after it (the last one's, a
@@ -287,14 +298,15 @@ class Generator:
                               counts=tp.constrain(jnp.zeros((b, v), jnp.int32), ("batch", None)))
             d = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=positions, index=jnp.zeros((b,), jnp.int32),
                             max_new=max_new, done=jnp.zeros((b,), bool), history=history, stop_ids=stop_ids)
-            first, d = _advance(_pin(d, tp), sample(biased(logits, s, any_biased(s)), s, history, d.index))
+            d = _pin(d, tp)
+            first, d = _advance(d, sample(steered(logits, s, d, steering(s)), s, history, d.index))
             out = picked(logits, first, s, jnp.ones((b,), bool)), _pin(d, tp), cache
             return out + (scored(every, tokens),) if score_prompt else out
 
         def decode(state, cache, d, s, n_steps, attend):
             model = nnx.merge(graphdef, state)
             # once per dispatch, from replicated settings
-            sampled, penalized, bias_on = any_sampled(s), any_penalized(s), any_biased(s)
+            sampled, penalized, flags = any_sampled(s), any_penalized(s), steering(s)
             b = d.tokens.shape[0]
             out = Picked(tokens=jnp.full((b, DECODE_CHUNK), -1, jnp.int32), logprobs=jnp.zeros((b, DECODE_CHUNK)),
                          top_ids=jnp.zeros((b, DECODE_CHUNK, n_top), jnp.int32),
@@ -310,7 +322,7 @@ class Generator:
                 # finished rows stay put (they rewrite their last slot, harmlessly)
                 d = dataclasses.replace(d, positions=d.positions + ~d.done)
                 logits, live = gathered(logits), ~d.done
-                tok, d = _advance(d, sample(biased(logits, s, bias_on), s, d.history, d.index, sampled, penalized),
+                tok, d = _advance(d, sample(steered(logits, s, d, flags), s, d.history, d.index, sampled, penalized),
                                   penalized)
                 return i + 1, _pin(d, tp), cache, jax.tree.map(lambda o, x: o.at[:, i].set(x), out,
                                                                 picked(logits, tok, s, live))
@@ -453,6 +465,9 @@ class Generator:
             if n < 1:
                 raise ValueError("empty prompt: give at least one token")
             check_length(self.cfg, limit, n, new)
+            if r.sampling.min_tokens > new:
+                raise ValueError(f"min_tokens={r.sampling.min_tokens} exceeds max_new_tokens={new}; lower it or "
+                                 "raise max_new_tokens")
             bad = [t for t in r.prompt_ids if not 0 <= int(t) < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
@@ -552,7 +567,8 @@ class Generator:
         """Host-side bookkeeping for a request that starts now."""
         # the text's left context is the prompt, except in an encoder–decoder, whose output starts afresh
         context = () if self.encoder_decoder else request.prompt_ids
-        text = TextTracker(self.tokenizer, context, request.stop) if self.tokenizer is not None else None
+        text = TextTracker(self.tokenizer, context, request.stop, request.sampling.min_tokens) \
+            if self.tokenizer is not None else None
         row = _Row(request, set(self._stop_ids(request)), text)
         if request.sampling.logprobs is not None:
             row.logprobs, row.top_logprobs = [], []

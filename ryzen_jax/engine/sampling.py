@@ -54,6 +54,10 @@ class SamplingParams:
     in [-100, 100] added to that token's logit before anything else (transformers'
     ``sequence_bias`` of one-token sequences); -100 all but bans a token, +100 all but
     forces it. It changes the tokens picked, not the reported log-probabilities.
+
+    ``min_tokens`` (vLLM's; transformers' ``min_new_tokens``): until a request has
+    generated that many tokens, its EOS and stop ids cannot be picked and its stop
+    strings do not end it.
     """
 
     temperature: float = 0.0
@@ -67,6 +71,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
 
     def __post_init__(self):
         def bad(name: str, rng: str):
@@ -87,6 +92,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not (real(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
                 bad(name, "in [-2, 2] (0 = off), as in the OpenAI API")
+        if not (integer(self.min_tokens) and 0 <= self.min_tokens < 2**31):
+            bad("min_tokens", "an integer >= 0 (0 = off)")
         if self.seed is not None and not (integer(self.seed) and 0 <= self.seed < 2**32):
             bad("seed", "an integer in [0, 2**32) or None")
         for name in ("logprobs", "prompt_logprobs"):
@@ -128,6 +135,7 @@ class SamplingArrays:
     logprobs: jax.Array  # (B,) int32: alternatives to report, -1 = no log-probabilities
     bias_ids: jax.Array  # (B, MAX_LOGIT_BIAS) int32, -1 = unused
     bias: jax.Array  # (B, MAX_LOGIT_BIAS) float32
+    min_tokens: jax.Array  # (B,) int32: no stop id before this many tokens
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], seeds: list[int]) -> "SamplingArrays":
@@ -143,7 +151,7 @@ class SamplingArrays:
                    presence=f32("presence_penalty"), frequency=f32("frequency_penalty"),
                    seed=np.asarray(seeds, np.uint32),
                    logprobs=np.asarray([-1 if p.logprobs is None else p.logprobs for p in params], np.int32),
-                   bias_ids=bias_ids, bias=bias)
+                   bias_ids=bias_ids, bias=bias, min_tokens=np.asarray([p.min_tokens for p in params], np.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -165,6 +173,14 @@ def add_bias(logits: jax.Array, ids: jax.Array, bias: jax.Array) -> jax.Array:
     (-1: an unused entry) of logits (B, V)."""
     v = logits.shape[-1]
     return jax.vmap(lambda row, i, b: row.at[jnp.where(i >= 0, i, v)].add(b, mode="drop"))(logits, ids, bias)
+
+
+def hold_stops(logits: jax.Array, stop_ids: jax.Array, held: jax.Array) -> jax.Array:
+    """Logits (B, V) with each ``held`` (B,) row's stop ids (B, S; -1 unused) at -inf,
+    so that row cannot end yet (``min_tokens``)."""
+    v = logits.shape[-1]
+    ids = jnp.where(held[:, None] & (stop_ids >= 0), stop_ids, v)
+    return jax.vmap(lambda row, i: row.at[i].set(-jnp.inf, mode="drop"))(logits, ids)
 
 
 def any_biased(s: SamplingArrays) -> jax.Array:

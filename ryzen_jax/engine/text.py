@@ -58,8 +58,11 @@ class Detokenizer:
 class TextTracker:
     """One request's text: deltas safe to show, and stop-string detection."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = (), min_tokens: int = 0):
+        """``min_tokens``: stop strings count only in text that arrives once more tokens
+        than that have come (vLLM's rule)."""
         self.detok = Detokenizer(tokenizer, prompt_ids)
+        self.min_tokens, self.count = min_tokens, 0
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.text = ""  # everything decoded so far (cut at a stop string once found)
@@ -73,9 +76,10 @@ class TextTracker:
             return ""
         start = max(0, len(self.text) - self.hold)
         self.text += self.detok.push(token_ids)
+        self.count += len(token_ids)
         if final:
             self.text += self.detok.flush()
-        if self.stop:  # look into the held-back text too: a stop string may end mid-token
+        if self.stop and self.count > self.min_tokens:  # look into the held-back text too: a stop string may end mid-token
             seen = self.text + ("" if final else self.detok.pending())
             hits = [i for i in (seen.find(s, start) for s in self.stop) if i >= 0]
             if hits:

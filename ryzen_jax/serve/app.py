@@ -99,7 +99,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                                       repetition_penalty=given("repetition_penalty"),
                                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                       seed=seed, logprobs=req.logprob_count(), prompt_logprobs=scored,
-                                      logit_bias=req.token_biases())
+                                      logit_bias=req.token_biases(), min_tokens=req.min_tokens)
             request = Request(prompt_ids, max_tokens, sampling, tuple(req.stop_token_ids or ()),
                               tuple(req.stop_strings()), req.ignore_eos)
             gen.check([request])

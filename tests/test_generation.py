@@ -35,6 +35,12 @@ def llama(hf_model_dir):
 
 
 @pytest.fixture(scope="module")
+def llama_dp2(hf_model_dir):
+    """The same model at dp 2 × tp 2: rows split over data as well as heads over model."""
+    return rj.load_model(hf_model_dir("llama_gqa"), tp=2, dp=2, progress=False)
+
+
+@pytest.fixture(scope="module")
 def hf_llama(hf_model_dir):
     return hf_models.load(hf_model_dir("llama_gqa"))
 
@@ -169,7 +175,7 @@ def test_sampled_frequencies_follow_the_transformers_distribution(llama, hf_llam
     assert p_value > 1e-3
 
 
-def test_seeded_sampling_is_reproducible_across_meshes_and_batches(hf_model_dir, llama):
+def test_seeded_sampling_is_reproducible_across_meshes_and_batches(hf_model_dir, llama, llama_dp2):
     """Same seed → same tokens at tp 1, tp 4 and dp 2 × tp 2, alone or inside a batch
     with other requests' settings; another seed → other tokens."""
     p = rj.SamplingParams(**{**KNOBS.__dict__, "seed": 11})
@@ -178,8 +184,7 @@ def test_seeded_sampling_is_reproducible_across_meshes_and_batches(hf_model_dir,
                                      [rj.SamplingParams(temperature=1.0, seed=1), p, rj.SamplingParams()],
                                      stop_ids=[]).generated_ids
     assert mixed[1] == alone
-    for tp, dp in ((1, 1), (2, 2)):
-        other = rj.load_model(hf_model_dir("llama_gqa"), tp=tp, dp=dp, progress=False)
+    for other in (rj.load_model(hf_model_dir("llama_gqa"), tp=1, progress=False), llama_dp2):
         assert other.generator.generate([PROMPT], 24, p, stop_ids=[]).generated_ids[0] == alone
     different = llama.generator.generate([PROMPT], 24, rj.SamplingParams(**{**KNOBS.__dict__, "seed": 12}),
                                          stop_ids=[]).generated_ids[0]
@@ -198,7 +203,7 @@ def test_greedy_repetition_penalty_matches_transformers(llama, hf_llama):
     assert ours.generated_ids[0] == ref[0, len(PROMPT):].tolist()
 
 
-def test_logit_bias_matches_transformers_sequence_bias(hf_model_dir, llama, hf_llama):
+def test_logit_bias_matches_transformers_sequence_bias(llama, hf_llama, llama_dp2):
     """OpenAI's logit bias, greedy over 16 tokens, against transformers' generate with
     the same biases as its ``sequence_bias``: banning the plain greedy path's tokens and
     favouring others, alone and with a repetition penalty, each row with its own
@@ -219,8 +224,7 @@ def test_logit_bias_matches_transformers_sequence_bias(hf_model_dir, llama, hf_l
                                     pad_token_id=0, **extra)
         refs.append(out[0, len(PROMPT):].tolist())
     assert refs[2] == plain and refs[0] != plain and refs[1] != plain  # the biases change the tokens
-    dp2 = rj.load_model(hf_model_dir("llama_gqa"), tp=2, dp=2, progress=False)
-    for lm in (llama, dp2):
+    for lm in (llama, llama_dp2):
         assert lm.generator.generate([PROMPT] * 3, 16, settings, stop_ids=[]).generated_ids == refs
 
     few = {3: 100.0, 64: 100.0, 128: 100.0}
@@ -262,7 +266,7 @@ def test_greedy_presence_and_frequency_penalties_match_openai_rule(llama, hf_lla
     assert [c.generated_ids for c in result.completions] == refs
 
 
-def test_logprobs_are_the_models_own_against_transformers(hf_model_dir, llama, hf_llama):
+def test_logprobs_are_the_models_own_against_transformers(llama, hf_llama, llama_dp2):
     """Each generated token's log-probability and the k best alternatives are the
     log-softmax of transformers' logits at that step (before any processor): greedy
     and sampled rows with their own k, and a row that asks for none, in one batch at
@@ -270,8 +274,7 @@ def test_logprobs_are_the_models_own_against_transformers(hf_model_dir, llama, h
     settings = [rj.SamplingParams(logprobs=5), rj.SamplingParams(temperature=0.9, seed=3, logprobs=0),
                 rj.SamplingParams(), rj.SamplingParams(repetition_penalty=1.3, logprobs=20)]
     requests = [rj.Request(PROMPT, 12, p, ignore_eos=True) for p in settings]
-    dp2 = rj.load_model(hf_model_dir("llama_gqa"), tp=2, dp=2, progress=False)
-    for lm, steps in ((llama, 32), (llama, 1), (dp2, 32)):
+    for lm, steps in ((llama, 32), (llama, 1), (llama_dp2, 32)):
         result = rj.GenerationResult(completions=[])
         for _ in lm.generator.run(requests, steps_per_dispatch=steps, stats=result):
             pass
@@ -323,7 +326,7 @@ def test_server_slots_report_logprobs_only_where_asked(llama, hf_llama):
     assert not decode_logprobs().any()  # its slot is done: nothing computed for it
 
 
-def test_prompt_logprobs_score_the_prompt_against_transformers(hf_model_dir, llama, hf_llama):
+def test_prompt_logprobs_score_the_prompt_against_transformers(llama, hf_llama, llama_dp2):
     """``prompt_logprobs``: every prompt token's log-probability given those before it
     (none for the first) and the k best there are the log-softmax of transformers'
     logits over the prompt: prompts of different lengths in one padded batch (one row
@@ -348,8 +351,7 @@ def test_prompt_logprobs_score_the_prompt_against_transformers(hf_model_dir, lla
             np.testing.assert_allclose(logp[j, [t for t, _ in top]], want, atol=1e-4)
 
     plain = llama.generator.generate(prompts, 4, stop_ids=[]).generated_ids
-    dp2 = rj.load_model(hf_model_dir("llama_gqa"), tp=2, dp=2, progress=False)
-    for lm in (llama, dp2):
+    for lm in (llama, llama_dp2):
         result = rj.GenerationResult(completions=[])
         deltas = [d for step in lm.generator.run(requests, stats=result) for d in step]
         assert [c.generated_ids for c in result.completions] == plain
@@ -369,7 +371,7 @@ def test_prompt_logprobs_score_the_prompt_against_transformers(hf_model_dir, lla
     check(c, prompts[0], 3)
 
 
-def test_min_tokens_holds_back_stop_ids_as_transformers_min_new_tokens(hf_model_dir, llama, hf_llama):
+def test_min_tokens_holds_back_stop_ids_as_transformers_min_new_tokens(llama, hf_llama, llama_dp2):
     """``min_tokens``: a row's stop ids cannot be picked before it has that many tokens,
     as transformers' ``min_new_tokens`` holds back its EOS ids: with the plain greedy
     path's second token as the stop id, the row without min_tokens ends at it while the
@@ -391,8 +393,7 @@ def test_min_tokens_holds_back_stop_ids_as_transformers_min_new_tokens(hf_model_
     assert refs[1] == plain[:2] and len(refs[0]) >= 6
     assert len(refs[2]) == 13 and refs[2][-1] == stop  # the bias forces the stop id as soon as it is allowed
     requests = [rj.Request(PROMPT, 16, p, stop_token_ids=(stop,), ignore_eos=True) for p in settings]
-    dp2 = rj.load_model(hf_model_dir("llama_gqa"), tp=2, dp=2, progress=False)
-    for lm in (llama, dp2):
+    for lm in (llama, llama_dp2):
         result = rj.GenerationResult(completions=[])
         for _ in lm.generator.run(requests, stats=result):
             pass

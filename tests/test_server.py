@@ -314,6 +314,29 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, lm):
     assert "".join(c.choices[0].text for c in chunks) == prompt + plain.text
 
 
+def test_tokenize_and_detokenize(server, lm):
+    """vLLM's /tokenize and /detokenize: a prompt's ids are the tokenizer's, chat
+    messages' are those a chat request runs (its usage counts them), ids decode to the
+    tokenizer's text; bad input is a 400 naming the field."""
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": "Once upon a time", "return_token_strs": True}).json()
+    ids = lm.tokenizer("Once upon a time")["input_ids"]
+    assert r == {"count": len(ids), "max_model_len": lm.generator.max_seq_len, "tokens": ids,
+                 "token_strs": lm.tokenizer.convert_ids_to_tokens(ids)}
+    messages = [{"role": "user", "content": "Hello there"}]
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
+    chat = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)
+    assert r["count"] == chat.json()["usage"]["prompt_tokens"]
+    assert lm.tokenizer.decode(r["tokens"]) == lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                                tokenize=False)
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()
+    assert r == {"prompt": lm.tokenizer.decode(ids)}
+    for route, body, param in (("tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+                               ("tokenize", {}, "prompt"), ("detokenize", {"tokens": [10**6]}, "tokens"),
+                               ("detokenize", {"tokens": [1], "model": "gpt-4"}, "model")):
+        r = httpx.post(f"{server.url}/{route}", json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (route, body, r.text)
+
+
 def test_models_health_and_metrics(server):
     r = httpx.post(f"{server.url}/v1/embeddings", json={"model": "tiny", "input": "hi"})
     assert r.status_code == 400 and "encoder-only" in r.json()["error"]["message"]

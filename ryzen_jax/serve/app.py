@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over a Scheduler (FastAPI).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``stream: true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``,
+``stream: true`` as server-sent events ending in ``data: [DONE]``), vLLM's
+``POST /tokenize`` and ``POST /detokenize``, ``GET /v1/models``,
 ``GET /health`` (200 only when every device answers the probe), ``GET /metrics``
 (Prometheus text). Handlers validate, tokenize and queue; they never touch devices.
 """
@@ -27,7 +28,8 @@ from ryzen_jax.engine.generate import Request, StreamDelta
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.serve.logprobs import LogprobFormatter
 from ryzen_jax.serve.metrics import ServerMetrics
-from ryzen_jax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from ryzen_jax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                      TokenizeRequest, parse)
 from ryzen_jax.serve.scheduler import EngineFailed, Handle, QueueFull, Scheduler
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -64,6 +66,11 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
 
     common_routes(app, model_name, gen.max_seq_len, metrics, api_key=api_key, max_body_bytes=max_body_bytes)
 
+    def check_model(req) -> None:
+        if req.model is not None and req.model != model_name:
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
     def engine_request(req, prompt_ids: list[int], max_tokens: int | None, choice: int = 0) -> Request:
         """The engine's request for one choice; ``choice`` j > 0 of a seeded request
         samples with ``seed + j``, so n choices differ and each is reproducible. A
@@ -74,9 +81,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         scores the prompt too; its ``max_tokens=0`` runs one token, which the answer drops."""
         given = lambda name: getattr(req, name) if name in req.model_fields_set else defaults.get(  # noqa: E731
             name, getattr(req, name))
-        if req.model is not None and req.model != model_name:
-            raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+        check_model(req)
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         limit = gen.max_seq_len
@@ -271,20 +276,32 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             return {"object": "chat.completion.chunk",
                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
+    def ids_of(prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """A prompt as token ids: text through the tokenizer, ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            return list(tokenizer(prompt)["input_ids"]) if prompt else []
+        bad = [t for t in prompt if not 0 <= t < gen.cfg.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} in '{param}' is outside the vocabulary [0, "
+                                f"{gen.cfg.vocab_size})", param=param)
+        return list(prompt)
+
+    def chat_ids(messages, add_generation_prompt: bool = True) -> list[int]:
+        """Chat messages as the model's chat template renders them, as token ids."""
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise APIError(400, f"model {model_name!r} has no chat template (tokenizer_config.json "
+                                "'chat_template'); use /v1/completions with a plain prompt", param="messages")
+        try:
+            text = tokenizer.apply_chat_template([m.model_dump() for m in messages],
+                                                 add_generation_prompt=add_generation_prompt, tokenize=False)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:  # e.g. "System role not supported"
+            raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         req = parse(CompletionRequest, await read_json(request, max_body_bytes))
-        prompts = []
-        for prompt in req.prompts():
-            if isinstance(prompt, str):
-                ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
-            else:
-                ids = list(prompt)
-                bad = [t for t in ids if not 0 <= t < gen.cfg.vocab_size]
-                if bad:
-                    raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
-                                        f"[0, {gen.cfg.vocab_size})", param="prompt")
-            prompts.append(ids)
+        prompts = [ids_of(p) for p in req.prompts()]
         reqs = [engine_request(req, ids, req.max_tokens, j) for ids in prompts for j in range(req.n)]
         echo = None
         if req.echo:  # a text prompt echoes as sent; token ids as their decoding
@@ -294,17 +311,28 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         req = parse(ChatCompletionRequest, await read_json(request, max_body_bytes))
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise APIError(400, f"model {model_name!r} has no chat template (tokenizer_config.json "
-                                "'chat_template'); use /v1/completions with a plain prompt", param="messages")
-        try:
-            text = tokenizer.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
-                                                 tokenize=False)
-        except (jinja2.TemplateError, ValueError, TypeError) as e:  # e.g. "System role not supported"
-            raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = chat_ids(req.messages)
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await run(request, req, [engine_request(req, ids, max_tokens, j) for j in range(req.n)], _Chat)
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        req = parse(TokenizeRequest, await read_json(request, max_body_bytes))
+        check_model(req)
+        if req.messages is not None:
+            ids = chat_ids(req.messages, req.add_generation_prompt)
+        else:
+            ids = list(tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
+        out = {"count": len(ids), "max_model_len": gen.max_seq_len, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest):
+        req = parse(DetokenizeRequest, await read_json(request, max_body_bytes))
+        check_model(req)
+        return {"prompt": tokenizer.decode(ids_of(req.tokens, "tokens"))}
 
     @app.post("/v1/embeddings")
     async def no_embeddings():

@@ -201,6 +201,29 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class TokenizeRequest(_Body):
+    """vLLM's ``POST /tokenize``: a ``prompt``, or chat ``messages`` rendered by the
+    model's chat template, to the token ids a completion or chat request would run."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt or messages: give exactly one of them")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's ``POST /detokenize``: token ids to text."""
+
+    tokens: list[int]
+
+
 MAX_INPUTS = 2048  # inputs per embeddings request, OpenAI's limit
 
 

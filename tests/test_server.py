@@ -24,7 +24,7 @@ from tests import hf_models
 
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}"
                  "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+                 "{% if add_generation_prompt %}<|assistant|>{% if brief %}(briefly){% endif %}{% endif %}")
 MODEL_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 6}  # top_k 50: HF's own
 PROMPTS = ["The weather in the mountains", "Distributed computing is", "Once upon a time", "Tensor parallel",
            "A B C D E F G", "hello", "The quick brown fox jumps over the lazy dog", "JAX and XLA",
@@ -314,10 +314,12 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, lm):
     assert "".join(c.choices[0].text for c in chunks) == prompt + plain.text
 
 
-def test_tokenize_and_detokenize(server, lm):
+def test_tokenize_detokenize_and_chat_template_options(server, lm):
     """vLLM's /tokenize and /detokenize: a prompt's ids are the tokenizer's, chat
     messages' are those a chat request runs (its usage counts them), ids decode to the
-    tokenizer's text; bad input is a 400 naming the field."""
+    tokenizer's text; the chat template options (``chat_template_kwargs``,
+    ``continue_final_message``) render as transformers' ``apply_chat_template``; bad
+    input is a 400 naming the field."""
     r = httpx.post(f"{server.url}/tokenize", json={"prompt": "Once upon a time", "return_token_strs": True}).json()
     ids = lm.tokenizer("Once upon a time")["input_ids"]
     assert r == {"count": len(ids), "max_model_len": lm.generator.max_seq_len, "tokens": ids,
@@ -328,6 +330,26 @@ def test_tokenize_and_detokenize(server, lm):
     assert r["count"] == chat.json()["usage"]["prompt_tokens"]
     assert lm.tokenizer.decode(r["tokens"]) == lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                                                 tokenize=False)
+    def rendered(messages, **options) -> list[int]:  # transformers' rendering, as the chat route should do it
+        text = lm.tokenizer.apply_chat_template(messages, tokenize=False, **options)
+        return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # vLLM's template options: a template keyword, and continuing the assistant's last message
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": messages, "chat_template_kwargs": {"brief": True}})
+    assert r.json()["tokens"] == rendered(messages, add_generation_prompt=True, brief=True) != \
+        rendered(messages, add_generation_prompt=True)
+    started = messages + [{"role": "assistant", "content": "Once upon"}]
+    body = {"messages": started, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 6,
+            "temperature": 0}
+    want = rendered(started, add_generation_prompt=False, continue_final_message=True)
+    assert httpx.post(f"{server.url}/tokenize", json=body).json()["tokens"] == want
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.json()["choices"][0]["message"]["content"] == rj.generate(lm, [want], max_new_tokens=6)[0].text
+    for bad, param in (({"add_generation_prompt": True, "continue_final_message": True}, "continue_final_message"),
+                       ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs")):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": started, "max_tokens": 1, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
     r = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()
     assert r == {"prompt": lm.tokenizer.decode(ids)}
     for route, body, param in (("tokenize", {"prompt": "a", "messages": messages}, "prompt"),

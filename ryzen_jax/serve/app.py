@@ -286,14 +286,15 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                                 f"{gen.cfg.vocab_size})", param=param)
         return list(prompt)
 
-    def chat_ids(messages, add_generation_prompt: bool = True) -> list[int]:
-        """Chat messages as the model's chat template renders them, as token ids."""
+    def chat_ids(req) -> list[int]:
+        """A request's chat messages as the model's chat template renders them (with the
+        request's template options), as token ids."""
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, f"model {model_name!r} has no chat template (tokenizer_config.json "
                                 "'chat_template'); use /v1/completions with a plain prompt", param="messages")
         try:
-            text = tokenizer.apply_chat_template([m.model_dump() for m in messages],
-                                                 add_generation_prompt=add_generation_prompt, tokenize=False)
+            text = tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
+                                                 **req.template_options())
         except (jinja2.TemplateError, ValueError, TypeError) as e:  # e.g. "System role not supported"
             raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -311,7 +312,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         req = parse(ChatCompletionRequest, await read_json(request, max_body_bytes))
-        ids = chat_ids(req.messages)
+        ids = chat_ids(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await run(request, req, [engine_request(req, ids, max_tokens, j) for j in range(req.n)], _Chat)
 
@@ -320,7 +321,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         req = parse(TokenizeRequest, await read_json(request, max_body_bytes))
         check_model(req)
         if req.messages is not None:
-            ids = chat_ids(req.messages, req.add_generation_prompt)
+            ids = chat_ids(req)
         else:
             ids = list(tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
         out = {"count": len(ids), "max_model_len": gen.max_seq_len, "tokens": ids}

@@ -179,7 +179,41 @@ class ChatMessage(BaseModel):
         return "\n".join(texts)  # as vLLM joins them
 
 
-class ChatCompletionRequest(_Sampling):
+#: apply_chat_template arguments the server sets itself, which chat_template_kwargs may not
+RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
+                            "return_dict", "return_tensors", "chat_template", "tools", "documents", "tokenizer_kwargs"}
+
+
+class _ChatTemplate(_Body):
+    """How chat messages are rendered (vLLM's fields): ``add_generation_prompt`` opens
+    the assistant's turn; ``continue_final_message`` instead continues the last
+    (assistant) message as written; ``chat_template_kwargs`` go to the template (e.g.
+    ``{"enable_thinking": false}``)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _own_kwargs(cls, kwargs):
+        taken = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs or {}))
+        if taken:
+            raise ValueError(f"{taken[0]!r} is set by the server, not by chat_template_kwargs")
+        return kwargs
+
+    @model_validator(mode="after")
+    def _one_ending(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message: set add_generation_prompt to false")
+        return self
+
+    def template_options(self) -> dict[str, Any]:
+        return {**(self.chat_template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
+
+
+class ChatCompletionRequest(_Sampling, _ChatTemplate):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -201,14 +235,13 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_ChatTemplate):
     """vLLM's ``POST /tokenize``: a ``prompt``, or chat ``messages`` rendered by the
     model's chat template, to the token ids a completion or chat request would run."""
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
     return_token_strs: bool = False
 
     @model_validator(mode="after")

@@ -409,7 +409,7 @@ def test_a_plan_crosses_processes_with_every_setting():
     p = rj.SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5,
                           frequency_penalty=-0.5, seed=9, logprobs=3, prompt_logprobs=1, logit_bias={5: -100, 2: 1.5},
                           min_tokens=2)
-    plan = Plan(admit=(Admission(1, rj.Request([1, 2, 3], 7, p, (4,), ("\n",), True), 11),), cancel=(0,), steps=4)
+    plan = Plan(admit=(Admission(1, rj.Request([1, 2, 3], 7, p, (4,), ("\n",), True, True), 11),), cancel=(0,), steps=4)
     assert Plan.from_json(plan.to_json()) == plan
 
 
@@ -476,6 +476,10 @@ def test_stop_strings_cut_across_token_boundaries(demo):
     streamed = list(rj.stream(demo, prompt, max_new_tokens=24, stop=[stop]))
     assert "".join(d.text for d in streamed) == out.text
     assert [t for d in streamed for t in d.token_ids] == out.generated_ids
+    kept = rj.generate(demo, [prompt], max_new_tokens=24, stop=[stop], include_stop_str=True)[0]  # vLLM's option
+    assert kept.text == full.text[:cut + len(stop)] and kept.generated_ids == out.generated_ids
+    assert "".join(d.text for d in rj.stream(demo, prompt, max_new_tokens=24, stop=[stop], include_stop_str=True)) \
+        == kept.text
 
 
 def test_streaming_deltas_never_split_a_character(demo):

@@ -210,6 +210,9 @@ def test_the_openai_client_library(server, lm):
                                          stop=[stop], extra_body={"ignore_eos": True, "min_tokens": min_tokens})
         assert done.choices[0].text == plain.text[:cut] and done.choices[0].finish_reason == "stop"
     assert plain.text.index(stop) < len(early) <= cut  # min_tokens moved the cut
+    done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert done.choices[0].text == plain.text[:plain.text.index(stop) + len(stop)]
 
     messages = [{"role": "user", "content": "Hello there"}]
     prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -50,7 +50,7 @@ class Plan:
         raw = json.loads(text)
         def request(r: dict) -> Request:
             return Request(r["prompt_ids"], r["max_new_tokens"], SamplingParams(**r["sampling"]),
-                           tuple(r["stop_token_ids"]), tuple(r["stop"]), r["ignore_eos"])
+                           tuple(r["stop_token_ids"]), tuple(r["stop"]), r["ignore_eos"], r["include_stop_str"])
 
         admit = tuple(Admission(a["slot"], request(a["request"]), a["seed"]) for a in raw["admit"])
         return cls(admit=admit, cancel=tuple(raw["cancel"]), steps=raw["steps"], probe=raw["probe"])

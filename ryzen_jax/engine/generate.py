@@ -88,7 +88,7 @@ class Request:
 
     Generation stops at the first of: an EOS id of the model (unless ``ignore_eos``),
     one of ``stop_token_ids`` (both kept in ``generated_ids``), a ``stop`` string (the
-    text is cut before it), or ``max_new_tokens``.
+    text is cut before it, or after it with ``include_stop_str``), or ``max_new_tokens``.
     """
 
     prompt_ids: Sequence[int]
@@ -97,6 +97,7 @@ class Request:
     stop_token_ids: Sequence[int] = ()
     stop: Sequence[str] = ()
     ignore_eos: bool = False
+    include_stop_str: bool = False
 
 
 @dataclasses.dataclass
@@ -567,8 +568,8 @@ class Generator:
         """Host-side bookkeeping for a request that starts now."""
         # the text's left context is the prompt, except in an encoder–decoder, whose output starts afresh
         context = () if self.encoder_decoder else request.prompt_ids
-        text = TextTracker(self.tokenizer, context, request.stop, request.sampling.min_tokens) \
-            if self.tokenizer is not None else None
+        text = TextTracker(self.tokenizer, context, request.stop, request.sampling.min_tokens,
+                           request.include_stop_str) if self.tokenizer is not None else None
         row = _Row(request, set(self._stop_ids(request)), text)
         if request.sampling.logprobs is not None:
             row.logprobs, row.top_logprobs = [], []
@@ -668,7 +669,8 @@ class Generator:
     @staticmethod
     def requests(prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                  sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
-                 stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), ignore_eos: bool = False) -> list[Request]:
+                 stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), ignore_eos: bool = False,
+                 include_stop_str: bool = False) -> list[Request]:
         """One Request per prompt, sharing the settings (or one SamplingParams each).
         A single stop string or stop id may be given bare."""
         stop = (stop,) if isinstance(stop, str) else stop
@@ -677,5 +679,6 @@ class Generator:
             sampling = [sampling] * len(prompts)
         if len(sampling) != len(prompts):
             raise ValueError(f"got {len(sampling)} SamplingParams for {len(prompts)} prompts")
-        return [Request(list(map(int, p)), max_new_tokens, sp, tuple(stop_token_ids), tuple(stop), ignore_eos)
+        return [Request(list(map(int, p)), max_new_tokens, sp, tuple(stop_token_ids), tuple(stop), ignore_eos,
+                        include_stop_str)
                 for p, sp in zip(prompts, sampling)]

@@ -58,10 +58,13 @@ class Detokenizer:
 class TextTracker:
     """One request's text: deltas safe to show, and stop-string detection."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = (), min_tokens: int = 0):
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = (), min_tokens: int = 0,
+                 include_stop: bool = False):
         """``min_tokens``: stop strings count only in text that arrives once more tokens
-        than that have come (vLLM's rule)."""
+        than that have come (vLLM's rule). ``include_stop``: the text ends with the stop
+        string instead of just before it."""
         self.detok = Detokenizer(tokenizer, prompt_ids)
+        self.include_stop = include_stop
         self.min_tokens, self.count = min_tokens, 0
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
@@ -81,9 +84,10 @@ class TextTracker:
             self.text += self.detok.flush()
         if self.stop and self.count > self.min_tokens:  # look into the held-back text too: a stop string may end mid-token
             seen = self.text + ("" if final else self.detok.pending())
-            hits = [i for i in (seen.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = seen[:min(hits)]
+            hits = [(i, -len(s)) for i, s in ((seen.find(s, start), s) for s in self.stop) if i >= 0]
+            if hits:  # the earliest stop string (the longest of those starting there)
+                i, minus_len = min(hits)
+                self.text = seen[:i - minus_len if self.include_stop else i]
                 self.stopped = True
         end = len(self.text) if (final or self.stopped) else max(self.shown, len(self.text) - self.hold)
         delta, self.shown = self.text[self.shown:end], end

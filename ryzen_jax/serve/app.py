@@ -106,7 +106,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                                       seed=seed, logprobs=req.logprob_count(), prompt_logprobs=scored,
                                       logit_bias=req.token_biases(), min_tokens=req.min_tokens)
             request = Request(prompt_ids, max_tokens, sampling, tuple(req.stop_token_ids or ()),
-                              tuple(req.stop_strings()), req.ignore_eos)
+                              tuple(req.stop_strings()), req.ignore_eos, req.include_stop_str_in_output)
             gen.check([request])
         except ValueError as e:  # SamplingError too; a message that starts with a field's name names it
             first = re.match(r"\w+", str(e))

@@ -2,7 +2,8 @@
 
 Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature``
 1); a few widely used vLLM extensions are accepted too (``top_k``, ``min_p``,
-``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``). Unknown fields are
+``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``,
+``include_stop_str_in_output``). Unknown fields are
 ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server lacks
 (``suffix``, ``tools``, ``response_format`` beyond text, guided
 decoding, ...) is refused when set, rather than silently not honoured. Anything out
@@ -82,6 +83,7 @@ class _Sampling(_Body):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(default=None, max_length=32)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
     min_tokens: int = Field(default=0, ge=0, lt=2**31)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class LoadedModel:
     """A model on its mesh, with its tokenizer and what runs it: the generator of a
-    generative model, or the encoder of an encoder-only one (BERT)."""
+    generative model, or the encoder of an encoder-only one (BERT) or of a decoder-only
+    one loaded for embeddings."""
 
     config: ModelConfig
     tp: TensorParallelConfig
@@ -92,9 +93,12 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+TASKS = ("auto", "generate", "embed")
+
+
 def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | None = None,
                max_seq_len: int | None = None, warmup: bool = False, progress: bool = True,
-               devices: Sequence[jax.Device] | None = None) -> LoadedModel:
+               devices: Sequence[jax.Device] | None = None, task: str = "auto") -> LoadedModel:
     """Load an HF directory or a converted checkpoint onto a (dp × tp) mesh.
 
     ``tp`` defaults to the largest split of the visible devices that the model allows,
@@ -107,14 +111,30 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
     already configured one, so a second start skips compiling. ``devices``: the mesh's
     devices, in order (default: every visible one, which in a run of several processes
     spans them all; this process's own, ``jax.local_devices()``, gives it a model of its
-    own that no other process takes part in).
+    own that no other process takes part in). ``task`` (vLLM's): "generate" (text),
+    "embed" (vectors: ``rj.embed``; a decoder-only model pools its last token and
+    normalizes unless its sentence-transformers ``modules.json`` says otherwise, as
+    vLLM does, and ``max_seq_len`` bounds its inputs), or "auto": embed for an
+    encoder-only model (BERT), else generate.
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if jax.config.jax_compilation_cache_dir is None:  # on by default, as in the CLIs
         enable_compilation_cache()
     tokenizer = load_tokenizer(path)  # before the clock: load_s measures the weights
     t0 = time.perf_counter()
     loader = DistributedCheckpointLoader(path, progress=progress)
     cfg = loader.config
+    embed = task == "embed" or (task == "auto" and cfg.is_encoder)
+    if cfg.is_encoder and not embed:
+        raise ValueError(f"{path} holds a {cfg.model_type} encoder, which does not generate text: load it with "
+                         "task='embed' (or 'auto')")
+    if embed and cfg.is_encoder_decoder:
+        raise ValueError(f"task='embed' takes an encoder-only or decoder-only model; {path} holds a "
+                         f"{cfg.model_type} encoder-decoder")
+    if embed and not cfg.is_encoder and not cfg.tie_word_embeddings:
+        # embeddings never reach the LM head: leave it unread (an embedding checkpoint often has none)
+        cfg = loader.config = dataclasses.replace(cfg, tie_word_embeddings=True)
     n = len(jax.devices() if devices is None else devices)
     if tp is None:
         tp = default_tp(cfg, max(1, n // dp))
@@ -133,9 +153,10 @@ def load_model(path: str, *, tp: int | None = None, dp: int = 1, dtype: str | No
                     "our kernels on one device); %s", mesh_devices, fix)
     model = loader.load(tp_cfg, dtype)
     encoder = None
-    if cfg.is_encoder:  # embeddings, pooled as a sentence-transformers directory asks; no generation
-        pooling, normalize = model_pooling(path)
-        encoder = Encoder(model, tp_cfg, pooling=pooling, normalize=normalize)
+    if embed:  # pooled as a sentence-transformers directory asks (else vLLM's default); no generation
+        pooling, normalize = model_pooling(path, ("mean", False) if cfg.is_encoder else ("last", True))
+        encoder = Encoder(model, tp_cfg, pooling=pooling, normalize=normalize,
+                          max_len=None if cfg.is_encoder else resolve_max_seq_len(cfg, max_seq_len))
     generator = None if encoder else Generator(model, tp_cfg, tokenizer=tokenizer, max_seq_len=max_seq_len)
     if warmup and generator is not None:
         generator.warmup()
@@ -152,8 +173,9 @@ def encode(lm: LoadedModel, text: str) -> list[int]:
 
 def _generator(lm: LoadedModel) -> Generator:
     if lm.generator is None:
-        raise ValueError(f"{lm.path} holds a {lm.config.model_type} encoder, which does not generate text: "
-                         "use rj.embed for embeddings")
+        kind = "encoder" if lm.config.is_encoder else "model, with task='embed'"
+        raise ValueError(f"{lm.path} was loaded for embeddings (a {lm.config.model_type} {kind}), which does not "
+                         "generate text: use rj.embed, or load it with task='generate'")
     return lm.generator
 
 
@@ -205,19 +227,21 @@ def stream(lm: LoadedModel, prompt: str | Sequence[int], *, max_new_tokens: int 
 def embed(lm: LoadedModel, texts: Sequence[str] | Sequence[Sequence[int]], *, pooling: str | None = None,
           normalize: bool | None = None, truncate: bool = False) -> np.ndarray:
     """One embedding per text (strings, tokenized with the model's tokenizer, or
-    token-id lists) from an encoder-only model: (N, hidden) float32. ``pooling="mean"``
-    averages the last hidden states of the real tokens, ``"cls"`` takes the first
-    token's; ``normalize`` scales each to unit length. Left as None, both are what a
-    sentence-transformers directory's ``modules.json`` asks for, else mean and not
-    normalized. A text longer than the model's
+    token-id lists) from a model loaded for embeddings (an encoder-only one, or any with
+    ``task="embed"``): (N, hidden) float32. ``pooling="mean"`` averages the last hidden
+    states of the real tokens, ``"cls"`` takes the first token's, ``"last"`` the last
+    real token's; ``normalize`` scales each to unit length. Left as None, both are what a
+    sentence-transformers directory's ``modules.json`` asks for, else the model's
+    default (an encoder's: mean, not normalized; a decoder's: last, normalized). A
+    text longer than the model's
     positions is refused, naming it; ``truncate`` cuts it to fit instead (the tokenizer's
     truncation, which keeps the closing special token, as sentence-transformers does)."""
     if lm.encoder is None:
-        raise ValueError(f"{lm.config.model_type} is not an encoder-only model: embed() needs one (e.g. BERT); "
-                         "use generate() for generative models")
+        raise ValueError(f"{lm.path} was loaded to generate text: load it with rj.load_model(..., task='embed') "
+                         "for embeddings")
     if isinstance(texts, str) or (len(texts) and isinstance(texts[0], int)):
         raise TypeError("texts must be a list of strings or of token-id lists; wrap a single text in a list")
-    limit = lm.config.max_position_embeddings
+    limit = lm.encoder.max_len
 
     def ids_of(text) -> list[int]:
         if not isinstance(text, str):

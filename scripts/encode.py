@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Embed texts with a tensor-parallel encoder-only model (BERT).
+"""Embed texts with a tensor-parallel encoder-only model (BERT) or a decoder-only
+embedding model (Llama / Qwen2 / Mistral / GPT-2 architecture, last-token pooling).
 
     python scripts/encode.py --model DIR --text "Hello world" --text "Bonjour" [--pooling mean|cls]
                              [--normalize] [--tp 4] [--dtype float32] --json
 
-DIR is a Hugging Face BERT directory (safetensors and a tokenizer) or a checkpoint
-written by scripts/convert_hf.py. Prints one vector per text.
+DIR is a Hugging Face directory (safetensors and a tokenizer) or a checkpoint written
+by scripts/convert_hf.py. Prints one vector per text.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ setup_host_devices()
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF model dir or converted checkpoint of an encoder-only model")
+    ap.add_argument("--model", required=True, help="HF model dir or converted checkpoint")
     ap.add_argument("--text", action="append", required=True, help="text to embed; repeat for a batch")
-    ap.add_argument("--pooling", choices=["mean", "cls"], default=None,
-                    help="mean of the real tokens' last hidden states, or the first token's (default: what a "
-                         "sentence-transformers modules.json asks for, else mean)")
+    ap.add_argument("--pooling", choices=["mean", "cls", "last"], default=None,
+                    help="mean of the real tokens' last hidden states, the first token's or the last's (default: "
+                         "what a sentence-transformers modules.json asks for, else mean for an encoder, last for a "
+                         "decoder)")
     ap.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                    help="scale each vector to unit length (default: as modules.json asks, else not)")
+                    help="scale each vector to unit length (default: as modules.json asks, else only a decoder's)")
     ap.add_argument("--truncate", action="store_true",
                     help="cut a text longer than the model's positions to fit (default: refuse it)")
     add_mesh_args(ap)
@@ -47,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()  # load_model turns on the persistent compilation cache
     say = progress_printer(args.json)
     try:
-        lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, progress=False)
-        if lm.encoder is None:
-            raise ValueError(f"{args.model} is a {lm.config.model_type} model, not an encoder-only one: "
-                             "use scripts/generate.py for it")
+        lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, progress=False, task="embed")
         say(lm.summary())
         vectors = rj.embed(lm, args.text, pooling=args.pooling, normalize=args.normalize, truncate=args.truncate)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as e:

@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: dir name)")
     add_mesh_args(ap)
     ap.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated tokens per request")
+    ap.add_argument("--task", choices=("auto", "generate", "embed"), default="auto",
+                    help="embed: /v1/embeddings from a decoder-only model too (last-token pooling, as vLLM's); "
+                         "auto: embed for an encoder-only model (BERT), else generate")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max-batch", type=int, default=8, help="decode slots (requests generating at once)")
@@ -58,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()  # load_model turns on the persistent compilation cache
     try:
-        lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
-        if lm.encoder is not None:  # BERT: POST /v1/embeddings
+        lm = rj.load_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                           task=args.task)
+        if lm.encoder is not None:  # BERT, or --task embed: POST /v1/embeddings
             server = EmbeddingServer(lm, max_queue=args.max_queue, api_key=args.api_key,
                                      model_name=args.served_model_name)
         else:

@@ -32,7 +32,9 @@ def _t(w: np.ndarray) -> np.ndarray:
 
 def llama_sources(cfg: ModelConfig) -> dict[str, Source]:
     """Llama / Mistral / Qwen2: q/k/v (out, in) → (heads, head_dim, embed); o → (embed, heads, head_dim).
-    Our kernels keep PyTorch's (out, in) orientation, so this only names the head axes."""
+    Our kernels keep PyTorch's (out, in) orientation, so this only names the head axes.
+    ``*ForCausalLM`` files prefix ``model.``; a bare ``*Model`` (an embedding model's)
+    does not, and has no ``lm_head`` (it loads for embeddings only)."""
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def heads_out(n: int) -> Transform:
@@ -41,27 +43,30 @@ def llama_sources(cfg: ModelConfig) -> dict[str, Source]:
     def heads_bias(n: int) -> Transform:
         return lambda b: b.reshape(n, d)
 
+    def named(rest: str) -> tuple[str, str]:
+        return f"model.{rest}", rest
+
     out: dict[str, Source] = {
-        "embed.embedding": ("model.embed_tokens.weight", _same),
-        "norm.scale": ("model.norm.weight", _same),
+        "embed.embedding": (named("embed_tokens.weight"), _same),
+        "norm.scale": (named("norm.weight"), _same),
     }
     if not cfg.tie_word_embeddings:
         out["lm_head"] = ("lm_head.weight", _same)
     for i in range(cfg.num_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        out[ours + "attn_norm.scale"] = (hf + "input_layernorm.weight", _same)
-        out[ours + "mlp_norm.scale"] = (hf + "post_attention_layernorm.weight", _same)
+        ours = f"layers.{i}."
+        out[ours + "attn_norm.scale"] = (named(ours + "input_layernorm.weight"), _same)
+        out[ours + "mlp_norm.scale"] = (named(ours + "post_attention_layernorm.weight"), _same)
         for name, proj, n in (("wq", "q_proj", h), ("wk", "k_proj", kv), ("wv", "v_proj", kv)):
-            out[ours + f"attn.{name}.kernel"] = (hf + f"self_attn.{proj}.weight", heads_out(n))
+            out[ours + f"attn.{name}.kernel"] = (named(ours + f"self_attn.{proj}.weight"), heads_out(n))
             if cfg.attention_bias:
-                out[ours + f"attn.{name}.bias"] = (hf + f"self_attn.{proj}.bias", heads_bias(n))
-        out[ours + "attn.wo.kernel"] = (hf + "self_attn.o_proj.weight", lambda w: w.reshape(e, h, d))
+                out[ours + f"attn.{name}.bias"] = (named(ours + f"self_attn.{proj}.bias"), heads_bias(n))
+        out[ours + "attn.wo.kernel"] = (named(ours + "self_attn.o_proj.weight"), lambda w: w.reshape(e, h, d))
         if cfg.o_bias:
-            out[ours + "attn.wo.bias"] = (hf + "self_attn.o_proj.bias", _same)
+            out[ours + "attn.wo.bias"] = (named(ours + "self_attn.o_proj.bias"), _same)
         for name, proj in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-            out[ours + f"mlp.{name}.kernel"] = (hf + f"mlp.{proj}.weight", _same)
+            out[ours + f"mlp.{name}.kernel"] = (named(ours + f"mlp.{proj}.weight"), _same)
             if cfg.mlp_bias:
-                out[ours + f"mlp.{name}.bias"] = (hf + f"mlp.{proj}.bias", _same)
+                out[ours + f"mlp.{name}.bias"] = (named(ours + f"mlp.{proj}.bias"), _same)
     return out
 
 
@@ -197,7 +202,11 @@ def hf_views(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, np.ndarra
              for path, (hf, _) in table.items()}
     missing = [table[path][0] for path, name in names.items() if name is None]
     if missing:
-        raise KeyError(f"the checkpoint lacks {len(missing)} tensor(s) that {cfg.model_type} needs, e.g. {missing[:3]}")
+        hint = ("; it is a base model without an LM head (an embedding model's): load it with "
+                "rj.load_model(..., task='embed') (scripts/encode.py, scripts/serve.py --task embed)"
+                if missing == ["lm_head.weight"] else "")
+        raise KeyError(f"the checkpoint lacks {len(missing)} tensor(s) that {cfg.model_type} needs, e.g. "
+                       f"{missing[:3]}{hint}")
     views = {}
     for path, (_, fn) in table.items():
         stored = reader.get(names[path])

@@ -4,7 +4,8 @@
     decode(tokens (B,), positions (B,), cache)    -> logits (B, V), cache
 
 A decoder-only model's ``prefill(..., every_position=True)`` returns the logits at
-every prompt position instead, (B, T, V), for scoring the prompt itself.
+every prompt position instead, (B, T, V), for scoring the prompt itself, and its
+``hidden_states`` the last hidden states, for embeddings (the engine's ``Encoder``).
 
 ``prefill`` starts every row (right-padded prompts of true ``lengths``), creates the
 model's cache for ``max_len`` positions inside the program (so it is born sharded)
@@ -46,17 +47,28 @@ class DecoderOnlyLM:
         logits, cache = self(tokens, positions, cache, prefill=True, logits_at=None if every_position else lengths - 1)
         return (logits if every_position else logits[:, 0]), cache, lengths
 
+    def hidden_states(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
+                      token_type_ids: jax.Array | None = None) -> jax.Array:
+        """The final norm's output at every position, (B, T, E) float32, for right-padded
+        rows: attention is causal, so padding never reaches a real token and needs no
+        mask (the arguments after ``tokens`` keep an encoder's signature)."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden, _ = self(tokens, positions, self.new_cache(*tokens.shape), prefill=True, head=False)
+        return hidden.astype(jnp.float32)
+
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache, attend: int | None = None):
         logits, cache = self(tokens[:, None], positions[:, None], cache, prefill=False, attend=attend)
         return logits[:, 0], cache
 
     def decoder_stack(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache, *, prefill: bool,
-                      logits_at: jax.Array | None, attend: int | None = None) -> tuple[jax.Array, kv.KVCache]:
+                      logits_at: jax.Array | None, attend: int | None = None,
+                      head: bool = True) -> tuple[jax.Array, kv.KVCache]:
         """What every decoder-only family does after its embedding: the layers, each
         reading and writing its cache slice; the final norm; the LM head (tied: the
         embedding table), at ``logits_at`` only when given. Needs ``self.layers``,
         ``self.norm``, ``self.embed`` and, untied, ``self.lm_head`` (vocab, embed).
-        Returns float32 vocab-sharded logits with padded vocabulary entries at -inf."""
+        Returns float32 vocab-sharded logits with padded vocabulary entries at -inf
+        (``head=False``: the normed hidden states instead)."""
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             x, ck, cv = layer(x, positions, cache.k[i], cache.v[i], prefill, attend)
@@ -64,5 +76,8 @@ class DecoderOnlyLM:
             new_v.append(cv)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
-        head = self.embed.embedding[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return vocab_logits(self.norm(x), head, self.cfg.vocab_size, self.tp), kv.KVCache(k=new_k, v=new_v)
+        cache = kv.KVCache(k=new_k, v=new_v)
+        if not head:
+            return self.norm(x), cache
+        table = self.embed.embedding[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return vocab_logits(self.norm(x), table, self.cfg.vocab_size, self.tp), cache

@@ -68,3 +68,5 @@ class BertModel(nnx.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return x.astype(jnp.float32)
+
+    hidden_states = __call__  # what the engine's Encoder calls, as on a decoder-only model

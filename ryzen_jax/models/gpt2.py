@@ -71,10 +71,12 @@ class GPT2LMHeadModel(DecoderOnlyLM, nnx.Module):
             self.lm_head = param(rngs, (vocab, e), ("vocab", "embed"), dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache, *, prefill: bool,
-                 logits_at: jax.Array | None = None, attend: int | None = None) -> tuple[jax.Array, kv.KVCache]:
+                 logits_at: jax.Array | None = None, attend: int | None = None,
+                 head: bool = True) -> tuple[jax.Array, kv.KVCache]:
         """As ``LlamaForCausalLM.__call__``: tokens, positions (B, T) → float32 logits
         (padded vocabulary at -inf) and the updated cache."""
         # Clipped: a prompt bucket may pad past the table; those rows are never attended.
         pos = jnp.take(self.pos_embed[...], positions, axis=0, mode="clip")
         x = self.tp.constrain(self.embed(tokens) + pos, HIDDEN)
-        return self.decoder_stack(x, positions, cache, prefill=prefill, logits_at=logits_at, attend=attend)
+        return self.decoder_stack(x, positions, cache, prefill=prefill, logits_at=logits_at, attend=attend,
+                                  head=head)

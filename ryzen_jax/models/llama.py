@@ -77,10 +77,13 @@ class LlamaForCausalLM(DecoderOnlyLM, nnx.Module):
             self.lm_head = param(rngs, (vocab, cfg.hidden_size), ("vocab", "embed"), dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache, *, prefill: bool,
-                 logits_at: jax.Array | None = None, attend: int | None = None) -> tuple[jax.Array, kv.KVCache]:
+                 logits_at: jax.Array | None = None, attend: int | None = None,
+                 head: bool = True) -> tuple[jax.Array, kv.KVCache]:
         """tokens, positions: (B, T). ``prefill``: the tokens start their sequences (attend
         among themselves). ``logits_at`` (B,): compute logits only at that index of each
         row (the last prompt token), else at every position. Logits are float32, with
-        padded vocabulary entries at -inf."""
+        padded vocabulary entries at -inf; ``head=False`` returns the final norm's output
+        instead (embeddings)."""
         x = self.tp.constrain(self.embed(tokens), HIDDEN)
-        return self.decoder_stack(x, positions, cache, prefill=prefill, logits_at=logits_at, attend=attend)
+        return self.decoder_stack(x, positions, cache, prefill=prefill, logits_at=logits_at, attend=attend,
+                                  head=head)

@@ -1,5 +1,5 @@
 """The OpenAI-compatible server: continuous batching behind FastAPI, and
-``/v1/embeddings`` for encoder-only models.
+``/v1/embeddings`` for models loaded for embeddings (BERT; decoders with ``task="embed"``).
 
     lm = ryzen_jax.load_model(path, tp=4)
     server = ryzen_jax.serve.Server(lm, max_batch=16)   # EmbeddingServer(lm) for a BERT
@@ -95,7 +95,8 @@ class Server:
 
 
 class EmbeddingServer:
-    """A loaded encoder-only model (BERT) behind ``POST /v1/embeddings``, in one process
+    """A model loaded for embeddings (BERT, or any with ``task="embed"``) behind
+    ``POST /v1/embeddings``, in one process
     (its mesh: this host's devices). Compiles the encoder for one input and for a
     full batch (``EMBED_BATCH``) at every length bucket before it answers."""
 
@@ -104,7 +105,8 @@ class EmbeddingServer:
     def __init__(self, lm: LoadedModel, *, max_queue: int = 64, api_key: str | None = None,
                  model_name: str | None = None, max_body_bytes: int = 1 << 20):
         if lm.encoder is None:
-            raise ValueError(f"{lm.config.model_type} is not an encoder-only model: serve it with Server")
+            raise ValueError(f"{lm.path} was loaded to generate text: serve it with Server, or load it with "
+                             "task='embed' for embeddings")
         if jax.process_count() > 1:
             raise ValueError("embeddings are served from one process: run scripts/serve.py without the launcher "
                              "(--tp splits the model over this host's devices)")
@@ -117,12 +119,12 @@ class EmbeddingServer:
         t0, length, dp = time.perf_counter(), 16, lm.tp.dp_size
         while True:
             for rows in {dp, dp * bucket(-(-EMBED_BATCH // dp), 1)}:  # as Encoder pads a batch
-                lm.encoder.encode_program(rows, min(length, lm.config.max_position_embeddings))
-            if length >= lm.config.max_position_embeddings:
+                lm.encoder.encode_program(rows, min(length, lm.encoder.max_len))
+            if length >= lm.encoder.max_len:
                 break
             length *= 2
         log.info("compiled the encoder in %.1fs: inputs up to %d tokens (pooling %s%s)", time.perf_counter() - t0,
-                 lm.config.max_position_embeddings, lm.encoder.pooling, ", normalized" if lm.encoder.normalize else "")
+                 lm.encoder.max_len, lm.encoder.pooling, ", normalized" if lm.encoder.normalize else "")
         self.app = create_embedding_app(lm, self.model_name, api_key=api_key, max_body_bytes=max_body_bytes,
                                         max_queue=max_queue)
 

@@ -337,8 +337,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
 
     @app.post("/v1/embeddings")
     async def no_embeddings():
-        raise APIError(400, f"model {model_name!r} generates text; embeddings come from an encoder-only model "
-                            "(BERT) served by scripts/serve.py", param="model")
+        raise APIError(400, f"model {model_name!r} is served to generate text; for embeddings serve an encoder "
+                            "(BERT), or this model with scripts/serve.py --task embed", param="model")
 
     @app.get("/health")
     async def health():

@@ -1,4 +1,5 @@
-"""``POST /v1/embeddings`` for an encoder-only model (BERT): the OpenAI embeddings API.
+"""``POST /v1/embeddings`` for a model loaded for embeddings (BERT, or a decoder-only
+embedding model with ``task="embed"``): the OpenAI embeddings API.
 
 A request's inputs (texts or token-id lists, up to ``MAX_INPUTS``) are checked and
 tokenized before they queue, then embedded in one call of the model's ``Encoder``,
@@ -36,7 +37,7 @@ def create_embedding_app(lm: Any, model_name: str, *, api_key: str | None = None
     metrics = ServerMetrics()
     device = threading.Lock()  # one request on the devices at a time
     state = {"waiting": 0}
-    common_routes(app, model_name, lm.config.max_position_embeddings, metrics, api_key=api_key,
+    common_routes(app, model_name, lm.encoder.max_len, metrics, api_key=api_key,
                   max_body_bytes=max_body_bytes)
 
     def token_ids(req: EmbeddingRequest) -> list[list[int]]:

@@ -5,6 +5,7 @@ metrics; offline generation (itself checked against transformers) is the oracle.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib.metadata
 import json
 import os
 import socket
@@ -365,6 +366,7 @@ def test_tokenize_detokenize_and_chat_template_options(server, lm):
 def test_models_health_and_metrics(server):
     r = httpx.post(f"{server.url}/v1/embeddings", json={"model": "tiny", "input": "hi"})
     assert r.status_code == 400 and "--task embed" in r.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/version").json() == {"version": importlib.metadata.version("ryzen_jax")}
     models = httpx.get(f"{server.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
     assert httpx.get(f"{server.url}/health").status_code == 200

@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``stream: true`` as server-sent events ending in ``data: [DONE]``), vLLM's
-``POST /tokenize`` and ``POST /detokenize``, ``GET /v1/models``,
+``POST /tokenize`` and ``POST /detokenize``, ``GET /v1/models``, ``GET /version``,
 ``GET /health`` (200 only when every device answers the probe), ``GET /metrics``
 (Prometheus text). Handlers validate, tokenize and queue; they never touch devices.
 """
@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+import ryzen_jax
 from ryzen_jax.engine.generate import Request, StreamDelta
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.serve.logprobs import LogprobFormatter
@@ -373,6 +374,10 @@ def common_routes(app: FastAPI, model_name: str, max_model_len: int, metrics: Se
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "ryzen_jax", "max_model_len": max_model_len}]}
+
+    @app.get("/version")
+    async def version():
+        return {"version": ryzen_jax.__version__}
 
     @app.get("/metrics")
     async def prometheus():

@@ -94,11 +94,12 @@ def wait_for_all(name: str, timeout_s: float = 300.0) -> None:
 
 
 def add_mesh_args(ap) -> None:
-    """The mesh and precision flags every model-running CLI takes: --tp, --dp, --dtype."""
-    ap.add_argument("--tp", type=int, default=None,
+    """The mesh and precision flags every model-running CLI takes: --tp, --dp, --dtype
+    (vLLM's spellings too: --tensor-parallel-size, --data-parallel-size)."""
+    ap.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=None,
                     help="tensor-parallel size (default: all devices the model allows; 1 on CPU in one process, "
                          "whose simulated devices share its cores)")
-    ap.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    ap.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1, help="data-parallel size")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="default: bfloat16 on GPU, float32 on CPU")
 

@@ -28,13 +28,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", required=True, help="HF model dir or converted checkpoint (with a tokenizer)")
     ap.add_argument("--served-model-name", default=None, help="the name clients pass as 'model' (default: dir name)")
     add_mesh_args(ap)
-    ap.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated tokens per request")
+    ap.add_argument("--max-seq-len", "--max-model-len", dest="max_seq_len", type=int, default=None,
+                    help="prompt + generated tokens per request")
     ap.add_argument("--task", choices=("auto", "generate", "embed"), default="auto",
                     help="embed: /v1/embeddings from a decoder-only model too (last-token pooling, as vLLM's); "
                          "auto: embed for an encoder-only model (BERT), else generate")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--max-batch", type=int, default=8, help="decode slots (requests generating at once)")
+    ap.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8,
+                    help="decode slots (requests generating at once)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting for a busy slot to free before 429")
     ap.add_argument("--api-key", default=os.environ.get("RYZEN_JAX_API_KEY"))
     ap.add_argument("--steps-per-dispatch", type=int, default=1, help="decode steps between scheduling decisions (1-32)")

@@ -606,7 +606,9 @@ def test_two_process_server_answers_like_one(model_dir, server):
     env["RYZEN_JAX_COMPILE_CACHE"] = "off"
     proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--nproc", "2", "--devices-per-proc", "2",
                              "--max-restarts", "0", "--", sys.executable, "scripts/serve.py", "--model", model_dir,
-                             "--tp", "4", "--max-seq-len", "128", "--port", str(port), "--served-model-name", "tiny",
+                             # vLLM's spellings of --tp and --max-seq-len
+                             "--tensor-parallel-size", "4", "--max-model-len", "128", "--port", str(port),
+                             "--served-model-name", "tiny",
                              "--step-timeout", "10"],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []

@@ -326,13 +326,17 @@ def test_server_slots_report_logprobs_only_where_asked(llama, hf_llama):
     assert not decode_logprobs().any()  # its slot is done: nothing computed for it
 
 
-def test_prompt_logprobs_score_the_prompt_against_transformers(llama, hf_llama, llama_dp2):
+def test_prompt_logprobs_score_the_prompt_against_transformers(llama, hf_llama, llama_dp2, monkeypatch):
     """``prompt_logprobs``: every prompt token's log-probability given those before it
     (none for the first) and the k best there are the log-softmax of transformers'
     logits over the prompt: prompts of different lengths in one padded batch (one row
     asking for none) at tp 4 and dp 2 × tp 2, and a request admitted into a server slot;
-    the generated tokens are those of a plain prefill."""
+    the generated tokens are those of a plain prefill. The LM head runs over chunks of
+    5 positions here, so the 16-token bucket spans four chunks, the last one padded."""
+    from ryzen_jax.engine import generate as engine
     from ryzen_jax.engine.batcher import Admission, Plan, SlotBatcher
+
+    monkeypatch.setattr(engine, "SCORE_CHUNK", 5)  # read when the scoring prefill is first traced, below
 
     prompts = [PROMPT, PROMPT[3:10], PROMPT[:5]]
     settings = [rj.SamplingParams(prompt_logprobs=3), rj.SamplingParams(prompt_logprobs=0, logprobs=1),

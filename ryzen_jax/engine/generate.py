@@ -45,6 +45,9 @@ MIN_BUCKET = 16
 DECODE_CHUNK = 32
 #: most stop token ids per request (EOS ids included); the array is fixed-size so it never recompiles
 MAX_STOP_IDS = 16
+#: prompt positions scored at a time (``prompt_logprobs``): the LM head's logits are held
+#: for (batch, SCORE_CHUNK, vocabulary) at most, not for the whole prompt
+SCORE_CHUNK = 256
 
 
 def fetch(arrays: list[jax.Array]) -> list[np.ndarray]:
@@ -261,18 +264,25 @@ class Generator:
             logits = jax.lax.cond(bias_on, lambda: add(logits, s.bias_ids, s.bias), lambda: logits)
             return jax.lax.cond(hold_on, lambda: hold(logits, d.stop_ids, d.index < s.min_tokens), lambda: logits)
 
-        def scored(every, tokens):
+        def scored(hidden, tokens, head):
             # each prompt position's logits score the token after it (the last one's, a
-            # padding position's: ignored); per device rows, as in `picked`
+            # padding position's: ignored), SCORE_CHUNK positions at a time: `head` turns a
+            # chunk's states into whole logit rows; the picks run per device rows, as in `picked`
             def rows(logits, nxt):
                 b, t, v = logits.shape
                 p = pick(logits.reshape(b * t, v), nxt.reshape(-1), jnp.ones((b * t,), bool), n_top)
                 return jax.tree.map(lambda x: x.reshape((b, t) + x.shape[1:]), p)
 
-            nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
             spec, wide = P("data", None), P("data", None, None)
-            return jax.shard_map(rows, mesh=tp.mesh, in_specs=(wide, spec), out_specs=Picked(spec, spec, wide, wide),
-                                 check_vma=False)(every, nxt)
+            rows = jax.shard_map(rows, mesh=tp.mesh, in_specs=(wide, spec), out_specs=Picked(spec, spec, wide, wide),
+                                 check_vma=False)
+            b, t, e = hidden.shape
+            chunk = min(t, SCORE_CHUNK)
+            n = -(-t // chunk)
+            nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, n * chunk - t + 1)))
+            hs = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0))).reshape(b, n, chunk, e).swapaxes(0, 1)
+            out = jax.lax.map(lambda c: rows(head(c[0]), c[1]), (hs, nxt.reshape(b, n, chunk).swapaxes(0, 1)))
+            return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((b, n * chunk) + x.shape[3:])[:, :t], out)
 
         def gathered(logits):
             # The LM head's one all-gather: vocab-sharded logits → whole rows, so that
@@ -281,10 +291,12 @@ class Generator:
 
         def prefill(state, tokens, lengths, s, max_new, stop_ids, score_prompt=False):
             model = nnx.merge(graphdef, state)
-            if score_prompt:  # the logits at every position (B, T, V), the last prompt token's pick the first token
-                every, cache, positions = model.prefill(tokens, lengths, max_len, every_position=True)
-                every = gathered(every)
-                logits = jnp.take_along_axis(every, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            if score_prompt:  # the final norm's states everywhere: the last prompt token's logits pick the first
+                # token, the others' are scored a chunk at a time (never (B, T, vocabulary) at once)
+                hidden, cache, positions = model.prefill(tokens, lengths, max_len, every_position=True)
+                table = model.head_table()
+                head = lambda h: gathered(model.logits_of(h, table))  # noqa: E731
+                logits = head(jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1))[:, 0]
             else:
                 logits, cache, positions = model.prefill(tokens, lengths, max_len)
                 logits = gathered(logits)
@@ -302,7 +314,7 @@ class Generator:
             d = _pin(d, tp)
             first, d = _advance(d, sample(steered(logits, s, d, steering(s)), s, history, d.index))
             out = picked(logits, first, s, jnp.ones((b,), bool)), _pin(d, tp), cache
-            return out + (scored(every, tokens),) if score_prompt else out
+            return out + (scored(hidden, tokens, head),) if score_prompt else out
 
         def decode(state, cache, d, s, n_steps, attend):
             model = nnx.merge(graphdef, state)
@@ -375,8 +387,8 @@ class Generator:
     def prefill_program(self, batch: int, length: int, score_prompt: bool = False):
         """The compiled prefill for (batch, prompt bucket) — compiled on first use.
         ``score_prompt``: the variant that also returns the prompt tokens' picks
-        (``Picked`` of shape (B, length)), for requests with ``prompt_logprobs``; it
-        holds every position's logits, (B, length, vocabulary) float32, so ``warmup``
+        (``Picked`` of shape (B, length)), for requests with ``prompt_logprobs``; it runs
+        the LM head over every position (``SCORE_CHUNK`` at a time), so ``warmup``
         leaves it to the first request that asks."""
         fn, name = (self._prefill_scored, "prefill-scored") if score_prompt else (self._prefill, "prefill")
         return self._get(name, fn, *self._abstract_prefill_inputs(batch, length))

@@ -3,9 +3,10 @@
     prefill(tokens (B, T), lengths (B,), max_len) -> logits (B, V), cache, positions (B,)
     decode(tokens (B,), positions (B,), cache)    -> logits (B, V), cache
 
-A decoder-only model's ``prefill(..., every_position=True)`` returns the logits at
-every prompt position instead, (B, T, V), for scoring the prompt itself, and its
-``hidden_states`` the last hidden states, for embeddings (the engine's ``Encoder``).
+A decoder-only model's ``prefill(..., every_position=True)`` returns the final norm's
+states at every prompt position instead, (B, T, E), which ``logits_of(h, head_table())``
+turns into logits a chunk of positions at a time, for scoring the prompt itself; and
+its ``hidden_states`` the same states, for embeddings (the engine's ``Encoder``).
 
 ``prefill`` starts every row (right-padded prompts of true ``lengths``), creates the
 model's cache for ``max_len`` positions inside the program (so it is born sharded)
@@ -44,8 +45,20 @@ class DecoderOnlyLM:
     def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int, every_position: bool = False):
         cache = self.new_cache(tokens.shape[0], max_len)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, cache = self(tokens, positions, cache, prefill=True, logits_at=None if every_position else lengths - 1)
-        return (logits if every_position else logits[:, 0]), cache, lengths
+        if every_position:
+            hidden, cache = self(tokens, positions, cache, prefill=True, head=False)
+            return hidden, cache, lengths
+        logits, cache = self(tokens, positions, cache, prefill=True, logits_at=lengths - 1)
+        return logits[:, 0], cache, lengths
+
+    def head_table(self) -> jax.Array:
+        """The LM head's (V, E) table, vocab-sharded: the embedding's when tied."""
+        return self.embed.embedding[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def logits_of(self, hidden: jax.Array, table: jax.Array) -> jax.Array:
+        """The LM head on final-norm states (B, T, E) with ``table`` (``head_table()``):
+        float32 vocab-sharded logits, padded entries at -inf."""
+        return vocab_logits(hidden, table, self.cfg.vocab_size, self.tp)
 
     def hidden_states(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
                       token_type_ids: jax.Array | None = None) -> jax.Array:
@@ -77,7 +90,4 @@ class DecoderOnlyLM:
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         cache = kv.KVCache(k=new_k, v=new_v)
-        if not head:
-            return self.norm(x), cache
-        table = self.embed.embedding[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return vocab_logits(self.norm(x), table, self.cfg.vocab_size, self.tp), cache
+        return (self.logits_of(self.norm(x), self.head_table()) if head else self.norm(x)), cache

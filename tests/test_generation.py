@@ -486,6 +486,24 @@ def test_stop_strings_cut_across_token_boundaries(demo):
         == kept.text
 
 
+def test_a_stop_tokens_text_is_left_out_unless_asked(demo):
+    """vLLM's rule for stop token ids: ``generated_ids`` keep the stop token, the text
+    leaves its text out (transformers' decoding of the tokens before it), and
+    ``include_stop_str`` keeps it (the decoding of them all) — plain and streamed."""
+    prompt = "The weather in the mountains"
+    full = rj.generate(demo, [prompt], max_new_tokens=24, stop_token_ids=[])[0]
+    decode = lambda ids: demo.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    k = next(i for i, t in enumerate(full.generated_ids) if i >= 3 and decode([t]).strip()
+             and t not in full.generated_ids[:i])  # a token with visible text, first generated at step k
+    stop = full.generated_ids[k]
+    for keep in (False, True):
+        out = rj.generate(demo, [prompt], max_new_tokens=24, stop_token_ids=[stop], include_stop_str=keep)[0]
+        assert out.generated_ids == full.generated_ids[: k + 1] and out.finish_reason == "stop"
+        assert out.text == decode(full.generated_ids[: k + 1 if keep else k])
+        streamed = rj.stream(demo, prompt, max_new_tokens=24, stop_token_ids=[stop], include_stop_str=keep)
+        assert "".join(d.text for d in streamed) == out.text
+
+
 def test_streaming_deltas_never_split_a_character(demo):
     """Byte-level tokens split 'é', '世' and '✓' across tokens: no delta holds half a
     character, and the deltas join to the decoded text."""

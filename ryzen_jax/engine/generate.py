@@ -90,8 +90,10 @@ class Request:
     """One prompt and how to continue it.
 
     Generation stops at the first of: an EOS id of the model (unless ``ignore_eos``),
-    one of ``stop_token_ids`` (both kept in ``generated_ids``), a ``stop`` string (the
-    text is cut before it, or after it with ``include_stop_str``), or ``max_new_tokens``.
+    one of ``stop_token_ids`` (both kept in ``generated_ids``; the text leaves out the
+    stop token's, as vLLM's does), a ``stop`` string (the text is cut before it), or
+    ``max_new_tokens``. ``include_stop_str`` (vLLM's ``include_stop_str_in_output``):
+    the text keeps the stop string, or the stop token's text.
     """
 
     prompt_ids: Sequence[int]
@@ -649,9 +651,10 @@ class Generator:
                     lps.append(float(picked.logprobs[i, j]))
                     tops.append([(int(a), float(b)) for a, b in zip(picked.top_ids[i, j, :k],
                                                                      picked.top_logprobs[i, j, :k])])
-                ended = t in row.stop_ids or len(row.generated) >= row.request.max_new_tokens
-                if row.text is not None:
-                    text += row.text.push([t], final=ended)
+                stopped = t in row.stop_ids
+                ended = stopped or len(row.generated) >= row.request.max_new_tokens
+                if row.text is not None:  # a stop token's own text only where the request keeps it
+                    text += row.text.push([] if stopped and not row.request.include_stop_str else [t], final=ended)
                 if row.text is not None and row.text.stopped:
                     row.finish_reason, row.stop_device = "stop", True
                 elif ended:

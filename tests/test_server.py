@@ -200,6 +200,19 @@ def test_the_openai_client_library(server, lm):
                                      logit_bias={str(k): v for k, v in bias.items()}, extra_body={"ignore_eos": True})
     assert done.choices[0].text == want.text
 
+    # vLLM's truncate_prompt_tokens (the prompt's last k tokens) and continuous usage in a stream
+    long = "The quick brown fox jumps over the lazy dog"
+    ids = lm.tokenizer(long)["input_ids"]
+    want = rj.generate(lm, [ids[-4:]], max_new_tokens=5, ignore_eos=True)[0]
+    done = client.completions.create(model="tiny", prompt=long, max_tokens=5, temperature=0, echo=True,
+                                     extra_body={"truncate_prompt_tokens": 4, "ignore_eos": True})
+    assert done.choices[0].text == lm.tokenizer.decode(ids[-4:]) + want.text and done.usage.prompt_tokens == 4
+    chunks = list(client.completions.create(model="tiny", prompt=long, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True},
+                                            extra_body={"ignore_eos": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 5 and all(c.usage.prompt_tokens == len(ids) for c in chunks)
+
     # vLLM's min_tokens: a stop string counts only in text that comes after the first min_tokens tokens
     plain = rj.generate(lm, ["Once upon a time"], max_new_tokens=12, ignore_eos=True)[0]
     early = rj.generate(lm, ["Once upon a time"], max_new_tokens=4, ignore_eos=True)[0].text

@@ -83,6 +83,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         given = lambda name: getattr(req, name) if name in req.model_fields_set else defaults.get(  # noqa: E731
             name, getattr(req, name))
         check_model(req)
+        if req.truncate_prompt_tokens is not None:  # vLLM's: the last k tokens (left truncation)
+            prompt_ids = prompt_ids[-req.truncate_prompt_tokens:]
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         limit = gen.max_seq_len
@@ -128,7 +130,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         rid, created_at = f"{shape.prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created_at, "model": model_name}
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            options = req.stream_options
+            include_usage = "continuous" if options and options.continuous_usage_stats and options.include_usage \
+                else bool(options and options.include_usage)
             return StreamingResponse(stream(handles, head, shape, include_usage, req.n, echo, keep),
                                      media_type="text/event-stream")
         results = await collect(request, handles)
@@ -188,14 +192,20 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                 for h in handles:
                     scheduler.cancel(h)
 
-    async def stream(handles: list[Handle], head: dict, shape, include_usage: bool, n: int,
+    async def stream(handles: list[Handle], head: dict, shape, include_usage: bool | str, n: int,
                      echo: list[str] | None = None, keep: bool = True) -> AsyncIterator[str]:
         """Server-sent events: each choice's text as it comes (``index`` says whose),
         a final chunk per choice with its finish reason, the usage if asked, [DONE].
-        ``echo``: each choice's first chunk is its prompt (with its log-probabilities
-        when asked); ``keep=False``: the generated tokens are left out."""
-        extra = {"usage": None} if include_usage else {}
-        chunk = lambda i, text, reason, lp=None: sse({**head, **shape.chunk(i, text, reason, lp), **extra})  # noqa: E731
+        ``include_usage="continuous"``: every chunk carries the usage so far (vLLM's
+        ``continuous_usage_stats``). ``echo``: each choice's first chunk is its prompt
+        (with its log-probabilities when asked); ``keep=False``: the generated tokens are
+        left out."""
+        def chunk(i: int, text: str | None, reason: str | None, lp: dict | None = None) -> str:
+            extra = {}
+            if include_usage:
+                extra["usage"] = usage(handles, n_out, n) if include_usage == "continuous" else None
+            return sse({**head, **shape.chunk(i, text, reason, lp), **extra})
+
         pending: dict[asyncio.Future, int] = {}
         reasons: list[str | None] = [None] * len(handles)
         offsets = [0] * len(handles)  # each choice's text so far, for the completions' logprobs text_offset
@@ -306,8 +316,10 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         prompts = [ids_of(p) for p in req.prompts()]
         reqs = [engine_request(req, ids, req.max_tokens, j) for ids in prompts for j in range(req.n)]
         echo = None
-        if req.echo:  # a text prompt echoes as sent; token ids as their decoding
-            echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompts() for _ in range(req.n)]
+        if req.echo:  # a text prompt echoes as sent; token ids (or a truncated prompt) as their decoding
+            sent = [p for p in req.prompts() for _ in range(req.n)]
+            echo = [p if isinstance(p, str) and req.truncate_prompt_tokens is None else tokenizer.decode(r.prompt_ids)
+                    for p, r in zip(sent, reqs)]
         return await run(request, req, reqs, _Completions, echo)
 
     @app.post("/v1/chat/completions")

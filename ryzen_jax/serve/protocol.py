@@ -3,7 +3,7 @@
 Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature``
 1); a few widely used vLLM extensions are accepted too (``top_k``, ``min_p``,
 ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``,
-``include_stop_str_in_output``). Unknown fields are
+``include_stop_str_in_output``, ``truncate_prompt_tokens``, ``stream_options.continuous_usage_stats``). Unknown fields are
 ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server lacks
 (``suffix``, ``tools``, ``response_format`` beyond text, guided
 decoding, ...) is refused when set, rather than silently not honoured. Anything out
@@ -49,6 +49,7 @@ def _refuse(*names: str, unless: Any = lambda value: value in (None, False) or v
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class _Body(BaseModel):
@@ -85,6 +86,7 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     min_tokens: int = Field(default=0, ge=0, lt=2**31)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # vLLM's: keep the prompt's last k tokens
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)

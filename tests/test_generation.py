@@ -333,7 +333,7 @@ def test_prompt_logprobs_score_the_prompt_against_transformers(llama, hf_llama, 
     asking for none) at tp 4 and dp 2 × tp 2, and a request admitted into a server slot;
     the generated tokens are those of a plain prefill. The LM head runs over chunks of
     5 positions here, so the 16-token bucket spans four chunks, the last one padded."""
-    from ryzen_jax.engine import generate as engine
+    from ryzen_jax.engine import programs as engine
     from ryzen_jax.engine.batcher import Admission, Plan, SlotBatcher
 
     monkeypatch.setattr(engine, "SCORE_CHUNK", 5)  # read when the scoring prefill is first traced, below

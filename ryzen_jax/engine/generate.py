@@ -1,7 +1,7 @@
 """The generation engine: requests in, tokens and text out, on a fixed set of
 compiled programs.
 
-Two programs run on the devices, both compiled ahead of time and kept:
+Two programs run on the devices (``programs.py``), both compiled ahead of time and kept:
 
 * ``prefill`` — one per (batch, prompt-length bucket): runs the right-padded
   prompts, creates the cache (``max_seq_len`` positions, born sharded) and picks each
@@ -35,19 +35,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ryzen_jax import kernels
 from ryzen_jax.engine.compile import compile_lowered, compiler_options
-from ryzen_jax.engine.sampling import (MAX_LOGPROBS, History, Picked, SamplingArrays, SamplingParams, add_bias,
-                                       any_biased, any_penalized, any_sampled, hold_stops, pick, sample)
+from ryzen_jax.engine.programs import DECODE_CHUNK, DecodeState, device_programs
+from ryzen_jax.engine.sampling import Picked, SamplingArrays, SamplingParams
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
 
 MIN_BUCKET = 16
-#: most decode steps one dispatch runs (the non-streaming path asks for all of them)
-DECODE_CHUNK = 32
 #: most stop token ids per request (EOS ids included); the array is fixed-size so it never recompiles
 MAX_STOP_IDS = 16
-#: prompt positions scored at a time (``prompt_logprobs``): the LM head's logits are held
-#: for (batch, SCORE_CHUNK, vocabulary) at most, not for the whole prompt
-SCORE_CHUNK = 256
 
 
 def fetch(arrays: list[jax.Array]) -> list[np.ndarray]:
@@ -160,39 +155,6 @@ class GenerationResult:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    """Per-row generation state, kept on the device between dispatches."""
-
-    tokens: jax.Array  # (B,) last sampled token: the input of the next step
-    positions: jax.Array  # (B,) where that token is written in the cache
-    index: jax.Array  # (B,) tokens generated so far (keys the next random draw)
-    max_new: jax.Array  # (B,)
-    done: jax.Array  # (B,) bool
-    history: History  # (B, V) each: the tokens in the sequence, for the penalties
-    stop_ids: jax.Array  # (B, MAX_STOP_IDS), -1 = unused
-
-
-def _pin(d: DecodeState, tp: TensorParallelConfig) -> DecodeState:
-    """Every field split by rows over ``data``, like the batch it describes."""
-    return jax.tree.map(lambda x: tp.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), d)
-
-
-def _advance(d: DecodeState, tok: jax.Array, penalized: jax.Array | bool = True) -> tuple[jax.Array, DecodeState]:
-    """Take each live row's new token: count it (in the history only while some row has
-    a penalty: ``penalized``), and finish rows that hit a stop id or their budget.
-    Returns the tokens to report (-1 for finished rows)."""
-    live = ~d.done
-    tok = jnp.where(live, tok, d.tokens)
-    index = d.index + live
-    stopped = jnp.any(tok[:, None] == d.stop_ids, axis=1)
-    history = jax.lax.cond(penalized, lambda: d.history.add(tok, live), lambda: d.history)
-    new = dataclasses.replace(d, tokens=tok, index=index, history=history,
-                              done=d.done | (live & (stopped | (index >= d.max_new))))
-    return jnp.where(live, tok, -1), new
-
-
 @dataclasses.dataclass
 class _Row:
     """Host-side bookkeeping of one request while it runs."""
@@ -236,118 +198,9 @@ class Generator:
             seed = 0 if jax.process_count() > 1 else int.from_bytes(os.urandom(4), "little")
         self._seeds = np.random.default_rng(seed)
 
-        graphdef, max_len, enc_dec = self.graphdef, self.max_seq_len, self.encoder_decoder
-        start_token = getattr(self.cfg, "decoder_start_token_id", None) or 0
-        n_top = min(MAX_LOGPROBS, self.cfg.vocab_size)  # alternatives reported per token, at most
-
-        def picked(logits, tokens, s, live):
-            # each device its own rows, and whether any of them (live, asking) needs the
-            # log-softmax: XLA's partitioner would run a batch-split top-k on all rows
-            # (an all-gather of the logits over data); the branches hold no collectives
-            rows = P("data")
-            return jax.shard_map(functools.partial(pick, k=n_top), mesh=tp.mesh, in_specs=(P("data", None), rows, rows),
-                                 out_specs=Picked(rows, rows, P("data", None), P("data", None)),
-                                 check_vma=False)(logits, tokens, (s.logprobs >= 0) & live)
-
-        def steering(s):
-            # whether some row has a logit bias, and whether some row has min_tokens: once per
-            # dispatch, from replicated settings
-            return any_biased(s), jnp.any(s.min_tokens > 0)
-
-        def steered(logits, s, d, flags):
-            # the logits as the rows' settings bend them before sampling, each step only where
-            # some row asks (`flags`): the logit bias added; the stop ids of rows short of their
-            # min_tokens held back. Per device rows, as in `picked`
-            bias_on, hold_on = flags
-            wide, rows = P("data", None), P("data")
-            add = jax.shard_map(add_bias, mesh=tp.mesh, in_specs=(wide, wide, wide), out_specs=wide, check_vma=False)
-            hold = jax.shard_map(hold_stops, mesh=tp.mesh, in_specs=(wide, wide, rows), out_specs=wide,
-                                 check_vma=False)
-            logits = jax.lax.cond(bias_on, lambda: add(logits, s.bias_ids, s.bias), lambda: logits)
-            return jax.lax.cond(hold_on, lambda: hold(logits, d.stop_ids, d.index < s.min_tokens), lambda: logits)
-
-        def scored(hidden, tokens, head):
-            # each prompt position's logits score the token after it (the last one's, a
-            # padding position's: ignored), SCORE_CHUNK positions at a time: `head` turns a
-            # chunk's states into whole logit rows; the picks run per device rows, as in `picked`
-            def rows(logits, nxt):
-                b, t, v = logits.shape
-                p = pick(logits.reshape(b * t, v), nxt.reshape(-1), jnp.ones((b * t,), bool), n_top)
-                return jax.tree.map(lambda x: x.reshape((b, t) + x.shape[1:]), p)
-
-            spec, wide = P("data", None), P("data", None, None)
-            rows = jax.shard_map(rows, mesh=tp.mesh, in_specs=(wide, spec), out_specs=Picked(spec, spec, wide, wide),
-                                 check_vma=False)
-            b, t, e = hidden.shape
-            chunk = min(t, SCORE_CHUNK)
-            n = -(-t // chunk)
-            nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, n * chunk - t + 1)))
-            hs = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0))).reshape(b, n, chunk, e).swapaxes(0, 1)
-            out = jax.lax.map(lambda c: rows(head(c[0]), c[1]), (hs, nxt.reshape(b, n, chunk).swapaxes(0, 1)))
-            return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((b, n * chunk) + x.shape[3:])[:, :t], out)
-
-        def gathered(logits):
-            # The LM head's one all-gather: vocab-sharded logits → whole rows, so that
-            # sampling (sort, cumsum, argmax) runs locally instead of as many collectives.
-            return tp.constrain(logits, ("batch",) + (None,) * (logits.ndim - 1))
-
-        def prefill(state, tokens, lengths, s, max_new, stop_ids, score_prompt=False):
-            model = nnx.merge(graphdef, state)
-            if score_prompt:  # the final norm's states everywhere: the last prompt token's logits pick the first
-                # token, the others' are scored a chunk at a time (never (B, T, vocabulary) at once)
-                hidden, cache, positions = model.prefill(tokens, lengths, max_len, every_position=True)
-                table = model.head_table()
-                head = lambda h: gathered(model.logits_of(h, table))  # noqa: E731
-                logits = head(jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1))[:, 0]
-            else:
-                logits, cache, positions = model.prefill(tokens, lengths, max_len)
-                logits = gathered(logits)
-            b, v = logits.shape
-            if enc_dec:  # the decoder's sequence so far is its start token
-                prompt = jnp.arange(v)[None, :] == start_token
-            else:
-                valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-                prompt = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.where(valid, tokens, v)].set(
-                    True, mode="drop")
-            history = History(prompt=tp.constrain(jnp.broadcast_to(prompt, (b, v)), ("batch", None)),
-                              counts=tp.constrain(jnp.zeros((b, v), jnp.int32), ("batch", None)))
-            d = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=positions, index=jnp.zeros((b,), jnp.int32),
-                            max_new=max_new, done=jnp.zeros((b,), bool), history=history, stop_ids=stop_ids)
-            d = _pin(d, tp)
-            first, d = _advance(d, sample(steered(logits, s, d, steering(s)), s, history, d.index))
-            out = picked(logits, first, s, jnp.ones((b,), bool)), _pin(d, tp), cache
-            return out + (scored(hidden, tokens, head),) if score_prompt else out
-
-        def decode(state, cache, d, s, n_steps, attend):
-            model = nnx.merge(graphdef, state)
-            # once per dispatch, from replicated settings
-            sampled, penalized, flags = any_sampled(s), any_penalized(s), steering(s)
-            b = d.tokens.shape[0]
-            out = Picked(tokens=jnp.full((b, DECODE_CHUNK), -1, jnp.int32), logprobs=jnp.zeros((b, DECODE_CHUNK)),
-                         top_ids=jnp.zeros((b, DECODE_CHUNK, n_top), jnp.int32),
-                         top_logprobs=jnp.zeros((b, DECODE_CHUNK, n_top)))
-
-            def cond(carry):
-                i, d, _, _ = carry
-                return (i < n_steps) & ~jnp.all(d.done)
-
-            def body(carry):
-                i, d, cache, out = carry
-                logits, cache = model.decode(d.tokens, d.positions, cache, attend)
-                # finished rows stay put (they rewrite their last slot, harmlessly)
-                d = dataclasses.replace(d, positions=d.positions + ~d.done)
-                logits, live = gathered(logits), ~d.done
-                tok, d = _advance(d, sample(steered(logits, s, d, flags), s, d.history, d.index, sampled, penalized),
-                                  penalized)
-                return i + 1, _pin(d, tp), cache, jax.tree.map(lambda o, x: o.at[:, i].set(x), out,
-                                                                picked(logits, tok, s, live))
-
-            _, d, cache, out = jax.lax.while_loop(cond, body, (jnp.int32(0), d, cache, out))
-            return out, d, cache
-
+        prefill, self._decode_fn = device_programs(self.graphdef, self.cfg, tp, self.max_seq_len)
         self._prefill = jax.jit(prefill)
         self._prefill_scored = jax.jit(functools.partial(prefill, score_prompt=True))
-        self._decode_fn = decode
 
     # -- compiled programs ------------------------------------------------------------
     def _compile(self, key: tuple, lower: Callable[[], Any]):

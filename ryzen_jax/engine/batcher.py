@@ -48,9 +48,9 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         raw = json.loads(text)
-        def request(r: dict) -> Request:
-            return Request(r["prompt_ids"], r["max_new_tokens"], SamplingParams(**r["sampling"]),
-                           tuple(r["stop_token_ids"]), tuple(r["stop"]), r["ignore_eos"], r["include_stop_str"])
+        def request(r: dict) -> Request:  # JSON made the tuples lists and the settings a dict
+            return Request(**{**r, "sampling": SamplingParams(**r["sampling"]),
+                              "stop_token_ids": tuple(r["stop_token_ids"]), "stop": tuple(r["stop"])})
 
         admit = tuple(Admission(a["slot"], request(a["request"]), a["seed"]) for a in raw["admit"])
         return cls(admit=admit, cancel=tuple(raw["cancel"]), steps=raw["steps"], probe=raw["probe"])

@@ -155,6 +155,11 @@ class GenerationResult:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
+def _pairs(ids: np.ndarray, logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The first ``k`` (token id, log-probability) pairs of a position's best, as Python numbers."""
+    return [(int(a), float(b)) for a, b in zip(ids[:k], logprobs[:k])]
+
+
 @dataclasses.dataclass
 class _Row:
     """Host-side bookkeeping of one request while it runs."""
@@ -451,16 +456,14 @@ class Generator:
     def record_prompt(rows: Sequence[_Row], p: Picked) -> None:
         """Fold a scored prefill's prompt picks (B, bucket) into the rows that asked:
         prompt token j's log-probability sits at position j - 1."""
-        host = Picked(*fetch([p.tokens, p.logprobs, p.top_ids, p.top_logprobs]))
+        logprobs, top_ids, top_logprobs = fetch([p.logprobs, p.top_ids, p.top_logprobs])  # the tokens are the prompt's
         for i, row in enumerate(rows):
             k = row.request.sampling.prompt_logprobs
             if k is None:
                 continue
             n = len(row.request.prompt_ids)
-            row.prompt_logprobs = [None] + [float(x) for x in host.logprobs[i, : n - 1]]
-            row.prompt_top_logprobs = [None] + [[(int(a), float(b)) for a, b in zip(host.top_ids[i, j, :k],
-                                                                                  host.top_logprobs[i, j, :k])]
-                                                for j in range(n - 1)]
+            row.prompt_logprobs = [None] + [float(x) for x in logprobs[i, : n - 1]]
+            row.prompt_top_logprobs = [None] + [_pairs(top_ids[i, j], top_logprobs[i, j], k) for j in range(n - 1)]
 
     @staticmethod
     def fetch_picked(p: Picked, rows: Sequence[_Row | None], steps: int | None = None) -> Picked:
@@ -502,8 +505,7 @@ class Generator:
                 if measured:
                     k = row.request.sampling.logprobs
                     lps.append(float(picked.logprobs[i, j]))
-                    tops.append([(int(a), float(b)) for a, b in zip(picked.top_ids[i, j, :k],
-                                                                     picked.top_logprobs[i, j, :k])])
+                    tops.append(_pairs(picked.top_ids[i, j], picked.top_logprobs[i, j], k))
                 stopped = t in row.stop_ids
                 ended = stopped or len(row.generated) >= row.request.max_new_tokens
                 if row.text is not None:  # a stop token's own text only where the request keeps it

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ryzen_jax.engine.sampling import (MAX_LOGPROBS, History, Picked, add_bias, any_biased, any_penalized,
+from ryzen_jax.engine.sampling import (MAX_LOGPROBS, History, Picked, add_bias, any_biased, any_held, any_penalized,
                                        any_sampled, hold_stops, pick, sample)
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -78,26 +78,26 @@ def device_programs(graphdef: nnx.GraphDef, cfg: Any, tp: TensorParallelConfig, 
     start_token = getattr(cfg, "decoder_start_token_id", None) or 0
     n_top = min(MAX_LOGPROBS, cfg.vocab_size)  # alternatives reported per token, at most
 
+    rows, wide = P("data"), P("data", None)
+    # `pick` on each device's own rows, computing only where one of them is wanted: XLA's
+    # partitioner would run a batch-split top-k on all rows (an all-gather of the logits
+    # over data); the branches hold no collectives
+    pick_rows = jax.shard_map(functools.partial(pick, k=n_top), mesh=tp.mesh, in_specs=(wide, rows, rows),
+                              out_specs=Picked(rows, rows, wide, wide), check_vma=False)
+
     def picked(logits, tokens, s, live):
-        # each device its own rows, and whether any of them (live, asking) needs the
-        # log-softmax: XLA's partitioner would run a batch-split top-k on all rows
-        # (an all-gather of the logits over data); the branches hold no collectives
-        rows = P("data")
-        return jax.shard_map(functools.partial(pick, k=n_top), mesh=tp.mesh, in_specs=(P("data", None), rows, rows),
-                             out_specs=Picked(rows, rows, P("data", None), P("data", None)),
-                             check_vma=False)(logits, tokens, (s.logprobs >= 0) & live)
+        # the step's picks; log-probabilities for the live rows that ask
+        return pick_rows(logits, tokens, (s.logprobs >= 0) & live)
 
     def steering(s):
-        # whether some row has a logit bias, and whether some row has min_tokens: once per
-        # dispatch, from replicated settings
-        return any_biased(s), jnp.any(s.min_tokens > 0)
+        # once per dispatch, from replicated settings: some row has a logit bias, some min_tokens
+        return any_biased(s), any_held(s)
 
     def steered(logits, s, d, flags):
         # the logits as the rows' settings bend them before sampling, each step only where
         # some row asks (`flags`): the logit bias added; the stop ids of rows short of their
         # min_tokens held back. Per device rows, as in `picked`
         bias_on, hold_on = flags
-        wide, rows = P("data", None), P("data")
         add = jax.shard_map(add_bias, mesh=tp.mesh, in_specs=(wide, wide, wide), out_specs=wide, check_vma=False)
         hold = jax.shard_map(hold_stops, mesh=tp.mesh, in_specs=(wide, wide, rows), out_specs=wide,
                              check_vma=False)
@@ -107,21 +107,19 @@ def device_programs(graphdef: nnx.GraphDef, cfg: Any, tp: TensorParallelConfig, 
     def scored(hidden, tokens, head):
         # each prompt position's logits score the token after it (the last one's, a
         # padding position's: ignored), SCORE_CHUNK positions at a time: `head` turns a
-        # chunk's states into whole logit rows; the picks run per device rows, as in `picked`
-        def rows(logits, nxt):
-            b, t, v = logits.shape
-            p = pick(logits.reshape(b * t, v), nxt.reshape(-1), jnp.ones((b * t,), bool), n_top)
-            return jax.tree.map(lambda x: x.reshape((b, t) + x.shape[1:]), p)
-
-        spec, wide = P("data", None), P("data", None, None)
-        rows = jax.shard_map(rows, mesh=tp.mesh, in_specs=(wide, spec), out_specs=Picked(spec, spec, wide, wide),
-                             check_vma=False)
+        # chunk's states into whole logit rows, each position a row for `pick_rows`
         b, t, e = hidden.shape
         chunk = min(t, SCORE_CHUNK)
         n = -(-t // chunk)
+
+        def one(c):
+            logits = head(c[0])
+            p = pick_rows(logits.reshape(b * chunk, -1), c[1].reshape(-1), jnp.ones((b * chunk,), bool))
+            return jax.tree.map(lambda x: x.reshape((b, chunk) + x.shape[1:]), p)
+
         nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, n * chunk - t + 1)))
         hs = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0))).reshape(b, n, chunk, e).swapaxes(0, 1)
-        out = jax.lax.map(lambda c: rows(head(c[0]), c[1]), (hs, nxt.reshape(b, n, chunk).swapaxes(0, 1)))
+        out = jax.lax.map(one, (hs, nxt.reshape(b, n, chunk).swapaxes(0, 1)))
         return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((b, n * chunk) + x.shape[3:])[:, :t], out)
 
     def gathered(logits):

@@ -188,6 +188,11 @@ def any_biased(s: SamplingArrays) -> jax.Array:
     return jnp.any(s.bias != 0)
 
 
+def any_held(s: SamplingArrays) -> jax.Array:
+    """Whether any row has ``min_tokens`` (its stop ids may need holding back)."""
+    return jnp.any(s.min_tokens > 0)
+
+
 def penalize(logits: jax.Array, h: History, s: SamplingArrays) -> jax.Array:
     """The repetition penalty (CTRL; transformers' rule): a token already in the
     sequence, prompt included, has a positive logit divided by the penalty and a

@@ -65,8 +65,7 @@ class DecoderOnlyLM:
         """The final norm's output at every position, (B, T, E) float32, for right-padded
         rows: attention is causal, so padding never reaches a real token and needs no
         mask (the arguments after ``tokens`` keep an encoder's signature)."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        hidden, _ = self(tokens, positions, self.new_cache(*tokens.shape), prefill=True, head=False)
+        hidden, _, _ = self.prefill(tokens, None, tokens.shape[1], every_position=True)
         return hidden.astype(jnp.float32)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache, attend: int | None = None):

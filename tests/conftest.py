@@ -8,6 +8,9 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RYZEN_JAX_COMPILE_CACHE", "off")  # tests compile from scratch and leave ~/.cache alone
+# the CPU kernels build once for the session, whatever $RYZEN_JAX_CACHE a test's subprocess gets
+os.environ.setdefault("RYZEN_JAX_KERNEL_DIR", os.path.join(
+    os.environ.get("RYZEN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ryzen_jax"), "kernels"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

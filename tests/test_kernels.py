@@ -228,6 +228,7 @@ def test_bfloat16_split_over_cpu_devices_warns_of_the_widened_weights(hf_model_d
 def test_no_compiler_falls_back_to_xla_with_a_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     monkeypatch.setenv("RYZEN_JAX_CACHE", str(tmp_path))
+    monkeypatch.delenv(kernels.ENV_DIR, raising=False)  # not the session's built library
     if not {"avx2", "fma"} <= kernels._cpu_flags():
         pytest.skip("this CPU lacks AVX2/FMA: the compiler is never asked for")
     with pytest.raises(kernels.KernelUnavailable, match="no C.. compiler.*install g\\+\\+ or set CXX"):
@@ -236,6 +237,21 @@ def test_no_compiler_falls_back_to_xla_with_a_warning(monkeypatch, tmp_path, cap
         assert kernels.register.__wrapped__() is False
     assert "unavailable" in caplog.text and "XLA's operations" in caplog.text
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_compile_error_is_said_and_leaves_no_library(monkeypatch, tmp_path):
+    """A compiler that fails: its exit status and words in the error, nothing half-built
+    left in the kernel directory (a later start tries again)."""
+    if not {"avx2", "fma"} <= kernels._cpu_flags():
+        pytest.skip("this CPU lacks AVX2/FMA: the compiler is never asked for")
+    cxx = tmp_path / "bad-cxx"
+    cxx.write_text("#!/bin/sh\necho 'error: out of cheese' >&2\nexit 3\n")
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv(kernels.ENV_DIR, str(tmp_path / "k"))
+    with pytest.raises(kernels.KernelUnavailable, match="failed to compile the kernels .exit status 3: error: out of cheese"):
+        kernels.build()
+    assert os.listdir(tmp_path / "k") == []
 
 
 def test_switched_off_by_the_environment(monkeypatch):

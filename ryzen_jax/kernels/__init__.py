@@ -23,8 +23,9 @@ tensor-parallel meshes, whose partitioner must see a dot to split it) stays on X
 own operations.
 
 The kernels are compiled at first use with the system's C++ compiler (``$CXX``, else
-``g++``) into ``$RYZEN_JAX_CACHE/kernels`` (``~/.cache/ryzen_jax/kernels``) and
-registered with XLA. Where they cannot be (no compiler, a CPU without AVX2 and FMA) a
+``g++``; one compiler process per source, side by side) into
+``$RYZEN_JAX_KERNEL_DIR`` (default ``$RYZEN_JAX_CACHE/kernels``,
+``~/.cache/ryzen_jax/kernels``) and registered with XLA. Where they cannot be (no compiler, a CPU without AVX2 and FMA) a
 warning says why and XLA's operations are used; ``RYZEN_JAX_CPU_KERNELS=0`` turns them
 off.
 """
@@ -66,6 +67,9 @@ WRITE_CACHE_TARGET = "ryzen_jax_write_cache"
 PUT_ROW_TARGET = "ryzen_jax_put_row"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-pthread", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "RYZEN_JAX_CPU_KERNELS"
+#: where the built library goes, if not ``$RYZEN_JAX_CACHE/kernels``: one directory that
+#: many caches share (a cluster's jobs, a test session's) builds once
+ENV_DIR = "RYZEN_JAX_KERNEL_DIR"
 
 _active: contextvars.ContextVar[bool] = contextvars.ContextVar("ryzen_jax_cpu_kernels", default=False)
 
@@ -104,9 +108,17 @@ def loops() -> tuple[str, ...]:
 MAX_ROWS = 16 if "avx512" in loops() else 8
 
 
+def kernel_dir() -> Path:
+    """Where the built library is kept: ``$RYZEN_JAX_KERNEL_DIR``, else ``$RYZEN_JAX_CACHE/kernels``."""
+    return Path(os.environ.get(ENV_DIR) or os.path.join(cache_root(), "kernels"))
+
+
 def build() -> Path:
     """The compiled library, built once per source, jaxlib and flags; written to a
-    temporary name and renamed, so concurrent processes never load half a file."""
+    temporary name and renamed, so concurrent processes never load half a file. Each
+    source compiles in its own compiler process, all at once (most of each one's time is
+    XLA's FFI headers; side by side they take the longest one's time, not the sum), and
+    one more links them."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= _cpu_flags():
         raise KernelUnavailable("this CPU lacks AVX2 and FMA (x86-64 only)")
     cxx = shutil.which(os.environ.get("CXX", "g++"))
@@ -115,23 +127,38 @@ def build() -> Path:
                                 "install g++ or set CXX")
     source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     tag = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = Path(cache_root()) / "kernels" / f"ryzen_jax_cpu-{tag}.so"
+    out = kernel_dir() / f"ryzen_jax_cpu-{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
-    os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
-    log.info("building the CPU kernels: %s", " ".join(cmd))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise KernelUnavailable(f"{cxx} failed to compile the kernels: {done.stderr.strip()[-2000:]}")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as work:
+        objects = [os.path.join(work, src.stem + ".o") for src in SOURCES]
+        compile_flags = [f for f in FLAGS if f != "-shared"]
+        log.info("building the CPU kernels (%d sources at once): %s %s -I%s -c", len(SOURCES), cxx,
+                 " ".join(compile_flags), jax.ffi.include_dir())
+        _run_all([[cxx, *compile_flags, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", obj]
+                  for src, obj in zip(SOURCES, objects)], cxx)
+        tmp = os.path.join(work, out.name)
+        _run_all([[cxx, "-shared", "-pthread", *objects, "-o", tmp]], cxx)
         os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
+
+
+def _run_all(commands: list[list[str]], cxx: str) -> None:
+    """Run ``commands`` side by side; KernelUnavailable with the compiler's words if one fails."""
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
+    failed = None
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+            err = f"timed out after 300 s; {err}"
+        if p.returncode != 0 and failed is None:
+            failed = f"exit status {p.returncode}: {err.strip()[-2000:]}"
+    if failed is not None:
+        raise KernelUnavailable(f"{cxx} failed to compile the kernels ({failed})")
 
 
 @functools.cache

@@ -353,6 +353,13 @@ def test_prompt_logprobs_score_the_prompt_against_transformers(llama, hf_llama, 
             want = np.sort(logp[j])[::-1][:k]
             np.testing.assert_allclose([lp for _, lp in top], want, atol=1e-4)
             np.testing.assert_allclose(logp[j, [t for t, _ in top]], want, atol=1e-4)
+        # each token's rank: the tokens at least as likely under HF's distribution (a
+        # token within the tolerance of it may fall either side)
+        assert c.prompt_ranks[0] is None and len(c.prompt_ranks) == len(prompt)
+        for j, rank in enumerate(c.prompt_ranks[1:]):
+            lp = logp[j, prompt[j + 1]]
+            assert (logp[j] > lp + 1e-4).sum() + 1 <= rank <= (logp[j] >= lp - 1e-4).sum(), (j, rank)
+        assert any(r > 1 for r in c.prompt_ranks[1:]) and any(r > k for r in c.prompt_ranks[1:])
 
     plain = llama.generator.generate(prompts, 4, stop_ids=[]).generated_ids
     for lm in (llama, llama_dp2):
@@ -361,7 +368,7 @@ def test_prompt_logprobs_score_the_prompt_against_transformers(llama, hf_llama, 
         assert [c.generated_ids for c in result.completions] == plain
         for c, p, s in zip(result.completions, prompts, settings):
             if s.prompt_logprobs is None:
-                assert c.prompt_logprobs is None and c.prompt_top_logprobs is None
+                assert c.prompt_logprobs is None and c.prompt_top_logprobs is None and c.prompt_ranks is None
             else:
                 check(c, p, s.prompt_logprobs)
         firsts = {d.index: d for d in reversed(deltas)}  # each request's first delta carries its prompt's
@@ -371,7 +378,7 @@ def test_prompt_logprobs_score_the_prompt_against_transformers(llama, hf_llama, 
     batcher = SlotBatcher(llama.generator, 2)
     out = batcher.apply(Plan(admit=(Admission(1, requests[0], 0),), steps=0))
     c = rj.Completion(prompts[0], [], None, "", prompt_logprobs=out.deltas[0].prompt_logprobs,
-                      prompt_top_logprobs=out.deltas[0].prompt_top_logprobs)
+                      prompt_top_logprobs=out.deltas[0].prompt_top_logprobs, prompt_ranks=out.deltas[0].prompt_ranks)
     check(c, prompts[0], 3)
 
 

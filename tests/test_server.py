@@ -331,6 +331,64 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, lm):
     assert "".join(c.choices[0].text for c in chunks) == prompt + plain.text
 
 
+def test_vllm_prompt_logprobs_are_transformers_log_softmax(server, lm, model_dir):
+    """vLLM's ``prompt_logprobs``: per prompt token None at the first, then
+    ``{token id: {logprob, rank, decoded_token}}`` for the token itself (its rank in the
+    whole vocabulary) and the k most likely (ranks 1 to k) — transformers' log-softmax
+    over the prompt. On each completion choice (two prompts), beside a chat's choices,
+    with ``echo`` keeping its own depth, with ``max_tokens=0``; generation unchanged by
+    the scoring; streamed or out of range it is a 400 naming the field."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    name = lambda t: lm.tokenizer.decode([t])  # noqa: E731
+
+    def check(scores: list, ids: list[int], k: int) -> None:
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1).numpy()
+        assert len(scores) == len(ids) and scores[0] is None
+        for j, entry in enumerate(scores[1:]):
+            t, best = ids[j + 1], np.sort(logp[j])[::-1]
+            own = entry[str(t)]
+            assert own["logprob"] == pytest.approx(logp[j, t], abs=1e-4) and own["decoded_token"] == name(t)
+            assert (logp[j] > logp[j, t] + 1e-4).sum() + 1 <= own["rank"] <= (logp[j] >= logp[j, t] - 1e-4).sum()
+            others = {int(a): v for a, v in entry.items() if int(a) != t}
+            ranks = sorted(v["rank"] for v in others.values())  # the k best, less the token if it is one
+            assert ranks in (list(range(1, k + 1)), [x for x in range(1, k + 1) if x != own["rank"]]), (ranks, own)
+            for a, v in others.items():  # the k best: HF's values, in HF's order
+                assert v["logprob"] == pytest.approx(logp[j, a], abs=1e-4) == pytest.approx(best[v["rank"] - 1], abs=1e-4)
+                assert v["decoded_token"] == name(a)
+
+    prompts = ["Once upon a time", "Distributed computing is"]
+    r = complete(server.url, prompt=prompts, max_tokens=3, temperature=0, prompt_logprobs=3)
+    assert r.status_code == 200, r.text
+    plain = rj.generate(lm, prompts, max_new_tokens=3)
+    for choice, p, want in zip(r.json()["choices"], prompts, plain):
+        assert choice["text"] == want.text and choice["logprobs"] is None
+        check(choice["prompt_logprobs"], lm.tokenizer(p)["input_ids"], 3)
+
+    r = complete(server.url, prompt=prompts[0], max_tokens=0, echo=True, logprobs=1, prompt_logprobs=5).json()
+    choice = r["choices"][0]
+    assert choice["text"] == prompts[0] and r["usage"]["completion_tokens"] == 0
+    check(choice["prompt_logprobs"], lm.tokenizer(prompts[0])["input_ids"], 5)
+    assert all(len(top) <= 2 for top in choice["logprobs"]["top_logprobs"][1:])  # echo: its own logprobs=1
+    r = complete(server.url, prompt=prompts[1], max_tokens=0, prompt_logprobs=0).json()
+    check(r["choices"][0]["prompt_logprobs"], lm.tokenizer(prompts[1])["input_ids"], 0)
+    assert r["choices"][0]["text"] == ""
+
+    messages = [{"role": "user", "content": "Say something"}]
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120,
+                   json={"model": "tiny", "messages": messages, "max_tokens": 2, "n": 2, "prompt_logprobs": 2}).json()
+    assert all("prompt_logprobs" not in c for c in r["choices"]) and len(r["choices"]) == 2
+    check(r["prompt_logprobs"], ids, 2)
+
+    for body in ({"prompt": "hi", "prompt_logprobs": 2, "stream": True}, {"prompt": "hi", "prompt_logprobs": 21},
+                 {"prompt": "hi", "prompt_logprobs": -1}):
+        r = complete(server.url, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+    r = complete(server.url, prompt="hi", prompt_logprobs=2, stream=True).json()
+    assert "not available when stream is true" in r["error"]["message"]
+
+
 def test_tokenize_detokenize_and_chat_template_options(server, lm):
     """vLLM's /tokenize and /detokenize: a prompt's ids are the tokenizer's, chat
     messages' are those a chat request runs (its usage counts them), ids decode to the

@@ -107,7 +107,9 @@ class Completion:
     ``logprobs[i]`` is generated token i's log-probability and ``top_logprobs[i]`` the
     ``(token id, log-probability)`` pairs of the most likely tokens there, best first.
     With ``prompt_logprobs`` set, ``prompt_logprobs`` and ``prompt_top_logprobs`` are
-    the same per prompt token (None at the first: nothing predicts it)."""
+    the same per prompt token (None at the first: nothing predicts it), and
+    ``prompt_ranks`` each prompt token's rank in the model's distribution there (1: the
+    most likely; vLLM's ``Logprob.rank``: the tokens at least as likely, itself included)."""
 
     prompt_ids: list[int]
     generated_ids: list[int]
@@ -117,6 +119,7 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
 
 
 @dataclasses.dataclass
@@ -132,6 +135,7 @@ class StreamDelta:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # as in Completion, on a request's first delta only
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
 
 
 @dataclasses.dataclass
@@ -172,6 +176,7 @@ class _Row:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # when the request asks for them, after prefill
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
     finish_reason: str | None = None
     stop_device: bool = False  # ended by a stop string: the device still thinks it is live
 
@@ -415,7 +420,8 @@ class Generator:
         if stats is not None:
             stats.completions = [Completion(list(map(int, r.request.prompt_ids)), r.generated,
                                             r.text.text if r.text else None, r.finish_reason, r.logprobs,
-                                            r.top_logprobs, r.prompt_logprobs, r.prompt_top_logprobs) for r in rows]
+                                            r.top_logprobs, r.prompt_logprobs, r.prompt_top_logprobs,
+                                            r.prompt_ranks) for r in rows]
             stats.compile_s = self.compile_s - compile_before
             stats.ttft_s, stats.decode_s, stats.decode_tokens = ttft, time.perf_counter() - t1, decoded
 
@@ -453,10 +459,11 @@ class Generator:
         return any(r.sampling.prompt_logprobs is not None for r in requests)
 
     @staticmethod
-    def record_prompt(rows: Sequence[_Row], p: Picked) -> None:
-        """Fold a scored prefill's prompt picks (B, bucket) into the rows that asked:
-        prompt token j's log-probability sits at position j - 1."""
-        logprobs, top_ids, top_logprobs = fetch([p.logprobs, p.top_ids, p.top_logprobs])  # the tokens are the prompt's
+    def record_prompt(rows: Sequence[_Row], scores: tuple[Picked, jax.Array]) -> None:
+        """Fold a scored prefill's prompt picks and ranks (B, bucket) into the rows that
+        asked: prompt token j's log-probability sits at position j - 1."""
+        p, ranks = scores
+        logprobs, top_ids, top_logprobs, ranks = fetch([p.logprobs, p.top_ids, p.top_logprobs, ranks])  # tokens: the prompt's
         for i, row in enumerate(rows):
             k = row.request.sampling.prompt_logprobs
             if k is None:
@@ -464,6 +471,7 @@ class Generator:
             n = len(row.request.prompt_ids)
             row.prompt_logprobs = [None] + [float(x) for x in logprobs[i, : n - 1]]
             row.prompt_top_logprobs = [None] + [_pairs(top_ids[i, j], top_logprobs[i, j], k) for j in range(n - 1)]
+            row.prompt_ranks = [None] + [int(x) for x in ranks[i, : n - 1]]
 
     @staticmethod
     def fetch_picked(p: Picked, rows: Sequence[_Row | None], steps: int | None = None) -> Picked:
@@ -521,6 +529,7 @@ class Generator:
                 delta = StreamDelta(i, new, text if row.text is not None else None, row.finish_reason, lps, tops)
                 if opening:
                     delta.prompt_logprobs, delta.prompt_top_logprobs = row.prompt_logprobs, row.prompt_top_logprobs
+                    delta.prompt_ranks = row.prompt_ranks
                 deltas.append(delta)
         return deltas
 

@@ -107,15 +107,19 @@ def device_programs(graphdef: nnx.GraphDef, cfg: Any, tp: TensorParallelConfig, 
     def scored(hidden, tokens, head):
         # each prompt position's logits score the token after it (the last one's, a
         # padding position's: ignored), SCORE_CHUNK positions at a time: `head` turns a
-        # chunk's states into whole logit rows, each position a row for `pick_rows`
+        # chunk's states into whole logit rows, each position a row for `pick_rows`; with
+        # each scored token's rank beside its picks
         b, t, e = hidden.shape
         chunk = min(t, SCORE_CHUNK)
         n = -(-t // chunk)
 
         def one(c):
-            logits = head(c[0])
-            p = pick_rows(logits.reshape(b * chunk, -1), c[1].reshape(-1), jnp.ones((b * chunk,), bool))
-            return jax.tree.map(lambda x: x.reshape((b, chunk) + x.shape[1:]), p)
+            logits = head(c[0]).reshape(b * chunk, -1)
+            p = pick_rows(logits, c[1].reshape(-1), jnp.ones((b * chunk,), bool))
+            # each token's rank (vLLM's): how many tokens are at least as likely, itself included
+            chosen = jnp.take_along_axis(logits, c[1].reshape(-1, 1), axis=-1)
+            ranks = jnp.sum(logits >= chosen, axis=-1, dtype=jnp.int32)
+            return jax.tree.map(lambda x: x.reshape((b, chunk) + x.shape[1:]), (p, ranks))
 
         nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, n * chunk - t + 1)))
         hs = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0))).reshape(b, n, chunk, e).swapaxes(0, 1)

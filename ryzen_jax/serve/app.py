@@ -79,7 +79,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         generation_config.json) where it has one, else the API's; ``max_tokens=None``
         the model's ``max_new_tokens`` (within the context), else 16 for a completion and
         the rest of the context for a chat. A completion's ``echo`` with ``logprobs``
-        scores the prompt too; its ``max_tokens=0`` runs one token, which the answer drops."""
+        scores the prompt too, as ``prompt_logprobs`` does (the deeper of the two asks
+        sets how many alternatives); ``max_tokens=0`` runs one token, which the answer drops."""
         given = lambda name: getattr(req, name) if name in req.model_fields_set else defaults.get(  # noqa: E731
             name, getattr(req, name))
         check_model(req)
@@ -98,9 +99,11 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         if len(prompt_ids) + max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} + {len(prompt_ids)} prompt tokens exceeds this server's "
                                 f"context of {limit}", param="max_tokens")
-        max_tokens = max_tokens or 1  # 0: echo only (protocol refuses it otherwise); the token is dropped
+        max_tokens = max_tokens or 1  # 0: scoring only (protocol refuses it otherwise); the token is dropped
         seed = None if req.seed is None else (req.seed + choice) % 2**32
-        scored = req.logprobs if getattr(req, "echo", False) else None
+        asks = [k for k in (req.logprobs if getattr(req, "echo", False) else None, req.prompt_logprobs)
+                if k is not None]
+        scored = max(asks) if asks else None
         try:
             sampling = SamplingParams(temperature=given("temperature"), top_k=max(0, int(given("top_k"))),
                                       top_p=given("top_p"), min_p=given("min_p"),
@@ -126,7 +129,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             raise APIError(429, str(e), kind="rate_limit_error") from None
         except EngineFailed as e:
             raise APIError(503, str(e), kind="server_error") from None
-        keep = req.max_tokens != 0  # max_tokens=0 (with echo): the one token run is not part of the answer
+        keep = req.max_tokens != 0  # max_tokens=0 (scoring only): the one token run is not part of the answer
         rid, created_at = f"{shape.prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created_at, "model": model_name}
         if req.stream:
@@ -143,13 +146,18 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             reason = deltas[-1].finish_reason if deltas else "stop"
             deltas = deltas if keep else [dropped(d) for d in deltas]
             text = "".join(d.text or "" for d in deltas)
+            prompt_ids = engine_reqs[i].prompt_ids
             if echo is None:
                 lp = shape.logprobs(logprob_formatter, deltas, 0)[0]
             else:
-                text, lp = echo[i] + text, logprob_formatter.completion(deltas, 0, engine_reqs[i].prompt_ids)[0]
+                text, lp = echo[i] + text, logprob_formatter.completion(deltas, 0, prompt_ids, req.logprobs)[0]
             choices.append(shape.choice(i, text, reason, lp))
+            if req.prompt_logprobs is not None:
+                scores = logprob_formatter.prompt(deltas[0], prompt_ids, req.prompt_logprobs) if deltas else None
+                choices[-1]["prompt_logprobs"] = scores
             n_out += sum(len(d.token_ids) for d in deltas)
-        return JSONResponse({**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out, req.n)})
+        body = {**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out, req.n)}
+        return JSONResponse(shape.placed(body))
 
     def dropped(d: StreamDelta) -> StreamDelta:
         """A delta with its generated tokens taken out (what ``max_tokens=0`` answers)."""
@@ -264,6 +272,10 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         @staticmethod
+        def placed(body: dict) -> dict:
+            return body  # prompt_logprobs stay on each choice: each has its own prompt
+
+        @staticmethod
         def chunk(i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
             return {"object": "text_completion",
                     "choices": [{"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}]}
@@ -279,6 +291,12 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         def choice(i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
             return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                     "finish_reason": reason}
+
+        @staticmethod
+        def placed(body: dict) -> dict:
+            """vLLM answers a chat's prompt_logprobs beside its choices, which share one prompt."""
+            scores = [c.pop("prompt_logprobs") for c in body["choices"] if "prompt_logprobs" in c]
+            return {**body, "prompt_logprobs": scores[0]} if scores else body
 
         @staticmethod
         def chunk(i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:

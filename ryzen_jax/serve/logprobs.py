@@ -6,7 +6,9 @@ alternatives' as ``(token id, log-probability)`` pairs (``StreamDelta.logprobs``
 ``token_logprobs``, ``top_logprobs`` as one ``{token: logprob}`` map per token, the
 chosen token always in it as OpenAI does, ``text_offset``); chat completions as a
 ``content`` list of ``{token, logprob, bytes, top_logprobs}``. An echoed prompt's
-tokens lead the legacy shape. A token's text is the
+tokens lead the legacy shape. vLLM's ``prompt_logprobs`` has a third: per prompt
+token, None at the first, else ``{token id: {logprob, rank, decoded_token}}`` for the
+token and the k most likely there (ranks 1 to k). A token's text is the
 tokenizer's decoding of that one id (a piece of a multi-byte character decodes to
 U+FFFD there, as vLLM reports it).
 """
@@ -25,12 +27,14 @@ class LogprobFormatter:
     def __init__(self, tokenizer: Any):
         self._text = functools.lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t]))
 
-    def completion(self, deltas: Sequence[StreamDelta], offset: int = 0,
-                   echo: Sequence[int] | None = None) -> tuple[dict | None, int]:
+    def completion(self, deltas: Sequence[StreamDelta], offset: int = 0, echo: Sequence[int] | None = None,
+                   echo_top: int | None = None) -> tuple[dict | None, int]:
         """The legacy ``logprobs`` object of these deltas' tokens, their text offsets
         counted from ``offset``; and the offset after them (for the next chunk).
         ``echo``: the prompt's ids, whose tokens come first (scored on the first delta;
-        the very first has no log-probability, as in OpenAI's echo)."""
+        the very first has no log-probability, as in OpenAI's echo), with the
+        ``echo_top`` best alternatives each (the prompt may be scored deeper, for
+        ``prompt_logprobs``)."""
         if not deltas or deltas[0].logprobs is None:
             return None, offset
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -46,7 +50,7 @@ class LogprobFormatter:
 
         if echo is not None:
             for t, lp, top in zip(echo, deltas[0].prompt_logprobs, deltas[0].prompt_top_logprobs):
-                add(t, lp, top)
+                add(t, lp, None if top is None else top[:echo_top])
         for d in deltas:
             for t, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs):
                 add(t, lp, top)
@@ -60,3 +64,19 @@ class LogprobFormatter:
                                "bytes": list(s.encode("utf-8"))}
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]}
                             for d in deltas for t, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs)]}
+
+    def prompt(self, first: StreamDelta, prompt_ids: Sequence[int], k: int) -> list[dict | None] | None:
+        """vLLM's ``prompt_logprobs`` from a choice's first delta: per prompt token, the
+        token itself (its rank among the whole vocabulary) and the ``k`` most likely."""
+        if first.prompt_logprobs is None:
+            return None
+        out: list[dict | None] = []
+        for t, lp, top, rank in zip(prompt_ids, first.prompt_logprobs, first.prompt_top_logprobs, first.prompt_ranks):
+            if lp is None:  # the first token: nothing predicts it
+                out.append(None)
+                continue
+            entry = {str(t): {"logprob": lp, "rank": rank, "decoded_token": self._text(t)}}
+            for r, (a, b) in enumerate(top[:k], 1):
+                entry.setdefault(str(a), {"logprob": b, "rank": r, "decoded_token": self._text(a)})
+            out.append(entry)
+        return out

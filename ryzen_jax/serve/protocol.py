@@ -3,7 +3,8 @@
 Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature``
 1); a few widely used vLLM extensions are accepted too (``top_k``, ``min_p``,
 ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``,
-``include_stop_str_in_output``, ``truncate_prompt_tokens``, ``stream_options.continuous_usage_stats``). Unknown fields are
+``include_stop_str_in_output``, ``truncate_prompt_tokens``, ``prompt_logprobs``,
+``stream_options.continuous_usage_stats``). Unknown fields are
 ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server lacks
 (``suffix``, ``tools``, ``response_format`` beyond text, guided
 decoding, ...) is refused when set, rather than silently not honoured. Anything out
@@ -87,6 +88,8 @@ class _Sampling(_Body):
     include_stop_str_in_output: bool = False
     min_tokens: int = Field(default=0, ge=0, lt=2**31)
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # vLLM's: keep the prompt's last k tokens
+    # vLLM's: every prompt token's log-probability, rank and the k most likely there
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, strict=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
@@ -100,6 +103,13 @@ class _Sampling(_Body):
 
     _not_honoured = _refuse("guided_json", "guided_regex", "guided_choice", "guided_grammar")
     _text_only = _refuse("response_format", unless=lambda v: v is None or v == {"type": "text"})
+
+    @model_validator(mode="after")
+    def _prompt_scores_whole(self):
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs are not available when stream is true (as in vLLM): ask without "
+                             "streaming")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -154,8 +164,9 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _bounded(self):
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens=0 generates nothing: it needs echo set to true (to score the prompt)")
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise ValueError("max_tokens=0 generates nothing: it needs echo set to true or prompt_logprobs "
+                             "(to score the prompt)")
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ValueError(f"prompts × n must be at most {MAX_CHOICES}, got {len(self.prompts())} × {self.n}")
         return self

@@ -18,8 +18,11 @@ _RANK_LINE = re.compile(r"^\[rank (\d+)\] (\{.*\})$")
 
 
 def user_env(**extra: str) -> dict[str, str]:
-    """The environment a user's shell has: without the test session's 8 simulated devices."""
-    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **extra}
+    """The environment a user's shell has: without the test session's 8 simulated
+    devices (its other XLA flags kept)."""
+    env = dict(os.environ)
+    flags = re.sub(r"\s*--xla_force_host_platform_device_count=\d+", "", env.pop("XLA_FLAGS", "")).strip()
+    return {**env, **({"XLA_FLAGS": flags} if flags else {}), **extra}
 
 
 def launch(nproc: int, devices_per_proc: int, *command: str, max_restarts: int = 0, env: dict | None = None,

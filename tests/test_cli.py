@@ -11,14 +11,15 @@ import torch
 import transformers
 
 from ryzen_jax.demo import DEMO_NAME, save_tokenizer, train_tokenizer, write_demo_hf_checkpoint
-from tests import hf_models
+from tests import hf_models, mp_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def user_env(**extra: str) -> dict:
-    """The environment a user's shell has: without the test session's 8 simulated devices."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "RYZEN_JAX_COMPILE_CACHE")}
+    """The environment a user's shell has: without the test session's 8 simulated
+    devices, with the persistent compilation cache on."""
+    env = {k: v for k, v in mp_helpers.user_env().items() if k != "RYZEN_JAX_COMPILE_CACHE"}
     return {**env, **extra}
 
 

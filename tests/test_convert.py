@@ -17,6 +17,7 @@ import ryzen_jax as rj
 from ryzen_jax.checkpoint import orbax_io
 from ryzen_jax.checkpoint.loader import DistributedCheckpointLoader
 from ryzen_jax.sharding import TensorParallelConfig
+from tests import mp_helpers
 
 
 def _arrays(model) -> dict:
@@ -100,7 +101,7 @@ def test_conversion_memory_is_about_the_largest_tensor(tmp_path):
     # in a fresh process, so that no thread left by an earlier test allocates meanwhile
     script = ("import sys, tracemalloc, ryzen_jax as rj; tracemalloc.start(); "
               "rj.convert_hf(sys.argv[1], sys.argv[2], progress=False); print(tracemalloc.get_traced_memory()[1])")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = mp_helpers.user_env()
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "hf"), str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -21,12 +21,15 @@ import transformers
 import ryzen_jax as rj
 from ryzen_jax.demo import save_tokenizer, train_tokenizer
 from ryzen_jax.serve import Server
-from tests import hf_models
+from tests import hf_models, mp_helpers
 
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}"
                  "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% if brief %}(briefly){% endif %}{% endif %}")
 MODEL_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 6}  # top_k 50: HF's own
+#: the server's slot programs and offline generation's batch are different XLA programs:
+#: their log-probabilities agree to float32 rounding, a few 1e-5 apart at most
+ATOL = 1e-4
 PROMPTS = ["The weather in the mountains", "Distributed computing is", "Once upon a time", "Tensor parallel",
            "A B C D E F G", "hello", "The quick brown fox jumps over the lazy dog", "JAX and XLA",
            "1 2 3 4 5 6 7 8 9 10 11 12", "What is a mesh?", "x", "Many small requests", "Streaming text",
@@ -244,9 +247,9 @@ def test_the_openai_client_library(server, lm):
     done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=3)
     lp = done.choices[0].logprobs
     assert lp.tokens == [lm.tokenizer.decode([t]) for t in want.generated_ids]
-    np.testing.assert_allclose(lp.token_logprobs, want.logprobs, atol=1e-5)
+    np.testing.assert_allclose(lp.token_logprobs, want.logprobs, atol=ATOL)
     for got, top, t, chosen in zip(lp.top_logprobs, want.top_logprobs, want.generated_ids, want.logprobs):
-        assert got == pytest.approx({lm.tokenizer.decode([a]): b for a, b in [(t, chosen), *top]}, abs=1e-5)
+        assert got == pytest.approx({lm.tokenizer.decode([a]): b for a, b in [(t, chosen), *top]}, abs=ATOL)
     assert lp.text_offset == list(np.cumsum([0] + [len(x) for x in lp.tokens[:-1]]))
     chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
                                             logprobs=3, stream=True))
@@ -258,11 +261,11 @@ def test_the_openai_client_library(server, lm):
                                           logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert [c.token for c in content] == [lm.tokenizer.decode([t]) for t in want.generated_ids]
-    np.testing.assert_allclose([c.logprob for c in content], want.logprobs, atol=1e-5)
+    np.testing.assert_allclose([c.logprob for c in content], want.logprobs, atol=ATOL)
     assert [[a.token for a in c.top_logprobs] for c in content] == \
         [[lm.tokenizer.decode([a]) for a, _ in top] for top in want.top_logprobs]
     np.testing.assert_allclose([[a.logprob for a in c.top_logprobs] for c in content],
-                               [[b for _, b in top] for top in want.top_logprobs], atol=1e-5)
+                               [[b for _, b in top] for top in want.top_logprobs], atol=ATOL)
     assert all(c.bytes == list(c.token.encode()) for c in content)
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8,
                                                  temperature=0, logprobs=True, stream=True))
@@ -301,10 +304,10 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, lm):
         assert lp.tokens == [name(t) for t in tokens]
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         np.testing.assert_allclose(lp.token_logprobs[1:], want.prompt_logprobs[1:] + want.logprobs[:n_generated],
-                                   atol=1e-5)
+                                   atol=ATOL)
         tops = want.prompt_top_logprobs[1:] + want.top_logprobs[:n_generated]
         for got, t, chosen, top in zip(lp.top_logprobs[1:], tokens[1:], lp.token_logprobs[1:], tops):
-            assert got == pytest.approx({name(a): b for a, b in [(t, chosen), *top]}, abs=1e-5)
+            assert got == pytest.approx({name(a): b for a, b in [(t, chosen), *top]}, abs=ATOL)
         assert lp.text_offset == list(np.cumsum([0] + [len(x) for x in lp.tokens[:-1]]))
 
     done = client.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=2, temperature=0)
@@ -673,7 +676,7 @@ def test_two_process_server_answers_like_one(model_dir, server):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = mp_helpers.user_env()
     env["RYZEN_JAX_COMPILE_CACHE"] = "off"
     proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--nproc", "2", "--devices-per-proc", "2",
                              "--max-restarts", "0", "--", sys.executable, "scripts/serve.py", "--model", model_dir,

@@ -19,7 +19,7 @@ from ryzen_jax.checkpoint.safetensors_io import SafetensorsReader
 from ryzen_jax.config import ConfigError, ModelConfig
 from ryzen_jax.models.t5 import relative_buckets
 from ryzen_jax.sharding import TensorParallelConfig
-from tests import hf_models
+from tests import hf_models, mp_helpers
 from tests.test_structure import collectives
 
 #: encoder inputs of different lengths, run as one batch: each row must get its solo tokens
@@ -218,7 +218,7 @@ def test_generate_script_on_a_t5_checkpoint(tmp_path):
     transformers.T5ForConditionalGeneration(cfg).save_pretrained(model_dir)
     save_tokenizer(train_tokenizer(), model_dir)  # byte-level BPE, 512 entries
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = mp_helpers.user_env()
     run = subprocess.run([sys.executable, "scripts/generate.py", "--json", "--model", model_dir, "--tp", "4",
                           "--max-new-tokens", "12", "--ignore-eos", "--prompt", "The weather in the mountains"],
                          cwd=root, capture_output=True, text=True, env=env, timeout=300)

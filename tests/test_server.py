@@ -272,6 +272,17 @@ def test_the_openai_client_library(server, lm):
     assert [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content] \
         == [c.token for c in content]
     assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].logprobs is None
+    # vLLM's return_tokens_as_token_ids: every token named by its id, alternatives too, streamed or not
+    as_ids = lambda t: f"token_id:{t}"  # noqa: E731
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=2, extra_body={"return_tokens_as_token_ids": True})
+    assert [c.token for c in chat.choices[0].logprobs.content] == [as_ids(t) for t in want.generated_ids]
+    assert [[a.token for a in c.top_logprobs] for c in chat.choices[0].logprobs.content] == \
+        [[as_ids(a) for a, _ in top] for top in want.top_logprobs]
+    chunks = list(client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=1,
+                                            echo=True, stream=True, extra_body={"return_tokens_as_token_ids": True}))
+    tokens = sum((c.choices[0].logprobs.tokens for c in chunks if c.choices and c.choices[0].logprobs), [])
+    assert tokens == [as_ids(t) for t in ids + want.generated_ids[:3]]
 
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)

@@ -130,13 +130,14 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         except EngineFailed as e:
             raise APIError(503, str(e), kind="server_error") from None
         keep = req.max_tokens != 0  # max_tokens=0 (scoring only): the one token run is not part of the answer
+        fmt = logprob_formatter.ids_as_tokens() if req.return_tokens_as_token_ids else logprob_formatter
         rid, created_at = f"{shape.prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created_at, "model": model_name}
         if req.stream:
             options = req.stream_options
             include_usage = "continuous" if options and options.continuous_usage_stats and options.include_usage \
                 else bool(options and options.include_usage)
-            return StreamingResponse(stream(handles, head, shape, include_usage, req.n, echo, keep),
+            return StreamingResponse(stream(handles, head, shape, include_usage, req.n, fmt, echo, keep),
                                      media_type="text/event-stream")
         results = await collect(request, handles)
         if results is None:  # the client went away
@@ -148,12 +149,12 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             text = "".join(d.text or "" for d in deltas)
             prompt_ids = engine_reqs[i].prompt_ids
             if echo is None:
-                lp = shape.logprobs(logprob_formatter, deltas, 0)[0]
+                lp = shape.logprobs(fmt, deltas, 0)[0]
             else:
-                text, lp = echo[i] + text, logprob_formatter.completion(deltas, 0, prompt_ids, req.logprobs)[0]
+                text, lp = echo[i] + text, fmt.completion(deltas, 0, prompt_ids, req.logprobs)[0]
             choices.append(shape.choice(i, text, reason, lp))
             if req.prompt_logprobs is not None:
-                scores = logprob_formatter.prompt(deltas[0], prompt_ids, req.prompt_logprobs) if deltas else None
+                scores = fmt.prompt(deltas[0], prompt_ids, req.prompt_logprobs) if deltas else None
                 choices[-1]["prompt_logprobs"] = scores
             n_out += sum(len(d.token_ids) for d in deltas)
         body = {**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out, req.n)}
@@ -201,7 +202,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                     scheduler.cancel(h)
 
     async def stream(handles: list[Handle], head: dict, shape, include_usage: bool | str, n: int,
-                     echo: list[str] | None = None, keep: bool = True) -> AsyncIterator[str]:
+                     fmt: LogprobFormatter, echo: list[str] | None = None, keep: bool = True) -> AsyncIterator[str]:
         """Server-sent events: each choice's text as it comes (``index`` says whose),
         a final chunk per choice with its finish reason, the usage if asked, [DONE].
         ``include_usage="continuous"``: every chunk carries the usage so far (vLLM's
@@ -240,11 +241,11 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                     item = item if keep else dropped(item)
                     if echo is not None and not echoed[i]:  # the choice's first delta: its prompt first
                         echoed[i] = True
-                        lp, offsets[i] = logprob_formatter.completion([dropped(item)], 0, handles[i].request.prompt_ids)
+                        lp, offsets[i] = fmt.completion([dropped(item)], 0, handles[i].request.prompt_ids)
                         yield chunk(i, echo[i], None, lp)
                     n_out += len(item.token_ids)
                     reasons[i] = item.finish_reason or reasons[i]
-                    lp, offsets[i] = shape.logprobs(logprob_formatter, [item], offsets[i])
+                    lp, offsets[i] = shape.logprobs(fmt, [item], offsets[i])
                     if item.text or (lp is not None and item.token_ids):
                         yield chunk(i, item.text or "", None, lp)
                     pending[asyncio.ensure_future(next_item(handles[i]))] = i

@@ -10,11 +10,13 @@ tokens lead the legacy shape. vLLM's ``prompt_logprobs`` has a third: per prompt
 token, None at the first, else ``{token id: {logprob, rank, decoded_token}}`` for the
 token and the k most likely there (ranks 1 to k). A token's text is the
 tokenizer's decoding of that one id (a piece of a multi-byte character decodes to
-U+FFFD there, as vLLM reports it).
+U+FFFD there, as vLLM reports it); with vLLM's ``return_tokens_as_token_ids`` it is
+``"token_id:<id>"`` instead, which any client can map back to the id whatever the bytes.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any, Sequence
 
@@ -24,8 +26,18 @@ from ryzen_jax.engine.generate import StreamDelta
 class LogprobFormatter:
     """Turns a choice's deltas into either API shape, decoding each token id once."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, as_ids: bool = False):
         self._text = functools.lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t]))
+        self.as_ids = as_ids
+
+    def ids_as_tokens(self) -> LogprobFormatter:
+        """This formatter naming each token ``"token_id:<id>"`` (the decoding cache shared)."""
+        other = copy.copy(self)
+        other.as_ids = True
+        return other
+
+    def _token(self, t: int) -> str:
+        return f"token_id:{t}" if self.as_ids else self._text(t)
 
     def completion(self, deltas: Sequence[StreamDelta], offset: int = 0, echo: Sequence[int] | None = None,
                    echo_top: int | None = None) -> tuple[dict | None, int]:
@@ -41,10 +53,10 @@ class LogprobFormatter:
 
         def add(t: int, lp: float | None, top: list[tuple[int, float]] | None):
             nonlocal offset
-            text = self._text(t)
+            text = self._token(t)
             out["tokens"].append(text)
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(None if top is None else {self._text(a): b for a, b in [(t, lp), *top]})
+            out["top_logprobs"].append(None if top is None else {self._token(a): b for a, b in [(t, lp), *top]})
             out["text_offset"].append(offset)
             offset += len(text)
 
@@ -60,7 +72,7 @@ class LogprobFormatter:
         """The chat ``logprobs`` object of these deltas' tokens."""
         if not deltas or deltas[0].logprobs is None:
             return None
-        entry = lambda t, lp: {"token": (s := self._text(t)), "logprob": lp,  # noqa: E731
+        entry = lambda t, lp: {"token": (s := self._token(t)), "logprob": lp,  # noqa: E731
                                "bytes": list(s.encode("utf-8"))}
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]}
                             for d in deltas for t, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs)]}

@@ -4,6 +4,7 @@ Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature
 1); a few widely used vLLM extensions are accepted too (``top_k``, ``min_p``,
 ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``,
 ``include_stop_str_in_output``, ``truncate_prompt_tokens``, ``prompt_logprobs``,
+``return_tokens_as_token_ids``,
 ``stream_options.continuous_usage_stats``). Unknown fields are
 ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server lacks
 (``suffix``, ``tools``, ``response_format`` beyond text, guided
@@ -88,6 +89,7 @@ class _Sampling(_Body):
     include_stop_str_in_output: bool = False
     min_tokens: int = Field(default=0, ge=0, lt=2**31)
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # vLLM's: keep the prompt's last k tokens
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>"
     # vLLM's: every prompt token's log-probability, rank and the k most likely there
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, strict=True)
     stream: bool = False

@@ -68,6 +68,9 @@ def test_generate_on_a_converted_checkpoint_matches_hf(tmp_path):
         assert o["prompt_logprobs"][0] is None and o["prompt_top_logprobs"][0] is None
         assert max(abs(a - float(b)) for a, b in zip(o["prompt_logprobs"][1:], logp[range(n - 1), o["prompt_ids"][1:]])) < 1e-4
         assert [[t for t, _ in top] for top in o["prompt_top_logprobs"][1:]] == logp.topk(1).indices.tolist()
+        assert o["prompt_ranks"][0] is None  # each prompt token's rank: the tokens at least as likely
+        for j, (t, rank) in enumerate(zip(o["prompt_ids"][1:], o["prompt_ranks"][1:])):
+            assert int((logp[j] > logp[j, t] + 1e-4).sum()) + 1 <= rank <= int((logp[j] >= logp[j, t] - 1e-4).sum())
     for key in ("load_s", "compile_s", "time_to_first_token_s", "decode_tokens_per_s"):
         assert out["timings"][key] >= 0
 

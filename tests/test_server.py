@@ -693,7 +693,7 @@ def test_two_process_server_answers_like_one(model_dir, server):
                              "--max-restarts", "0", "--", sys.executable, "scripts/serve.py", "--model", model_dir,
                              # vLLM's spellings of --tp and --max-seq-len
                              "--tensor-parallel-size", "4", "--max-model-len", "128", "--port", str(port),
-                             "--served-model-name", "tiny",
+                             "--served-model-name", "tiny", "--max-batch", "4",  # the 1-process server's slots
                              "--step-timeout", "10"],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []

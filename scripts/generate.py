@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--logprobs", type=int, default=None, metavar="K",
                     help="with --json: each token's log-probability and the K most likely tokens' (0-20)")
     ap.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
-                    help="with --json: the same for every prompt token (given those before it; decoder-only models)")
+                    help="with --json: the same for every prompt token (given those before it) and its rank "
+                         "in the vocabulary (prompt_ranks; decoder-only models)")
     ap.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", type=token_bias,
                     help="add BIAS (in [-100, 100]) to token ID's logit before sampling (repeatable; OpenAI's logit_bias)")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text is cut before it")

@@ -65,7 +65,7 @@ GREEDY_TARGET = "ryzen_jax_greedy"
 TAKE_ROWS_TARGET = "ryzen_jax_take_rows"
 WRITE_CACHE_TARGET = "ryzen_jax_write_cache"
 PUT_ROW_TARGET = "ryzen_jax_put_row"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-pthread", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-pthread", "-fPIC", "-w")  # each source's; the link adds -shared
 ENV_SWITCH = "RYZEN_JAX_CPU_KERNELS"
 #: where the built library goes, if not ``$RYZEN_JAX_CACHE/kernels``: one directory that
 #: many caches share (a cluster's jobs, a test session's) builds once
@@ -133,10 +133,9 @@ def build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as work:
         objects = [os.path.join(work, src.stem + ".o") for src in SOURCES]
-        compile_flags = [f for f in FLAGS if f != "-shared"]
         log.info("building the CPU kernels (%d sources at once): %s %s -I%s -c", len(SOURCES), cxx,
-                 " ".join(compile_flags), jax.ffi.include_dir())
-        _run_all([[cxx, *compile_flags, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", obj]
+                 " ".join(FLAGS), jax.ffi.include_dir())
+        _run_all([[cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", obj]
                   for src, obj in zip(SOURCES, objects)], cxx)
         tmp = os.path.join(work, out.name)
         _run_all([[cxx, "-shared", "-pthread", *objects, "-o", tmp]], cxx)

@@ -142,7 +142,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         results = await collect(request, handles)
         if results is None:  # the client went away
             return Response(status_code=499)
-        choices, n_out = [], 0
+        choices, scores, n_out = [], [], 0
         for i, deltas in enumerate(results):
             reason = deltas[-1].finish_reason if deltas else "stop"
             deltas = deltas if keep else [dropped(d) for d in deltas]
@@ -154,11 +154,12 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                 text, lp = echo[i] + text, fmt.completion(deltas, 0, prompt_ids, req.logprobs)[0]
             choices.append(shape.choice(i, text, reason, lp))
             if req.prompt_logprobs is not None:
-                scores = fmt.prompt(deltas[0], prompt_ids, req.prompt_logprobs) if deltas else None
-                choices[-1]["prompt_logprobs"] = scores
+                scores.append(fmt.prompt(deltas[0], prompt_ids, req.prompt_logprobs) if deltas else None)
             n_out += sum(len(d.token_ids) for d in deltas)
         body = {**head, "object": shape.object, "choices": choices, "usage": usage(handles, n_out, req.n)}
-        return JSONResponse(shape.placed(body))
+        if scores:
+            shape.add_prompt_scores(body, scores)
+        return JSONResponse(body)
 
     def dropped(d: StreamDelta) -> StreamDelta:
         """A delta with its generated tokens taken out (what ``max_tokens=0`` answers)."""
@@ -273,8 +274,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         @staticmethod
-        def placed(body: dict) -> dict:
-            return body  # prompt_logprobs stay on each choice: each has its own prompt
+        def add_prompt_scores(body: dict, scores: list) -> None:
+            for choice, s in zip(body["choices"], scores):  # each choice has its own prompt
+                choice["prompt_logprobs"] = s
 
         @staticmethod
         def chunk(i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
@@ -294,10 +296,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                     "finish_reason": reason}
 
         @staticmethod
-        def placed(body: dict) -> dict:
-            """vLLM answers a chat's prompt_logprobs beside its choices, which share one prompt."""
-            scores = [c.pop("prompt_logprobs") for c in body["choices"] if "prompt_logprobs" in c]
-            return {**body, "prompt_logprobs": scores[0]} if scores else body
+        def add_prompt_scores(body: dict, scores: list) -> None:
+            body["prompt_logprobs"] = scores[0]  # vLLM's place: beside the choices, which share one prompt
 
         @staticmethod
         def chunk(i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:

@@ -26,9 +26,9 @@ from ryzen_jax.engine.generate import StreamDelta
 class LogprobFormatter:
     """Turns a choice's deltas into either API shape, decoding each token id once."""
 
-    def __init__(self, tokenizer: Any, as_ids: bool = False):
+    def __init__(self, tokenizer: Any):
         self._text = functools.lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t]))
-        self.as_ids = as_ids
+        self.as_ids = False
 
     def ids_as_tokens(self) -> LogprobFormatter:
         """This formatter naming each token ``"token_id:<id>"`` (the decoding cache shared)."""

@@ -13,6 +13,7 @@ from ryzen_jax.checkpoint.loader import DistributedCheckpointLoader
 from ryzen_jax.config import ModelConfig
 from ryzen_jax.engine.generate import Completion, GenerationResult, Generator, Request, StreamDelta
 from ryzen_jax.engine.sampling import SamplingError, SamplingParams
+from ryzen_jax.engine.structured import StructuredOutput, StructuredOutputError
 from ryzen_jax.layers import ColumnParallelLinear, RowParallelLinear
 from ryzen_jax.sharding import LOGICAL_RULES, TensorParallelConfig, create_tensor_parallel_config, make_mesh
 
@@ -24,6 +25,6 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that w
 __all__ = [
     "LoadedModel", "embed", "generate", "load_model", "stream", "Completion", "GenerationResult", "Generator", "Request",
     "StreamDelta", "SamplingError", "convert_hf", "DistributedCheckpointLoader", "ModelConfig",
-    "SamplingParams", "ColumnParallelLinear", "RowParallelLinear", "LOGICAL_RULES", "TensorParallelConfig",
+    "SamplingParams", "StructuredOutput", "StructuredOutputError", "ColumnParallelLinear", "RowParallelLinear", "LOGICAL_RULES", "TensorParallelConfig",
     "create_tensor_parallel_config", "make_mesh",
 ]

@@ -27,6 +27,7 @@ from ryzen_jax.engine.embed import Encoder, model_pooling
 from ryzen_jax.engine.generate import (Completion, GenerationResult, Generator, Request, StreamDelta,
                                       resolve_max_seq_len)
 from ryzen_jax.engine.sampling import SamplingParams
+from ryzen_jax.engine.structured import StructuredOutput
 from ryzen_jax.runtime import enable_compilation_cache
 from ryzen_jax.sharding import ShardingError, TensorParallelConfig, check_holds_this_process
 
@@ -182,31 +183,38 @@ def _generator(lm: LoadedModel) -> Generator:
 def requests(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), stop: Sequence[str] = (),
              stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
-             include_stop_str: bool = False) -> list[Request]:
+             include_stop_str: bool = False, structured: StructuredOutput | None = None) -> list[Request]:
     """The engine Requests for prompts (strings are tokenized), as ``generate`` builds them."""
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
         raise TypeError("prompts must be a list of strings or of token-id lists; wrap a single prompt in a list")
+    if structured is not None and not isinstance(structured, StructuredOutput):
+        raise TypeError("structured takes a StructuredOutput, e.g. rj.StructuredOutput(json=schema)")
     ids = [encode(lm, p) if isinstance(p, str) else list(p) for p in prompts]
-    return _generator(lm).requests(ids, max_new_tokens, sampling, stop_token_ids=stop_token_ids or (), stop=stop,
-                                   ignore_eos=ignore_eos, include_stop_str=include_stop_str)
+    grammar = structured.compile() if structured is not None else None
+    return [dataclasses.replace(r, grammar=grammar) for r in _generator(lm).requests(
+        ids, max_new_tokens, sampling, stop_token_ids=stop_token_ids or (), stop=stop, ignore_eos=ignore_eos,
+        include_stop_str=include_stop_str)]
 
 
 def generate(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), stop: Sequence[str] = (),
              stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
-             include_stop_str: bool = False,
+             include_stop_str: bool = False, structured: StructuredOutput | None = None,
              return_result: bool = False) -> list[Completion] | tuple[list[Completion], GenerationResult]:
     """Generate for a batch of prompts (strings, or token-id lists), each with its own
     SamplingParams if a list is given. Stops at the model's EOS ids, at
     ``stop_token_ids`` (in addition to EOS; ``ignore_eos`` drops EOS) and at ``stop``
-    strings (text cut before, or after with ``include_stop_str``).
+    strings (text cut before, or after with ``include_stop_str``). ``structured``
+    holds every output to a JSON schema, regex, choice list or grammar
+    (``rj.StructuredOutput``); such an output ends once it is complete.
 
     Returns one Completion per prompt (``prompt_ids``, ``generated_ids``, ``text``,
     ``finish_reason``); with ``return_result`` also the GenerationResult (timings).
     """
     result: GenerationResult = GenerationResult(completions=[])
     batch = requests(lm, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-                     stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, include_stop_str=include_stop_str)
+                     stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, include_stop_str=include_stop_str,
+                     structured=structured)
     for _ in _generator(lm).run(batch, stats=result):
         pass
     return (result.completions, result) if return_result else result.completions
@@ -215,11 +223,12 @@ def generate(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], 
 def stream(lm: LoadedModel, prompt: str | Sequence[int], *, max_new_tokens: int = 32,
            sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
            stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
-           include_stop_str: bool = False) -> Iterator[StreamDelta]:
+           include_stop_str: bool = False, structured: StructuredOutput | None = None) -> Iterator[StreamDelta]:
     """Stream one request: yields a StreamDelta (new token ids and text) per generated
     token. The text deltas never split a character and join to the final text."""
     one = requests(lm, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-                   stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, include_stop_str=include_stop_str)
+                   stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, include_stop_str=include_stop_str,
+                   structured=structured)
     for deltas in _generator(lm).run(one, steps_per_dispatch=1):
         yield from deltas
 

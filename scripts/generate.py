@@ -4,6 +4,7 @@
     python scripts/generate.py                                   # the built-in demo model
     python scripts/generate.py --model DIR --prompt "Hello" --max-new-tokens 64 --tp 4 --json
     python scripts/generate.py --model DIR --prompt "Once" --temperature 0.8 --top-p 0.95 --stop "\n" --stream
+    python scripts/generate.py --model DIR --prompt "A user, as JSON:" --json-schema @user.schema.json
 
 DIR is a Hugging Face model directory (safetensors) or a checkpoint written by
 scripts/convert_hf.py (decoder-only or T5). Greedy unless --temperature > 0.
@@ -52,6 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS ids")
     ap.add_argument("--min-tokens", type=int, default=0, metavar="N",
                     help="no EOS, stop id or stop string ends a prompt's output before N tokens")
+    held = ap.add_argument_group("structured output (one of these): the output is held to it and ends once complete")
+    held.add_argument("--json-schema", metavar="SCHEMA", help="a JSON schema: its JSON text, or @FILE")
+    held.add_argument("--json-object", action="store_true", help="any JSON object")
+    held.add_argument("--regex", help="a regular expression the whole output matches")
+    held.add_argument("--choice", action="append", help="one of these strings exactly (repeatable)")
+    held.add_argument("--grammar", metavar="LARK", help="a Lark (or GBNF) grammar: its text, or @FILE")
     ap.add_argument("--max-seq-len", type=int, default=None,
                     help="prompt + new tokens per sequence; sizes the cache (default: model context, at most 2048)")
     ap.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
@@ -74,12 +81,31 @@ def token_bias(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected ID=BIAS (a token id and a number), got {text!r}") from None
 
 
-def check_before_loading(model_dir: str, prompts: list[str], args: argparse.Namespace) -> None:
+def structured_output(args: argparse.Namespace):
+    """The StructuredOutput the flags ask for (``@FILE`` read), or None."""
+    from ryzen_jax.engine.structured import StructuredOutput
+
+    def text(value: str | None) -> str | None:
+        if value is not None and value.startswith("@"):
+            with open(value[1:]) as f:
+                return f.read()
+        return value
+
+    given = {"json": text(args.json_schema), "json_object": args.json_object, "regex": args.regex,
+             "choice": args.choice, "grammar": text(args.grammar)}
+    given = {k: v for k, v in given.items() if v not in (None, False)}
+    return StructuredOutput(**given) if given else None
+
+
+def check_before_loading(model_dir: str, prompts: list[str], args: argparse.Namespace,
+                         grammar: str | None = None) -> None:
     """Refuse prompts the model cannot take from its config and tokenizer alone, before
-    minutes of loading weights: no tokenizer, or prompt + new tokens past the cache."""
+    minutes of loading weights: no tokenizer, prompt + new tokens past the cache, or a
+    structured output's grammar that does not compile."""
     from ryzen_jax.api import load_tokenizer
     from ryzen_jax.config import ModelConfig
     from ryzen_jax.engine.generate import check_length, resolve_max_seq_len
+    from ryzen_jax.engine.structured import Grammars
 
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
@@ -94,6 +120,8 @@ def check_before_loading(model_dir: str, prompts: list[str], args: argparse.Name
     limit = resolve_max_seq_len(cfg, args.max_seq_len)
     for prompt in prompts:
         check_length(cfg, limit, len(tokenizer(prompt)["input_ids"]), args.max_new_tokens)
+    if grammar is not None:
+        Grammars(tokenizer, cfg.vocab_size, cfg.eos_token_ids).check(grammar)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                      seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
                                      logit_bias=args.logit_bias, min_tokens=args.min_tokens)
-    except ValueError as e:
+        structured = structured_output(args)
+        grammar = structured.compile() if structured is not None else None
+    except (ValueError, OSError) as e:  # SamplingError, StructuredOutputError, an @FILE that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 2
     model_dir = args.model
@@ -129,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     show = print if main_process and not args.json else (lambda *a, **k: None)
     prompts = args.prompt or DEFAULT_PROMPTS
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
-                   stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
+                   stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos, structured=structured)
     try:
-        check_before_loading(model_dir, prompts, args)
+        check_before_loading(model_dir, prompts, args, grammar)
         lm = rj.load_model(model_dir, tp=args.tp, dp=args.dp, dtype=args.dtype, max_seq_len=args.max_seq_len)
         say(lm.summary())
         # Check every request and compile its shapes before the clock starts.

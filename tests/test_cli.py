@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -91,3 +92,6 @@ def test_default_demo_model_on_four_cpu_devices(tmp_path):
         assert s["generated_ids"] == hf_greedy(hf_dir, s["prompt_ids"], len(s["generated_ids"]))
         assert isinstance(o["text"], str)
     assert os.path.isfile(tmp_path / "cache" / DEMO_NAME / "ryzen_jax.json")
+    held, _ = run_generate("--max-new-tokens", "24", "--regex", r"[a-z]{2,6}@[a-z]{2,4}\.org", env=env)
+    for o in held["outputs"]:  # each output the whole of a match, ended there
+        assert o["finish_reason"] == "stop" and re.fullmatch(r"[a-z]{2,6}@[a-z]{2,4}\.org", o["text"]), o

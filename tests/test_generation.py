@@ -86,7 +86,7 @@ def our_filtered(logits: np.ndarray, prompt: list[int], p: rj.SamplingParams,
     h = History(prompt=np.zeros((1, logits.shape[-1]), bool), counts=np.zeros((1, logits.shape[-1]), np.int32))
     h.prompt[0, prompt] = True
     np.add.at(h.counts[0], list(generated), 1)
-    s = SamplingArrays.from_params([p], [0])
+    s = SamplingArrays.from_params([p], [0], logits.shape[-1])
     biased = add_bias(logits[None].astype(np.float32), s.bias_ids, s.bias)
     return np.asarray(filtered_logits(biased, s, h))[0]
 

@@ -83,6 +83,7 @@ class SlotBatcher:
 
         self._insert = jax.jit(insert, donate_argnums=(0,), out_shardings=self._shardings)
         self.cache, self.d, self.s = self._empty()
+        self.masked = False  # the slots' settings hold some grammar's bitmask (structured outputs)
         # one value per device, summed over the whole mesh: answers only if every device (and process) does
         mesh = generator.tp.mesh
         self._probe_in = jax.device_put(np.ones(mesh.devices.size, np.float32),
@@ -93,7 +94,7 @@ class SlotBatcher:
         """All slots free: zeros everywhere, every row marked done."""
         shapes = self.gen.decode_inputs(self.slots)
 
-        idle = SamplingArrays.from_params([SamplingParams()] * self.slots, [0] * self.slots)
+        idle = SamplingArrays.from_params([SamplingParams()] * self.slots, [0] * self.slots, self.gen.cfg.vocab_size)
 
         def make():  # free slots: greedy, no penalty, no log-probabilities (no branch taken for them)
             cache, d, _ = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
@@ -147,28 +148,35 @@ class SlotBatcher:
             self.gen.check([a.request])
             t0 = time.perf_counter()
             request = dataclasses.replace(a.request, sampling=dataclasses.replace(a.request.sampling, seed=a.seed))
-            padded = [request] + [dataclasses.replace(request, max_new_tokens=1)] * (self.one - 1)
+            padded = [request] + [dataclasses.replace(request, max_new_tokens=1, grammar=None)] * (self.one - 1)
             length = self.gen.prompt_bucket(len(request.prompt_ids))
-            args = self.gen.prefill_inputs(padded, length)
+            row = self.gen.new_row(request)
+            args = self.gen.prefill_inputs(padded, length, self.gen.allowed([row], self.one))
             first, d, cache, *prompt = self.gen.prefill_program(self.one, length, self.gen.scores_prompt([request]))(
                 *args)
             insert = self._insert_program(length)
             self.cache, self.d, self.s = insert((self.cache, self.d, self.s), (cache, d, args[3]), jnp.int32(a.slot))
-            row = self.gen.new_row(request)
             first = self.gen.fetch_picked(first, [row])
             if prompt:
                 self.gen.record_prompt([row], prompt[0])
             out.ttft_s[a.slot] = time.perf_counter() - t0
             self.rows[a.slot] = row
+            self.masked |= row.matcher is not None  # its first mask is in its slot's settings now
             self.bound[a.slot] = 1 if self.gen.encoder_decoder else len(request.prompt_ids)
             self._collect(self._one_row(a.slot, first), out)
         if plan.steps and any(r is not None for r in self.rows):
             live = [i for i, r in enumerate(self.rows) if r is not None]
+            # a constrained row's next mask follows its last token: one step, its mask placed
+            constrained = any(self.rows[i].matcher is not None for i in live)
+            steps = 1 if constrained else plan.steps
+            if constrained or self.masked:
+                self.s = self.gen.constrain(self.s, self.rows, self.slots)
+                self.masked = constrained
             for i in live:
-                self.bound[i] += plan.steps
+                self.bound[i] += steps
             decode = self.gen.decode_program(self.slots, self.gen.attend_for(max(self.bound[i] for i in live)))
-            picked, self.d, self.cache = decode(self.gen.state, self.cache, self.d, self.s, jnp.int32(plan.steps))
-            self._collect(self.gen.fetch_picked(picked, self.rows, plan.steps), out)
+            picked, self.d, self.cache = decode(self.gen.state, self.cache, self.d, self.s, jnp.int32(steps))
+            self._collect(self.gen.fetch_picked(picked, self.rows, steps), out)
         return out
 
     def _one_row(self, slot: int, first: Picked) -> Picked:

@@ -37,6 +37,7 @@ from ryzen_jax import kernels
 from ryzen_jax.engine.compile import compile_lowered, compiler_options
 from ryzen_jax.engine.programs import DECODE_CHUNK, DecodeState, device_programs
 from ryzen_jax.engine.sampling import Picked, SamplingArrays, SamplingParams
+from ryzen_jax.engine.structured import Grammars, Matcher, masks
 from ryzen_jax.engine.text import TextTracker
 from ryzen_jax.sharding import TensorParallelConfig
 
@@ -89,6 +90,10 @@ class Request:
     stop token's, as vLLM's does), a ``stop`` string (the text is cut before it), or
     ``max_new_tokens``. ``include_stop_str`` (vLLM's ``include_stop_str_in_output``):
     the text keeps the stop string, or the stop token's text.
+
+    ``grammar`` (structured outputs): an llguidance grammar, as
+    ``StructuredOutput.compile()`` makes it from a JSON schema, a regex, choices or a
+    Lark grammar; the output is held to it and ends ("stop") once it is complete.
     """
 
     prompt_ids: Sequence[int]
@@ -98,6 +103,7 @@ class Request:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     include_stop_str: bool = False
+    grammar: str | None = None
 
 
 @dataclasses.dataclass
@@ -178,7 +184,8 @@ class _Row:
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     prompt_ranks: list[int | None] | None = None
     finish_reason: str | None = None
-    stop_device: bool = False  # ended by a stop string: the device still thinks it is live
+    stop_device: bool = False  # ended by a stop string or a complete grammar: the device still thinks it is live
+    matcher: Matcher | None = None  # structured outputs: where the request is in its grammar
 
 
 class Generator:
@@ -207,6 +214,8 @@ class Generator:
         if seed is None:
             seed = 0 if jax.process_count() > 1 else int.from_bytes(os.urandom(4), "little")
         self._seeds = np.random.default_rng(seed)
+        self.grammars = Grammars(tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids) \
+            if tokenizer is not None else None
 
         prefill, self._decode_fn = device_programs(self.graphdef, self.cfg, tp, self.max_seq_len)
         self._prefill = jax.jit(prefill)
@@ -245,7 +254,7 @@ class Generator:
         def rows(shape, dtype=jnp.int32):
             return jax.ShapeDtypeStruct(shape, dtype, sharding=self._rows(len(shape)))
 
-        s = SamplingArrays.from_params([SamplingParams()] * batch, [0] * batch)
+        s = SamplingArrays.from_params([SamplingParams()] * batch, [0] * batch, self.cfg.vocab_size)
         s = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated()), s)
         return (self.state, rows((batch, length)), rows((batch,)), s, rows((batch,)), rows((batch, MAX_STOP_IDS)))
 
@@ -363,6 +372,10 @@ class Generator:
                 raise ValueError(f"at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(stops)}")
             if r.stop and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer: the model directory has none; use stop_token_ids")
+            if r.grammar is not None:
+                if self.grammars is None:
+                    raise ValueError("structured output needs a tokenizer: the model directory has none")
+                self.grammars.check(r.grammar)
 
     def _stop_ids(self, r: Request) -> list[int]:
         eos = () if r.ignore_eos else self.cfg.eos_token_ids
@@ -380,8 +393,11 @@ class Generator:
         batch = self.batch_size(n)
         padded = list(requests) + [dataclasses.replace(requests[0], max_new_tokens=1)] * (batch - n)
         length = self.prompt_bucket(max(len(r.prompt_ids) for r in padded))
-        args = self.prefill_inputs(padded, length)
         rows = [self.new_row(r) for r in requests]
+        constrained = any(row.matcher is not None for row in rows)
+        if constrained:  # each step's mask follows the token before it: one step per dispatch
+            steps_per_dispatch = 1
+        args = self.prefill_inputs(padded, length, self.allowed(rows, batch))
         compile_before = self.compile_s
         prefill = self.prefill_program(batch, length, self.scores_prompt(requests))
         # the first decode step writes at `start`; a dispatch of n more steps reads below start + done + n
@@ -406,14 +422,16 @@ class Generator:
                 for row in rows:
                     row.stop_device = False
             dispatched += steps_per_dispatch
-            out, d, cache = decode[self.attend_for(min(start + dispatched, limit))](self.state, cache, d, args[3], n_steps)
-            if pending is None:
+            s = self.constrain(args[3], rows, batch) if constrained else args[3]
+            out, d, cache = decode[self.attend_for(min(start + dispatched, limit))](self.state, cache, d, s, n_steps)
+            if not constrained:
                 # run one dispatch ahead: the host reads dispatch k while the device runs k + 1,
                 # so the device never waits on the host (a row the host stops meanwhile, by a
                 # stop string, runs one more dispatch whose tokens are dropped)
-                pending = out
-                continue
-            out, pending = pending, out
+                if pending is None:
+                    pending = out
+                    continue
+                out, pending = pending, out
             host = self.fetch_picked(out, rows, steps_per_dispatch)
             decoded += int((host.tokens[:n] >= 0).sum())
             yield self.take(rows, host)
@@ -425,10 +443,11 @@ class Generator:
             stats.compile_s = self.compile_s - compile_before
             stats.ttft_s, stats.decode_s, stats.decode_tokens = ttft, time.perf_counter() - t1, decoded
 
-    def prefill_inputs(self, requests: Sequence[Request], length: int) -> tuple:
+    def prefill_inputs(self, requests: Sequence[Request], length: int, allowed: np.ndarray | None = None) -> tuple:
         """The prefill program's arguments for these requests (one per row), placed:
         (state, tokens, lengths, sampling, max_new, stop_ids). A request without a
-        seed gets a fresh one here."""
+        seed gets a fresh one here; ``allowed``: the rows' first-token bitmasks
+        (structured outputs; see ``allowed``)."""
         tokens = np.zeros((len(requests), length), np.int32)
         stop_ids = np.full((len(requests), MAX_STOP_IDS), -1, np.int32)
         for i, r in enumerate(requests):
@@ -438,7 +457,7 @@ class Generator:
         seeds = [r.sampling.seed if r.sampling.seed is not None else int(self._seeds.integers(2**32)) for r in requests]
         # sampling settings: tiny, and replicated so that "does any row sample?" is a local question
         s = jax.tree.map(lambda a: jax.device_put(a, self._replicated()),
-                         SamplingArrays.from_params([r.sampling for r in requests], seeds))
+                         SamplingArrays.from_params([r.sampling for r in requests], seeds, self.cfg.vocab_size, allowed))
         return (self.state, self._put(tokens), self._put(np.asarray([len(r.prompt_ids) for r in requests], np.int32)),
                 s, self._put(np.asarray([r.max_new_tokens for r in requests], np.int32)), self._put(stop_ids))
 
@@ -451,7 +470,25 @@ class Generator:
         row = _Row(request, set(self._stop_ids(request)), text)
         if request.sampling.logprobs is not None:
             row.logprobs, row.top_logprobs = [], []
+        if request.grammar is not None:
+            row.matcher = self.grammars.matcher(request.grammar)
         return row
+
+    def allowed(self, rows: Sequence[_Row | None], batch: int) -> np.ndarray | None:
+        """The bitmask of the tokens each of ``batch`` rows may pick next (rows past
+        ``rows``, empty slots and unconstrained requests: all), or None when no row
+        is constrained."""
+        matchers = [r.matcher if r is not None and not r.finish_reason else None for r in rows]
+        if all(m is None for m in matchers):
+            return None
+        return masks(matchers + [None] * (batch - len(rows)), self.cfg.vocab_size)
+
+    def constrain(self, s: SamplingArrays, rows: Sequence[_Row | None], batch: int) -> SamplingArrays:
+        """Sampling settings with the rows' next bitmasks placed (all allowed when none is constrained)."""
+        allowed = self.allowed(rows, batch)
+        if allowed is None:
+            allowed = np.full(s.allowed.shape, -1, np.int32)
+        return dataclasses.replace(s, allowed=jax.device_put(allowed, s.allowed.sharding))
 
     @staticmethod
     def scores_prompt(requests: Sequence[Request]) -> bool:
@@ -515,13 +552,16 @@ class Generator:
                     lps.append(float(picked.logprobs[i, j]))
                     tops.append(_pairs(picked.top_ids[i, j], picked.top_logprobs[i, j], k))
                 stopped = t in row.stop_ids
-                ended = stopped or len(row.generated) >= row.request.max_new_tokens
+                complete = row.matcher is not None and row.matcher.advance(t)  # the grammar holds no more
+                ended = stopped or complete or len(row.generated) >= row.request.max_new_tokens
                 if row.text is not None:  # a stop token's own text only where the request keeps it
                     text += row.text.push([] if stopped and not row.request.include_stop_str else [t], final=ended)
                 if row.text is not None and row.text.stopped:
                     row.finish_reason, row.stop_device = "stop", True
                 elif ended:
-                    row.finish_reason = "stop" if t in row.stop_ids else "length"
+                    row.finish_reason = "stop" if stopped or complete else "length"
+                    # the device ends rows at their stop ids and budget itself, not at a grammar's end
+                    row.stop_device = complete and not stopped and len(row.generated) < row.request.max_new_tokens
             if new:
                 if measured:
                     row.logprobs.extend(lps)

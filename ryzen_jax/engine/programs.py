@@ -12,8 +12,8 @@
   sampling the next and applying EOS / stop ids / ``max_new_tokens`` on the device.
 
 Every sampling setting arrives as a replicated array, so whether any row samples, has a
-penalty, a logit bias, ``min_tokens`` or asks for log-probabilities is a local question
-that switches whole branches off for the batch.
+penalty, a grammar's mask, a logit bias, ``min_tokens`` or asks for log-probabilities is
+a local question that switches whole branches off for the batch.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ryzen_jax.engine.sampling import (MAX_LOGPROBS, History, Picked, add_bias, any_biased, any_held, any_penalized,
-                                       any_sampled, hold_stops, pick, sample)
+from ryzen_jax.engine.sampling import (MAX_LOGPROBS, History, Picked, add_bias, any_biased, any_held, any_masked,
+                                       any_penalized, any_sampled, hold_stops, mask_disallowed, pick, sample)
 from ryzen_jax.sharding import TensorParallelConfig
 
 #: most decode steps one dispatch runs (the non-streaming path asks for all of them)
@@ -90,17 +90,21 @@ def device_programs(graphdef: nnx.GraphDef, cfg: Any, tp: TensorParallelConfig, 
         return pick_rows(logits, tokens, (s.logprobs >= 0) & live)
 
     def steering(s):
-        # once per dispatch, from replicated settings: some row has a logit bias, some min_tokens
-        return any_biased(s), any_held(s)
+        # once per dispatch, from replicated settings: some row is constrained (structured
+        # outputs), has a logit bias, has min_tokens
+        return any_masked(s), any_biased(s), any_held(s)
 
     def steered(logits, s, d, flags):
         # the logits as the rows' settings bend them before sampling, each step only where
-        # some row asks (`flags`): the logit bias added; the stop ids of rows short of their
-        # min_tokens held back. Per device rows, as in `picked`
-        bias_on, hold_on = flags
-        add = jax.shard_map(add_bias, mesh=tp.mesh, in_specs=(wide, wide, wide), out_specs=wide, check_vma=False)
-        hold = jax.shard_map(hold_stops, mesh=tp.mesh, in_specs=(wide, wide, rows), out_specs=wide,
-                             check_vma=False)
+        # some row asks (`flags`): the tokens a row's grammar disallows at -inf; the logit
+        # bias added; the stop ids of rows short of their min_tokens held back. Per device
+        # rows, as in `picked`
+        mask_on, bias_on, hold_on = flags
+        local = lambda f, specs: jax.shard_map(f, mesh=tp.mesh, in_specs=specs, out_specs=wide,  # noqa: E731
+                                               check_vma=False)
+        mask, add, hold = (local(mask_disallowed, (wide, wide)), local(add_bias, (wide, wide, wide)),
+                           local(hold_stops, (wide, wide, rows)))
+        logits = jax.lax.cond(mask_on, lambda: mask(logits, s.allowed), lambda: logits)
         logits = jax.lax.cond(bias_on, lambda: add(logits, s.bias_ids, s.bias), lambda: logits)
         return jax.lax.cond(hold_on, lambda: hold(logits, d.stop_ids, d.index < s.min_tokens), lambda: logits)
 

@@ -136,10 +136,13 @@ class SamplingArrays:
     bias_ids: jax.Array  # (B, MAX_LOGIT_BIAS) int32, -1 = unused
     bias: jax.Array  # (B, MAX_LOGIT_BIAS) float32
     min_tokens: jax.Array  # (B,) int32: no stop id before this many tokens
+    allowed: jax.Array  # (B, ceil(V / 32)) int32: a bitmask of the tokens a row may pick (structured outputs)
 
     @classmethod
-    def from_params(cls, params: list[SamplingParams], seeds: list[int]) -> "SamplingArrays":
-        """``seeds``: the resolved seed of every row (``params[i].seed`` or a drawn one)."""
+    def from_params(cls, params: list[SamplingParams], seeds: list[int], vocab_size: int,
+                    allowed: np.ndarray | None = None) -> "SamplingArrays":
+        """``seeds``: the resolved seed of every row (``params[i].seed`` or a drawn one);
+        ``allowed``: each row's bitmask of allowed tokens (default: all)."""
         f32 = lambda name: np.asarray([getattr(p, name) for p in params], np.float32)  # noqa: E731
         bias_ids = np.full((len(params), MAX_LOGIT_BIAS), -1, np.int32)
         bias = np.zeros((len(params), MAX_LOGIT_BIAS), np.float32)
@@ -151,7 +154,9 @@ class SamplingArrays:
                    presence=f32("presence_penalty"), frequency=f32("frequency_penalty"),
                    seed=np.asarray(seeds, np.uint32),
                    logprobs=np.asarray([-1 if p.logprobs is None else p.logprobs for p in params], np.int32),
-                   bias_ids=bias_ids, bias=bias, min_tokens=np.asarray([p.min_tokens for p in params], np.int32))
+                   bias_ids=bias_ids, bias=bias, min_tokens=np.asarray([p.min_tokens for p in params], np.int32),
+                   allowed=np.full((len(params), (vocab_size + 31) // 32), -1, np.int32) if allowed is None
+                   else np.asarray(allowed, np.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -181,6 +186,19 @@ def hold_stops(logits: jax.Array, stop_ids: jax.Array, held: jax.Array) -> jax.A
     v = logits.shape[-1]
     ids = jnp.where(held[:, None] & (stop_ids >= 0), stop_ids, v)
     return jax.vmap(lambda row, i: row.at[i].set(-jnp.inf, mode="drop"))(logits, ids)
+
+
+def mask_disallowed(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Logits (B, V) with every token whose bit is clear in its row's bitmask
+    ``allowed`` (B, ceil(V / 32)) int32 (bit j of word i: token 32 i + j) at -inf."""
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    bits = (allowed[:, ids >> 5] >> (ids & 31)) & 1
+    return jnp.where(bits == 1, logits, -jnp.inf)
+
+
+def any_masked(s: SamplingArrays) -> jax.Array:
+    """Whether any row's output is constrained (some token disallowed)."""
+    return jnp.any(s.allowed != -1)
 
 
 def any_biased(s: SamplingArrays) -> jax.Array:

@@ -4,12 +4,14 @@ Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature
 1); a few widely used vLLM extensions are accepted too (``top_k``, ``min_p``,
 ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``,
 ``include_stop_str_in_output``, ``truncate_prompt_tokens``, ``prompt_logprobs``,
-``return_tokens_as_token_ids``,
-``stream_options.continuous_usage_stats``). Unknown fields are
-ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server lacks
-(``suffix``, ``tools``, ``response_format`` beyond text, guided
-decoding, ...) is refused when set, rather than silently not honoured. Anything out
-of range is a 400 whose error names the field.
+``return_tokens_as_token_ids``, ``stream_options.continuous_usage_stats``).
+Structured outputs come as OpenAI's ``response_format`` (``json_object``,
+``json_schema``) or vLLM's ``structured_outputs`` and ``guided_json`` /
+``guided_regex`` / ``guided_choice`` / ``guided_grammar``, one per request. Unknown
+fields are ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this
+server lacks (``suffix``, ``tools``, ``guided_whitespace_pattern``, ...) is refused
+when set, rather than silently not honoured. Anything out of range is a 400 whose
+error names the field.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ryzen_jax.engine.sampling import MAX_LOGPROBS
+from ryzen_jax.engine.structured import StructuredOutput, StructuredOutputError
 
 MAX_CHOICES = 16  # n × prompts per request: each choice takes a decode slot or a queue place
 
@@ -52,6 +55,51 @@ def _refuse(*names: str, unless: Any = lambda value: value in (None, False) or v
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: the schema and its name."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any
+    JSON object) or ``json_schema`` (JSON that matches ``json_schema.schema``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: one of ``json``, ``regex``, ``choice``,
+    ``grammar`` or ``json_object``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+#: the request fields that ask for structured outputs, at most one per request
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar")
 
 
 class _Body(BaseModel):
@@ -96,15 +144,47 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     logit_bias: dict[str, float] | None = None  # {"token id": bias}; SamplingParams bounds them
-    # fields whose effect we lack: refused when they ask for something
-    response_format: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
+    # structured outputs (OpenAI's, then vLLM's): one of them at most
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: Any = None  # vLLM's: a backend option whose effect we lack
 
-    _not_honoured = _refuse("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-    _text_only = _refuse("response_format", unless=lambda v: v is None or v == {"type": "text"})
+    _not_honoured = _refuse("guided_whitespace_pattern")
+
+    @model_validator(mode="after")
+    def _one_structure(self):
+        asked = [f for f in STRUCTURED_FIELDS if getattr(self, f) is not None
+                 and not (f == "response_format" and self.response_format.type == "text")]
+        if len(asked) > 1:
+            raise ValueError(f"{asked[1]}: one structured output per request; this one also sets {asked[0]}")
+        self.structured_output()  # each kind's own checks (a choice list's, one kind in structured_outputs)
+        return self
+
+    def structured_output(self) -> tuple[str, StructuredOutput] | None:
+        """The field that asks for a structured output and what it asks, or None."""
+        try:
+            if self.response_format is not None and self.response_format.type != "text":
+                f = self.response_format
+                spec = StructuredOutput(json_object=True) if f.type == "json_object" else \
+                    StructuredOutput(json=f.json_schema.schema_)
+                return "response_format", spec
+            if self.structured_outputs is not None:
+                o = self.structured_outputs
+                return "structured_outputs", StructuredOutput(json=o.json_, json_object=bool(o.json_object),
+                                                              regex=o.regex, choice=o.choice, grammar=o.grammar)
+            for kind in ("json", "regex", "choice", "grammar"):
+                value = getattr(self, f"guided_{kind}")
+                if value is not None:
+                    return f"guided_{kind}", StructuredOutput(**{kind: value})
+        except StructuredOutputError as e:
+            field = "response_format" if self.response_format is not None else next(
+                f for f in STRUCTURED_FIELDS if getattr(self, f) is not None)
+            raise StructuredOutputError(f"{field}: {e}") from None
+        return None
 
     @model_validator(mode="after")
     def _prompt_scores_whole(self):

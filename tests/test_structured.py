@@ -1,0 +1,238 @@
+"""Structured outputs against two oracles we did not write: transformers' greedy
+generation under the same grammar (llguidance's mask applied to Hugging Face's logits
+by a LogitsProcessor) gives the same tokens, and Python's own ``json`` and ``re``
+accept every finished output, greedy or sampled."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import httpx
+import llguidance
+import llguidance.numpy
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import ryzen_jax as rj
+from ryzen_jax.engine.generate import GenerationResult
+from ryzen_jax.engine.structured import StructuredOutput, StructuredOutputError
+from tests import hf_models
+from ryzen_jax.serve import Server
+from tests.test_server import Running, build_chat_model, stream_events
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "ok", "n"],
+          "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+REGEX = r"[a-z]{2,8}@[a-z]{2,5}\.(com|org)"
+CHOICES = ["yes", "no", "not sure"]
+LARK = 'start: "(" num (" + " num)? (" + " num)? ")"\nnum: /[0-9]{1,3}/'
+SPECS = {
+    "json_schema": StructuredOutput(json=SCHEMA, whitespace_flexible=False),
+    "json_flexible": StructuredOutput(json=json.dumps(SCHEMA)),
+    "regex": StructuredOutput(regex=REGEX),
+    "choice": StructuredOutput(choice=CHOICES),
+    "lark": StructuredOutput(grammar=LARK),
+}
+PROMPTS = ["The weather in the mountains", "Distributed computing is", "hello"]
+
+
+def matches(kind: str, text: str) -> bool:
+    """Python's own reading of a finished output: it parses and fits the spec."""
+    if kind.startswith("json"):
+        obj = json.loads(text)
+        return set(obj) == {"name", "ok", "n"} and isinstance(obj["name"], str) and len(obj["name"]) <= 6 \
+            and isinstance(obj["ok"], bool) and type(obj["n"]) is int and 0 <= obj["n"] <= 99
+    if kind == "regex":
+        return re.fullmatch(REGEX, text) is not None
+    if kind == "choice":
+        return text in CHOICES
+    return re.fullmatch(r"\(\d{1,3}( \+ \d{1,3}){0,2}\)", text) is not None
+
+
+class GrammarMask(transformers.LogitsProcessor):
+    """transformers' side of the oracle: llguidance's matcher follows the generated
+    tokens and every disallowed token's score becomes -inf."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, prompt_len: int):
+        self.m, self.start, self.seen = llguidance.LLMatcher(tokenizer, grammar), prompt_len, 0
+
+    def __call__(self, input_ids, scores):
+        new = input_ids[0, self.start:].tolist()
+        assert self.m.consume_tokens(new[self.seen:]), self.m.get_error()
+        self.seen = len(new)
+        mask = llguidance.numpy.allocate_token_bitmask(1, scores.shape[-1])
+        llguidance.numpy.fill_next_token_bitmask(self.m, mask)
+        bits = (mask[0][np.arange(scores.shape[-1]) >> 5] >> (np.arange(scores.shape[-1]) & 31)) & 1
+        return scores.masked_fill(torch.from_numpy(bits == 0)[None], -float("inf"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_chat_model(str(tmp_path_factory.mktemp("structured") / "m"))
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return rj.load_model(model_dir, tp=2, max_seq_len=128, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    return hf_models.load(model_dir)
+
+
+def hf_constrained(hf, lm, prompt: list[int], grammar: str, new_tokens: int) -> list[int]:
+    """transformers' greedy tokens under the grammar, up to its EOS (kept)."""
+    eos = lm.config.eos_token_ids[0]
+    processor = GrammarMask(lm.generator.grammars.tokenizer(), grammar, len(prompt))
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=eos, pad_token_id=eos,
+                          logits_processor=transformers.LogitsProcessorList([processor]))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_greedy_structured_output_is_transformers_under_the_same_grammar(lm, hf, kind):
+    spec = SPECS[kind]
+    done = rj.generate(lm, PROMPTS, max_new_tokens=40, structured=spec)
+    eos = lm.config.eos_token_ids[0]
+    finished = 0
+    for prompt, c in zip(PROMPTS, done):
+        theirs = hf_constrained(hf, lm, c.prompt_ids, spec.compile(), 40)
+        # a complete grammar ends our output; transformers' then picks the EOS, the one token left
+        if c.finish_reason == "stop" and c.generated_ids[-1] != eos:
+            assert theirs[len(c.generated_ids):] == [eos], (prompt, theirs)
+            theirs = theirs[:len(c.generated_ids)]
+        assert c.generated_ids == theirs, (kind, prompt)
+        if c.finish_reason == "stop":
+            finished += 1
+            assert matches(kind, c.text), (kind, c.text)
+        else:  # out of tokens mid-output: still a prefix the grammar allows (whitespace runs, in flexible JSON)
+            assert c.finish_reason == "length" and len(c.generated_ids) == 40
+    if kind != "json_flexible":  # a random model spends flexible JSON's budget on whitespace
+        assert finished == len(PROMPTS), [c.text for c in done]
+
+
+def test_sampled_outputs_fit_and_share_a_batch_with_free_rows(lm, hf):
+    """Sampled rows always fit their grammar (each seed its own output); a row without
+    one, in the same batch, is transformers' plain greedy continuation."""
+    gen = lm.generator
+    prompt = lm.tokenizer.encode("Once upon a time")
+    reqs = []
+    for seed in range(6):
+        kind = ("regex", "json_schema", "choice")[seed % 3]
+        sampling = rj.SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
+        reqs.append(dataclasses.replace(gen.requests([prompt], 48, sampling)[0], grammar=SPECS[kind].compile()))
+    reqs.append(gen.requests([prompt], 12, stop_token_ids=(), ignore_eos=True)[0])
+    result = GenerationResult([])
+    for _ in gen.run(reqs, stats=result):
+        pass
+    outs = result.completions
+    for seed, c in enumerate(outs[:-1]):
+        kind = ("regex", "json_schema", "choice")[seed % 3]
+        assert c.finish_reason == "stop" and matches(kind, c.text), (kind, c.text)
+    assert len({c.text for c in outs[:-1:3]}) > 1  # the regex rows' seeds differ, and so do their outputs
+    assert outs[-1].generated_ids == hf_models.greedy(hf, prompt, 12)
+
+
+def test_streamed_structured_output_joins_to_the_whole(lm):
+    spec = SPECS["regex"]
+    deltas = list(rj.stream(lm, "hello", max_new_tokens=40, structured=spec))
+    whole = rj.generate(lm, ["hello"], max_new_tokens=40, structured=spec)[0]
+    assert "".join(d.text for d in deltas) == whole.text and deltas[-1].finish_reason == "stop"
+    assert [t for d in deltas for t in d.token_ids] == whole.generated_ids
+
+
+@pytest.mark.parametrize("spec,words", [
+    (dict(), "exactly one"),
+    (dict(regex="a", choice=["a"]), "exactly one"),
+    (dict(choice=[]), "choice"),
+    (dict(choice="yes"), "choice"),
+    (dict(json=3), "json"),
+])
+def test_bad_specs_are_refused_when_made(spec, words):
+    with pytest.raises(StructuredOutputError, match=words):
+        StructuredOutput(**spec)
+
+
+@pytest.mark.parametrize("spec,words", [
+    (StructuredOutput(regex="a(b"), "unclosed group"),
+    (StructuredOutput(json={"type": "frob"}), "frob"),
+    (StructuredOutput(json="{not json"), "not valid JSON"),
+    (StructuredOutput(grammar="start: missing_rule"), "missing_rule"),
+])
+def test_bad_grammars_are_refused_before_any_device_work(lm, spec, words):
+    before = lm.generator.compile_count
+    with pytest.raises(StructuredOutputError, match=words):
+        rj.generate(lm, ["hello"], max_new_tokens=4, structured=spec)
+    assert lm.generator.compile_count == before
+    with pytest.raises(TypeError, match="StructuredOutput"):
+        rj.generate(lm, ["hello"], structured={"regex": "a"})
+
+
+# -- the server: OpenAI's response_format and vLLM's fields, answered as offline ------------------
+
+@pytest.fixture(scope="module")
+def server(lm):
+    running = Running(Server(lm, max_batch=4, max_queue=16, model_name="tiny"))
+    yield running
+    running.stop()
+
+
+def post(server, route: str, **body) -> dict:
+    r = httpx.post(f"{server.url}{route}", json={"model": "tiny", "temperature": 0, **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_the_server_answers_each_structured_field_as_offline(server, lm):
+    schema = {**SCHEMA, "x-guidance": {"whitespace_flexible": False}}
+    messages = [{"role": "user", "content": "Describe yourself."}]
+    body = post(server, "/v1/chat/completions", messages=messages, max_tokens=60,
+                response_format={"type": "json_schema", "json_schema": {"name": "me", "schema": schema}})
+    ids = lm.tokenizer(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"]
+    want = rj.generate(lm, [ids], max_new_tokens=60, structured=StructuredOutput(json=schema))[0]
+    content = body["choices"][0]["message"]["content"]
+    assert content == want.text and matches("json_schema", content) and body["choices"][0]["finish_reason"] == "stop"
+
+    asks = {"guided_regex": ("regex", REGEX), "structured_outputs": ("lark", {"grammar": LARK}),
+            "guided_choice": ("choice", CHOICES)}
+    for field, (kind, value) in asks.items():
+        spec = SPECS[kind]
+        text = post(server, "/v1/completions", prompt="hello", max_tokens=40, **{field: value})["choices"][0]["text"]
+        assert text == rj.generate(lm, ["hello"], max_new_tokens=40, structured=spec)[0].text and matches(kind, text)
+    # streamed, and sampled: n choices, each its own output, each a fit
+    events = stream_events(server.url, prompt="hello", max_tokens=40, guided_regex=REGEX, n=3, temperature=1.0,
+                           seed=7)
+    texts = ["".join(e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["index"] == i)
+             for i in range(3)]
+    assert all(matches("regex", t) for t in texts) and len(set(texts)) > 1, texts
+    anything = post(server, "/v1/chat/completions", messages=messages, max_tokens=60,
+                    response_format={"type": "json_object"})["choices"][0]
+    assert anything["finish_reason"] == "length" or isinstance(json.loads(anything["message"]["content"]), dict)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"guided_regex": "a(b"}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
+     "response_format"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+])
+def test_bad_structured_requests_are_400s_naming_the_field(server, body, param):
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"], err
+    assert post(server, "/v1/completions", prompt="hi", max_tokens=2)["choices"]  # and the server carries on

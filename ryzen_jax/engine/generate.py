@@ -11,7 +11,9 @@ Two programs run on the devices (``programs.py``), both compiled ahead of time a
   steps (the count is a traced argument), each feeding one token per row into the
   donated cache, sampling the next and applying EOS / stop ids / ``max_new_tokens``
   on the device. The host looks at the tokens once per dispatch; streaming asks for
-  one step per dispatch, plain generation for a whole chunk.
+  one step per dispatch, plain generation for a whole chunk, and a batch holding a
+  structured-output request runs one step at a time (its grammar's mask of allowed
+  tokens, ``structured.py``, follows each token).
 
 Prompt lengths are bucketed to powers of two and batches to powers of two (× dp),
 the cache length is fixed per engine, and every sampling setting is a traced array,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 
 import httpx
@@ -70,9 +71,24 @@ class GrammarMask(transformers.LogitsProcessor):
         return scores.masked_fill(torch.from_numpy(bits == 0)[None], -float("inf"))
 
 
+#: a chat template that shows the model its tools' names, an assistant's tool calls and the tools' results
+#: (short: the tiny model's context is 128 tokens)
+TOOL_TEMPLATE = ("{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }} {% endfor %}\n{% endif %}"
+                 "{% for m in messages %}<|{{ m['role'] }}|>"
+                 "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments }}{% endfor %}"
+                 "{{ m['content'] or '' }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return build_chat_model(str(tmp_path_factory.mktemp("structured") / "m"))
+    out = build_chat_model(str(tmp_path_factory.mktemp("structured") / "m"))
+    path = os.path.join(out, "tokenizer_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**cfg, "chat_template": TOOL_TEMPLATE}, f)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +252,105 @@ def test_bad_structured_requests_are_400s_naming_the_field(server, body, param):
     err = r.json()["error"]
     assert err["param"] == param and param in err["message"], err
     assert post(server, "/v1/completions", prompt="hi", max_tokens=2)["choices"]  # and the server carries on
+
+
+# -- tool calls: tool_choice named or "required", as vLLM runs them without a parser --------------
+
+COMPACT = {"x-guidance": {"whitespace_flexible": False}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                           "unit": {"enum": ["c", "f"]}},
+                          "required": ["city", "unit"], "additionalProperties": False, **COMPACT}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
+        "required": ["zone"], "additionalProperties": False, **COMPACT}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def fits(name: str, arguments: str) -> bool:
+    """Python's reading of a call's arguments against its function's schema."""
+    args = json.loads(arguments)
+    if name == "get_weather":
+        return set(args) == {"city", "unit"} and isinstance(args["city"], str) and len(args["city"]) <= 8 \
+            and args["unit"] in ("c", "f")
+    return set(args) == {"zone"} and type(args["zone"]) is int and -12 <= args["zone"] <= 14
+
+
+def rendered(lm, messages, tools=None) -> list[int]:
+    """The prompt as transformers' own apply_chat_template renders it."""
+    text = lm.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_named_tool_call_is_its_arguments_under_its_schema(server, lm):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    ask = dict(model="tiny", messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=40,
+               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = client.chat.completions.create(**ask).choices[0]
+    [call] = choice.message.tool_calls
+    want = rj.generate(lm, [rendered(lm, ASK, [WEATHER, TIME])], max_new_tokens=40,
+                       structured=StructuredOutput(json=WEATHER["function"]["parameters"]))[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert call.function.arguments == want.text and fits("get_weather", want.text)
+    assert choice.message.content is None and choice.finish_reason == "stop"
+    # streamed: the call's id and name first, then its arguments, which join to the whole
+    chunks = [c.choices[0].delta for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    opening = chunks[0].tool_calls[0]
+    assert opening.id.startswith("call_") and opening.function.name == "get_weather" and opening.type == "function"
+    assert "".join(d.tool_calls[0].function.arguments or "" for d in chunks if d.tool_calls) == want.text
+
+
+def test_required_tool_calls_are_parsed_from_a_list_of_calls(server, lm):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    ask = dict(model="tiny", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=72)
+    names = set()
+    for seed in range(4):  # one call each (parallel_tool_calls false): one of the tools, with its arguments
+        choice = client.chat.completions.create(**ask, parallel_tool_calls=False, temperature=1.0,
+                                                seed=seed).choices[0]
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, choice
+        call = choice.message.tool_calls[0]
+        assert call.function.name in ("get_weather", "get_time") and fits(call.function.name, call.function.arguments)
+        assert choice.message.content is None
+        names.add(call.function.name)
+    # any number of calls: each parsed, or the list cut short by max_tokens and left as text
+    choice = client.chat.completions.create(**ask, temperature=0).choices[0]
+    if choice.finish_reason == "length":
+        assert choice.message.content.startswith("[") and not choice.message.tool_calls
+    else:
+        assert choice.finish_reason == "tool_calls" and all(fits(c.function.name, c.function.arguments)
+                                                            for c in choice.message.tool_calls)
+
+
+def test_a_tool_result_turn_renders_as_transformers_renders_it(server, lm):
+    """An assistant's tool call and the tool's answer reach the chat template as sent."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                            "arguments": '{"city":"Paris","unit":"c"}'}}
+    messages = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"}]
+    body = post(server, "/v1/chat/completions", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=8)
+    ids = rendered(lm, messages, [WEATHER])
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert body["choices"][0]["message"]["content"] == rj.generate(lm, [ids], max_new_tokens=8)[0].text
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"tools": [WEATHER]}, "tool_choice"),  # OpenAI's default "auto" needs a tool-call parser
+    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "stream": True}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "none"},
+     "tools.function.name"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+])
+def test_bad_tool_requests_are_400s_naming_the_field(server, body, param):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": ASK, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"], err

@@ -311,6 +311,41 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             return {"object": "chat.completion.chunk",
                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
+    class _ToolCalls(_Chat):
+        """A chat answer that calls tools (``tool_choice`` named or "required"): the
+        output, held to the call schema, becomes the message's ``tool_calls``."""
+
+        def __init__(self, named: str | None):
+            self.named = named  # the function a named tool_choice calls; None: "required"'s list of calls
+
+        @staticmethod
+        def call(name: str, arguments: str) -> dict:
+            return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                    "function": {"name": name, "arguments": arguments}}
+
+        def choice(self, i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+            if self.named is not None:  # the arguments as generated (cut short too, as OpenAI's "length")
+                calls, reason = [self.call(self.named, text)], reason
+            else:
+                try:
+                    calls = [self.call(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
+                             for c in json.loads(text)]
+                    reason = "tool_calls"
+                except (json.JSONDecodeError, TypeError, KeyError):  # cut short by max_tokens: the text as it is
+                    return _Chat.choice(i, text, reason, logprobs)
+            return {"index": i, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                    "logprobs": logprobs, "finish_reason": reason}
+
+        def chunk(self, i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
+            """Streamed (a named function only): the call's id and name first, then its arguments."""
+            if text == "" and reason is None and logprobs is None:
+                call = {"index": 0, **self.call(self.named, "")}
+                delta = {"role": "assistant", "content": None, "tool_calls": [call]}
+            else:
+                delta = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+            return {"object": "chat.completion.chunk",
+                    "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+
     def ids_of(prompt: str | list[int], param: str = "prompt") -> list[int]:
         """A prompt as token ids: text through the tokenizer, ids checked against the vocabulary."""
         if isinstance(prompt, str):
@@ -328,7 +363,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             raise APIError(400, f"model {model_name!r} has no chat template (tokenizer_config.json "
                                 "'chat_template'); use /v1/completions with a plain prompt", param="messages")
         try:
-            text = tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
+            tools = req.template_tools() if isinstance(req, ChatCompletionRequest) else None
+            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], tools=tools, tokenize=False,
                                                  **req.template_options())
         except (jinja2.TemplateError, ValueError, TypeError) as e:  # e.g. "System role not supported"
             raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
@@ -351,7 +387,10 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         req = parse(ChatCompletionRequest, await read_json(request, max_body_bytes))
         ids = chat_ids(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        return await run(request, req, [engine_request(req, ids, max_tokens, j) for j in range(req.n)], _Chat)
+        shape = _Chat
+        if req.calls_tools():
+            shape = _ToolCalls(req.tool_choice.function.name if req.tool_choice != "required" else None)
+        return await run(request, req, [engine_request(req, ids, max_tokens, j) for j in range(req.n)], shape)
 
     @app.post("/tokenize")
     async def tokenize(request: HTTPRequest):

@@ -7,15 +7,17 @@ Field names and defaults follow the OpenAI API (``max_tokens`` 16, ``temperature
 ``return_tokens_as_token_ids``, ``stream_options.continuous_usage_stats``).
 Structured outputs come as OpenAI's ``response_format`` (``json_object``,
 ``json_schema``) or vLLM's ``structured_outputs`` and ``guided_json`` /
-``guided_regex`` / ``guided_choice`` / ``guided_grammar``, one per request. Unknown
-fields are ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this
-server lacks (``suffix``, ``tools``, ``guided_whitespace_pattern``, ...) is refused
-when set, rather than silently not honoured. Anything out of range is a 400 whose
+``guided_regex`` / ``guided_choice`` / ``guided_grammar``, one per request; chat
+``tools`` are called when ``tool_choice`` names one or is "required". Unknown fields
+are ignored, as vLLM does, but an OpenAI (or vLLM) field whose effect this server
+lacks (``suffix``, ``functions``, ``tool_choice`` "auto", ``guided_whitespace_pattern``,
+...) is refused when set, rather than silently not honoured. Anything out of range is a 400 whose
 error names the field.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -255,10 +257,19 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
+    """A chat turn; an assistant's ``tool_calls`` and a tool result's ``tool_call_id``
+    and ``name`` go to the chat template as sent."""
+
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
     @field_validator("content")
     @classmethod
@@ -309,17 +320,113 @@ class _ChatTemplate(_Body):
                 "continue_final_message": self.continue_final_message}
 
 
+class ToolFunction(BaseModel):
+    """OpenAI's function definition; ``parameters`` is a JSON schema of its arguments."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: call this function."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+MAX_TOOLS = 128  # OpenAI's limit
+
+
 class ChatCompletionRequest(_Sampling, _ChatTemplate):
+    """A chat request. With ``tools``, ``tool_choice`` picks how they are called, as
+    vLLM does without a tool-call parser: a named function's arguments are generated
+    held to its ``parameters`` schema; ``"required"`` generates one or more calls
+    (a JSON list of ``{"name", "parameters"}``, each held to its function's schema;
+    one only when ``parallel_tool_calls`` is false); ``"none"`` answers in text. The
+    model decides for itself under ``"auto"`` (OpenAI's default when tools are given)
+    only with a parser of its own call syntax, which this server lacks: refused."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tools: Any = None
-    functions: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    functions: Any = None  # OpenAI's deprecated spelling of tools
 
-    _no_tools = _refuse("tools", "functions")
-    _no_tool_choice = _refuse("tool_choice", unless=lambda v: v in (None, "none", "auto"))
+    _no_functions = _refuse("functions")
+
+    @model_validator(mode="after")
+    def _tools_callable(self):
+        choice, names = self.tool_choice, [t.function.name for t in self.tools or []]
+        if choice is None:
+            choice = "auto" if self.tools else "none"
+        if choice != "none" and not self.tools:
+            raise ValueError("tool_choice: no tools are given to choose from")
+        if choice == "auto":
+            raise ValueError("tool_choice: 'auto' (the default when tools are given) needs a parser of this model's "
+                             "tool-call syntax (vLLM's --tool-call-parser), which this server lacks; name the function "
+                             "({\"type\": \"function\", \"function\": {\"name\": ...}}), or set 'required' or "
+                             "'none'")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: there is no tool named {choice.function.name!r} (tools: "
+                             f"{', '.join(names)})")
+        if choice == "required" and self.stream:
+            raise ValueError("tool_choice: 'required' is not available with stream (the calls are parsed from the "
+                             "whole output); ask without streaming, or name the function")
+        if len(set(names)) < len(names):
+            raise ValueError("tools: two tools have the same name")
+        also = [f for f in STRUCTURED_FIELDS if getattr(self, f) is not None
+                and not (f == "response_format" and self.response_format.type == "text")]
+        if self.calls_tools() and also:
+            raise ValueError(f"tool_choice: a tool call is held to its function's schema; this request also sets "
+                             f"{also[0]}")
+        return self
+
+    def calls_tools(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def structured_output(self) -> tuple[str, StructuredOutput] | None:
+        schema = self.tool_schema()
+        return ("tool_choice", StructuredOutput(json=schema)) if schema is not None else super().structured_output()
+
+    def tool_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output is held to when a tool must be called: the named
+        function's parameters, or a list of calls of any of the tools (vLLM's)."""
+        tools = {t.function.name: t.function.parameters for t in self.tools or []}
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return tools.get(self.tool_choice.function.name)  # an unknown name: refused by _tools_callable
+        if self.tool_choice != "required":
+            return None
+        call = {"type": "object", "anyOf": [
+            {"properties": {"name": {"type": "string", "enum": [name]}, "parameters": params},
+             "required": ["name", "parameters"], "additionalProperties": False} for name, params in tools.items()]}
+        # llguidance reads its options ("x-guidance", e.g. whitespace_flexible) at the top: the
+        # tools' own, where they all agree, apply to the whole list
+        options = {json.dumps(p.get("x-guidance"), sort_keys=True) for p in tools.values()}
+        lifted = {"x-guidance": json.loads(options.pop())} if len(options) == 1 and "null" not in options else {}
+        return {"type": "array", "minItems": 1, **({} if self.parallel_tool_calls else {"maxItems": 1}),
+                "items": call, **lifted}
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template takes them."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):

@@ -45,7 +45,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "max_tokens get the model's generation_config.json values; none: the OpenAI API's defaults")
     ap.add_argument("--step-timeout", type=float, default=60.0,
                     help="seconds a decode step may take before the group is declared dead")
+    ap.add_argument("--enable-auto-tool-choice", action="store_true",
+                    help="let the model call tools in its own syntax (tool_choice 'auto'); needs --tool-call-parser")
+    ap.add_argument("--tool-call-parser", choices=("hermes", "llama3_json"), default=None,
+                    help="the model's tool-call syntax: hermes (Qwen2, Hermes), llama3_json (Llama 3.1/3.2)")
     args = ap.parse_args(argv)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        ap.error("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json): the syntax the model "
+                 "writes its calls in")
     from ryzen_jax.serve import check_limits
 
     try:  # before anything loads
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             server = Server(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                             model_name=args.served_model_name, steps_per_dispatch=args.steps_per_dispatch,
-                            step_timeout_s=args.step_timeout, generation_config=args.generation_config)
+                            step_timeout_s=args.step_timeout, generation_config=args.generation_config,
+                            tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

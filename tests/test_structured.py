@@ -72,7 +72,7 @@ class GrammarMask(transformers.LogitsProcessor):
 
 
 #: a chat template that shows the model its tools' names, an assistant's tool calls and the tools' results
-#: (short: the tiny model's context is 128 tokens)
+#: (short: the tiny model's context is 256 tokens)
 TOOL_TEMPLATE = ("{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }} {% endfor %}\n{% endif %}"
                  "{% for m in messages %}<|{{ m['role'] }}|>"
                  "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments }}{% endfor %}"
@@ -93,7 +93,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(model_dir):
-    return rj.load_model(model_dir, tp=2, max_seq_len=128, progress=False)
+    return rj.load_model(model_dir, tp=2, max_seq_len=256, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +354,74 @@ def test_bad_tool_requests_are_400s_naming_the_field(server, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and param in err["message"], err
+
+
+# -- tool_choice "auto": the model's own call syntax, read back by a parser -----------------------
+
+HERMES = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n'
+          '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": 1}}\n</tool_call>')
+LLAMA3 = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}; ' \
+         '{"name": "get_time", "parameters": {"zone": 1}}'
+CALLS = [("get_weather", '{"city": "Paris", "unit": "c"}'), ("get_time", '{"zone": 1}')]
+
+
+@pytest.mark.parametrize("name,text,content,calls", [
+    ("hermes", HERMES, "Let me look.", CALLS),
+    ("hermes", "no call here, <tool_call> nor a closed one", "no call here, <tool_call> nor a closed one", []),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {broken</tool_call>',
+     '<tool_call>{"name": "f", "arguments": {broken</tool_call>', []),
+    ("llama3_json", LLAMA3, None, CALLS),
+    ("llama3_json", '{"name": "get_time", "parameters": {"zone": 1}}', None, CALLS[1:]),
+    ("llama3_json", "It is sunny.", "It is sunny.", []),
+    ("llama3_json", '{"name": "get_time", "parameters": {"zone"', '{"name": "get_time", "parameters": {"zone"', []),
+])
+def test_tool_call_parsers_read_their_syntax_whole_and_streamed(name, text, content, calls):
+    from ryzen_jax.serve.tools import tool_parser
+
+    parser = tool_parser(name)
+    got = parser.parse(text)
+    assert (got[0], [(n, json.loads(a)) for n, a in got[1]]) == (content, [(n, json.loads(a)) for n, a in calls])
+    for step in (1, 3, 7):  # streamed in pieces: the same calls; the content's text, whitespace aside
+        stream, pieces, found = parser.streamer(), [], []
+        for i in range(0, len(text), step):
+            c, f = stream.push(text[i:i + step])
+            pieces.append(c)
+            found += f
+        c, f = stream.finish()
+        pieces.append(c)
+        found += f
+        assert [(n, json.loads(a)) for n, a in found] == [(n, json.loads(a)) for n, a in calls]
+        assert "".join(pieces).strip() == (content or "").strip()
+
+
+@pytest.fixture(scope="module")
+def auto_server(lm):
+    running = Running(Server(lm, max_batch=4, max_queue=16, model_name="tiny", tool_call_parser="hermes"))
+    yield running
+    running.stop()
+
+
+def test_auto_tool_calls_are_read_out_of_the_models_text(auto_server):
+    """The output is steered into hermes syntax (guided_regex, as a model trained on it
+    would write): the server returns its calls; an output with none stays text."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{auto_server.url}/v1", api_key="none")
+    syntax = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{2,6}", "unit": "c"\}\}\n</tool_call>'
+    ask = dict(model="tiny", messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=150,
+               extra_body={"guided_regex": syntax})
+    plain = client.chat.completions.create(**ask, tool_choice="none").choices[0]  # what the model writes, as text
+    assert plain.finish_reason == "stop" and re.fullmatch(syntax, plain.message.content), plain
+    written = json.loads(plain.message.content.split("\n")[1])
+    choice = client.chat.completions.create(**ask).choices[0]
+    [call] = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == written["arguments"]
+    chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    streamed = [t for c in chunks for t in c.delta.tool_calls or []]
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in streamed] == [
+        ("get_weather", written["arguments"])] and chunks[-1].finish_reason == "tool_calls"
+    assert not "".join(c.delta.content or "" for c in chunks).strip()
+    text = client.chat.completions.create(**{**ask, "extra_body": {"guided_regex": "[a-z]{3,5}"}}).choices[0]
+    assert text.finish_reason == "stop" and not text.message.tool_calls and re.fullmatch("[a-z]{3,5}",
+                                                                                         text.message.content)

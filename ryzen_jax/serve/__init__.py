@@ -22,6 +22,7 @@ from ryzen_jax.serve.app import create_app
 from ryzen_jax.serve.embeddings import EMBED_BATCH, create_embedding_app
 from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.scheduler import PlanChannel, Scheduler, follow
+from ryzen_jax.serve.tools import tool_parser
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,15 @@ class Server:
 
     def __init__(self, lm: LoadedModel, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
                  model_name: str | None = None, steps_per_dispatch: int = 1, step_timeout_s: float = 60.0,
-                 max_body_bytes: int = 1 << 20, generation_config: str = "auto"):
+                 max_body_bytes: int = 1 << 20, generation_config: str = "auto", tool_call_parser: str | None = None):
         if lm.generator is None:
             raise ValueError(f"{lm.config.model_type} is not a generative model: serve it with EmbeddingServer")
         if lm.tokenizer is None:
             raise ValueError(f"{lm.path} has no tokenizer (tokenizer.json / tokenizer_config.json): the server "
                              "needs one to read prompts and write text")
         check_limits(max_batch, max_queue, steps_per_dispatch)
+        if tool_call_parser is not None:
+            tool_parser(tool_call_parser)  # an unknown name, refused before the warm-up
         if generation_config not in ("auto", "none"):
             raise ValueError(f"--generation-config must be 'auto' (the model's sampling defaults) or 'none' (the "
                              f"API's), got {generation_config!r}")
@@ -74,7 +77,8 @@ class Server:
                      "(--generation-config none: the API's defaults)",
                      ", ".join(f"{k}={v}" for k, v in lm.config.generation_defaults))
         self.app = create_app(self.scheduler, lm.tokenizer, self.model_name, api_key=api_key,
-                              max_body_bytes=max_body_bytes, use_generation_config=use)
+                              max_body_bytes=max_body_bytes, use_generation_config=use,
+                              tool_call_parser=tool_call_parser)
 
     def run(self, host: str = "127.0.0.1", port: int = 8000) -> None:
         """Serve HTTP until interrupted (the leader); a follower applies the leader's plans."""

@@ -33,6 +33,7 @@ from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                       TokenizeRequest, parse)
 from ryzen_jax.serve.scheduler import EngineFailed, Handle, QueueFull, Scheduler
+from ryzen_jax.serve.tools import tool_parser
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -56,7 +57,7 @@ async def read_json(request: HTTPRequest, max_body_bytes: int) -> Any:
 
 def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key: str | None = None,
                max_body_bytes: int = 1 << 20, health_timeout_s: float = 5.0,
-               use_generation_config: bool = True) -> FastAPI:
+               use_generation_config: bool = True, tool_call_parser: str | None = None) -> FastAPI:
     """The app for one served model. ``tokenizer`` is the model's HF tokenizer;
     ``use_generation_config``: requests default to the sampling settings of the model's
     generation_config.json (as vLLM's ``--generation-config auto``), else to the API's."""
@@ -65,6 +66,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
     metrics = scheduler.metrics
     defaults = dict(gen.cfg.generation_defaults) if use_generation_config else {}
     logprob_formatter = LogprobFormatter(tokenizer)
+    parser = tool_parser(tool_call_parser) if tool_call_parser is not None else None
 
     common_routes(app, model_name, gen.max_seq_len, metrics, api_key=api_key, max_body_bytes=max_body_bytes)
 
@@ -346,6 +348,41 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             return {"object": "chat.completion.chunk",
                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
+    class _AutoTools(_Chat):
+        """A chat answer under ``tool_choice: "auto"``: the model's own tool-call syntax,
+        read back out of its text by the server's parser (``tools.py``); streamed, content
+        as it comes and each call whole once it closes."""
+
+        def __init__(self):
+            self.streams, self.sent = {}, {}  # per choice: its streaming parser, the calls sent so far
+
+        def choice(self, i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+            content, calls = parser.parse(text)
+            if not calls:
+                return _Chat.choice(i, text, reason, logprobs)
+            message = {"role": "assistant", "content": content,
+                       "tool_calls": [_ToolCalls.call(name, args) for name, args in calls]}
+            return {"index": i, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls"}
+
+        def chunk(self, i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
+            if text == "" and reason is None and logprobs is None:  # the opening chunk: the role
+                return _Chat.chunk(i, text, reason, logprobs)
+            stream = self.streams.setdefault(i, parser.streamer())
+            content, calls = stream.push(text or "")
+            if reason is not None:  # the end: what the parser held back
+                rest, more = stream.finish()
+                content, calls = content + rest, calls + more
+            delta: dict[str, Any] = {"content": content} if content else {}
+            if calls:
+                n = self.sent.get(i, 0)
+                delta["tool_calls"] = [{"index": n + k, **_ToolCalls.call(name, args)}
+                                       for k, (name, args) in enumerate(calls)]
+                self.sent[i] = n + len(calls)
+            if reason is not None and self.sent.get(i):
+                reason = "tool_calls"
+            return {"object": "chat.completion.chunk",
+                    "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+
     def ids_of(prompt: str | list[int], param: str = "prompt") -> list[int]:
         """A prompt as token ids: text through the tokenizer, ids checked against the vocabulary."""
         if isinstance(prompt, str):
@@ -387,9 +424,17 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         req = parse(ChatCompletionRequest, await read_json(request, max_body_bytes))
         ids = chat_ids(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        shape = _Chat
-        if req.calls_tools():
-            shape = _ToolCalls(req.tool_choice.function.name if req.tool_choice != "required" else None)
+        shape, mode = _Chat, req.tool_mode()
+        if mode in ("named", "required"):
+            shape = _ToolCalls(req.tool_choice.function.name if mode == "named" else None)
+        elif mode == "auto":
+            if parser is None:
+                raise APIError(400, "tool_choice: 'auto' (the default when tools are given) lets the model call tools "
+                                    "in its own syntax, which needs a tool-call parser: start the server with "
+                                    "--enable-auto-tool-choice --tool-call-parser hermes|llama3_json, or name the "
+                                    "function ({\"type\": \"function\", \"function\": {\"name\": ...}}), or set "
+                                    "'required' or 'none'", param="tool_choice")
+            shape = _AutoTools()
         return await run(request, req, [engine_request(req, ids, max_tokens, j) for j in range(req.n)], shape)
 
     @app.post("/tokenize")

@@ -357,9 +357,10 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
     vLLM does without a tool-call parser: a named function's arguments are generated
     held to its ``parameters`` schema; ``"required"`` generates one or more calls
     (a JSON list of ``{"name", "parameters"}``, each held to its function's schema;
-    one only when ``parallel_tool_calls`` is false); ``"none"`` answers in text. The
-    model decides for itself under ``"auto"`` (OpenAI's default when tools are given)
-    only with a parser of its own call syntax, which this server lacks: refused."""
+    one only when ``parallel_tool_calls`` is false); ``"none"`` answers in text. Under
+    ``"auto"`` (OpenAI's default when tools are given) the model decides for itself,
+    in its own call syntax: a server started with a tool-call parser reads the calls
+    back out of its text (``tools.py``); one without refuses it."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -374,18 +375,11 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
 
     @model_validator(mode="after")
     def _tools_callable(self):
-        choice, names = self.tool_choice, [t.function.name for t in self.tools or []]
-        if choice is None:
-            choice = "auto" if self.tools else "none"
+        choice, names = self.tool_mode(), [t.function.name for t in self.tools or []]
         if choice != "none" and not self.tools:
             raise ValueError("tool_choice: no tools are given to choose from")
-        if choice == "auto":
-            raise ValueError("tool_choice: 'auto' (the default when tools are given) needs a parser of this model's "
-                             "tool-call syntax (vLLM's --tool-call-parser), which this server lacks; name the function "
-                             "({\"type\": \"function\", \"function\": {\"name\": ...}}), or set 'required' or "
-                             "'none'")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice: there is no tool named {choice.function.name!r} (tools: "
+        if choice == "named" and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: there is no tool named {self.tool_choice.function.name!r} (tools: "
                              f"{', '.join(names)})")
         if choice == "required" and self.stream:
             raise ValueError("tool_choice: 'required' is not available with stream (the calls are parsed from the "
@@ -399,8 +393,15 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
                              f"{also[0]}")
         return self
 
+    def tool_mode(self) -> str:
+        """"none", "auto", "required" or "named"; unset: "auto" with tools, else "none" (OpenAI's)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
+
     def calls_tools(self) -> bool:
-        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        """Whether the output must be a tool call (held to the call schema)."""
+        return self.tool_mode() in ("required", "named")
 
     def structured_output(self) -> tuple[str, StructuredOutput] | None:
         schema = self.tool_schema()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import jax
@@ -64,6 +65,8 @@ class Server:
                      self.batcher.slots, lm.tp.dp_size)
         t0 = time.perf_counter()
         self.warmup_s = self.batcher.warmup()
+        # the vocabulary as llguidance reads it (about a second for a large one), off the request path
+        threading.Thread(target=self._grammar_vocabulary, daemon=True, name="grammar-vocabulary").start()
         log.info("compiled the serving programs in %.1fs (%.1fs wall): %d slots, prompts up to %d tokens",
                  self.warmup_s, time.perf_counter() - t0, self.batcher.slots, lm.generator.max_seq_len)
         multi = jax.process_count() > 1
@@ -79,6 +82,12 @@ class Server:
         self.app = create_app(self.scheduler, lm.tokenizer, self.model_name, api_key=api_key,
                               max_body_bytes=max_body_bytes, use_generation_config=use,
                               tool_call_parser=tool_call_parser)
+
+    def _grammar_vocabulary(self) -> None:
+        try:
+            self.lm.generator.grammars.tokenizer()
+        except Exception as e:  # noqa: BLE001 — said again, as a 400, by the first structured request
+            log.info("structured outputs are unavailable: %s", e)
 
     def run(self, host: str = "127.0.0.1", port: int = 8000) -> None:
         """Serve HTTP until interrupted (the leader); a follower applies the leader's plans."""

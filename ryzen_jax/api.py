@@ -183,30 +183,38 @@ def _generator(lm: LoadedModel) -> Generator:
 def requests(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), stop: Sequence[str] = (),
              stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
-             include_stop_str: bool = False, structured: StructuredOutput | None = None) -> list[Request]:
+             include_stop_str: bool = False,
+             structured: StructuredOutput | Sequence[StructuredOutput | None] | None = None) -> list[Request]:
     """The engine Requests for prompts (strings are tokenized), as ``generate`` builds them."""
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
         raise TypeError("prompts must be a list of strings or of token-id lists; wrap a single prompt in a list")
-    if structured is not None and not isinstance(structured, StructuredOutput):
-        raise TypeError("structured takes a StructuredOutput, e.g. rj.StructuredOutput(json=schema)")
+    specs = list(structured) if isinstance(structured, (list, tuple)) else [structured] * len(prompts)
+    if len(specs) != len(prompts):
+        raise ValueError(f"got {len(specs)} structured outputs for {len(prompts)} prompts")
+    if not all(s is None or isinstance(s, StructuredOutput) for s in specs):
+        raise TypeError("structured takes a StructuredOutput (or one per prompt, None for none), e.g. "
+                        "rj.StructuredOutput(json=schema)")
     ids = [encode(lm, p) if isinstance(p, str) else list(p) for p in prompts]
-    grammar = structured.compile() if structured is not None else None
-    return [dataclasses.replace(r, grammar=grammar) for r in _generator(lm).requests(
-        ids, max_new_tokens, sampling, stop_token_ids=stop_token_ids or (), stop=stop, ignore_eos=ignore_eos,
-        include_stop_str=include_stop_str)]
+    grammars = {id(s): s.compile() for s in specs if s is not None}  # each spec compiled once
+    return [dataclasses.replace(r, grammar=grammars[id(s)] if s is not None else None)
+            for r, s in zip(_generator(lm).requests(ids, max_new_tokens, sampling, stop_token_ids=stop_token_ids or (),
+                                                    stop=stop, ignore_eos=ignore_eos,
+                                                    include_stop_str=include_stop_str), specs)]
 
 
 def generate(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), stop: Sequence[str] = (),
              stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
-             include_stop_str: bool = False, structured: StructuredOutput | None = None,
+             include_stop_str: bool = False,
+             structured: StructuredOutput | Sequence[StructuredOutput | None] | None = None,
              return_result: bool = False) -> list[Completion] | tuple[list[Completion], GenerationResult]:
     """Generate for a batch of prompts (strings, or token-id lists), each with its own
     SamplingParams if a list is given. Stops at the model's EOS ids, at
     ``stop_token_ids`` (in addition to EOS; ``ignore_eos`` drops EOS) and at ``stop``
     strings (text cut before, or after with ``include_stop_str``). ``structured``
     holds every output to a JSON schema, regex, choice list or grammar
-    (``rj.StructuredOutput``); such an output ends once it is complete.
+    (``rj.StructuredOutput``; or a list, one per prompt, None for a free one); such an
+    output ends once it is complete.
 
     Returns one Completion per prompt (``prompt_ids``, ``generated_ids``, ``text``,
     ``finish_reason``); with ``return_result`` also the GenerationResult (timings).

@@ -5,7 +5,6 @@ accept every finished output, greedy or sampled."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import torch
 import transformers
 
 import ryzen_jax as rj
-from ryzen_jax.engine.generate import GenerationResult
 from ryzen_jax.engine.structured import StructuredOutput, StructuredOutputError
 from tests import hf_models
 from ryzen_jax.serve import Server
@@ -138,23 +136,15 @@ def test_greedy_structured_output_is_transformers_under_the_same_grammar(lm, hf,
 def test_sampled_outputs_fit_and_share_a_batch_with_free_rows(lm, hf):
     """Sampled rows always fit their grammar (each seed its own output); a row without
     one, in the same batch, is transformers' plain greedy continuation."""
-    gen = lm.generator
     prompt = lm.tokenizer.encode("Once upon a time")
-    reqs = []
-    for seed in range(6):
-        kind = ("regex", "json_schema", "choice")[seed % 3]
-        sampling = rj.SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
-        reqs.append(dataclasses.replace(gen.requests([prompt], 48, sampling)[0], grammar=SPECS[kind].compile()))
-    reqs.append(gen.requests([prompt], 12, stop_token_ids=(), ignore_eos=True)[0])
-    result = GenerationResult([])
-    for _ in gen.run(reqs, stats=result):
-        pass
-    outs = result.completions
-    for seed, c in enumerate(outs[:-1]):
-        kind = ("regex", "json_schema", "choice")[seed % 3]
+    kinds = [("regex", "json_schema", "choice")[seed % 3] for seed in range(6)]
+    sampling = [rj.SamplingParams(temperature=1.0, top_p=0.95, seed=seed) for seed in range(6)] + [rj.SamplingParams()]
+    outs = rj.generate(lm, [prompt] * 7, max_new_tokens=48, sampling=sampling, stop_token_ids=[], ignore_eos=True,
+                       structured=[SPECS[k] for k in kinds] + [None])
+    for kind, c in zip(kinds, outs):
         assert c.finish_reason == "stop" and matches(kind, c.text), (kind, c.text)
     assert len({c.text for c in outs[:-1:3]}) > 1  # the regex rows' seeds differ, and so do their outputs
-    assert outs[-1].generated_ids == hf_models.greedy(hf, prompt, 12)
+    assert outs[-1].generated_ids == hf_models.greedy(hf, prompt, 48)
 
 
 def test_streamed_structured_output_joins_to_the_whole(lm):
@@ -190,6 +180,8 @@ def test_bad_grammars_are_refused_before_any_device_work(lm, spec, words):
     assert lm.generator.compile_count == before
     with pytest.raises(TypeError, match="StructuredOutput"):
         rj.generate(lm, ["hello"], structured={"regex": "a"})
+    with pytest.raises(ValueError, match="2 structured outputs for 1 prompts"):
+        rj.generate(lm, ["hello"], structured=[spec, None])
 
 
 # -- the server: OpenAI's response_format and vLLM's fields, answered as offline ------------------

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                            task=args.task)
         if lm.encoder is not None:  # BERT, or --task embed: POST /v1/embeddings
             server = EmbeddingServer(lm, max_queue=args.max_queue, api_key=args.api_key,
-                                     model_name=args.served_model_name)
+                                     model_name=args.served_model_name, step_timeout_s=args.step_timeout)
         else:
             server = Server(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                             model_name=args.served_model_name, steps_per_dispatch=args.steps_per_dispatch,

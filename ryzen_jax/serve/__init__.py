@@ -20,9 +20,9 @@ from ryzen_jax.engine.batcher import SlotBatcher
 from ryzen_jax.engine.embed import POOLINGS
 from ryzen_jax.engine.generate import DECODE_CHUNK, bucket
 from ryzen_jax.serve.app import create_app
-from ryzen_jax.serve.embeddings import EMBED_BATCH, create_embedding_app
+from ryzen_jax.serve.embeddings import EMBED_BATCH, create_embedding_app, follow_embeddings
 from ryzen_jax.serve.metrics import ServerMetrics
-from ryzen_jax.serve.scheduler import PlanChannel, Scheduler, follow
+from ryzen_jax.serve.scheduler import Channel, PlanChannel, Scheduler, follow
 from ryzen_jax.serve.tools import tool_parser
 
 log = logging.getLogger(__name__)
@@ -109,20 +109,16 @@ class Server:
 
 class EmbeddingServer:
     """A model loaded for embeddings (BERT, or any with ``task="embed"``) behind
-    ``POST /v1/embeddings``, in one process
-    (its mesh: this host's devices). Compiles the encoder for one input and for a
-    full batch (``EMBED_BATCH``) at every length bucket before it answers."""
-
-    leader = True
+    ``POST /v1/embeddings``, on one process or several (the leader serves HTTP and
+    sends each batch to the followers, which run it beside it). Compiles the encoder
+    for one input and for a full batch (``EMBED_BATCH``) at every length bucket before
+    it answers."""
 
     def __init__(self, lm: LoadedModel, *, max_queue: int = 64, api_key: str | None = None,
-                 model_name: str | None = None, max_body_bytes: int = 1 << 20):
+                 model_name: str | None = None, max_body_bytes: int = 1 << 20, step_timeout_s: float = 60.0):
         if lm.encoder is None:
             raise ValueError(f"{lm.path} was loaded to generate text: serve it with Server, or load it with "
                              "task='embed' for embeddings")
-        if jax.process_count() > 1:
-            raise ValueError("embeddings are served from one process: run scripts/serve.py without the launcher "
-                             "(--tp splits the model over this host's devices)")
         if lm.encoder.pooling not in POOLINGS:
             raise ValueError(f"the model's sentence-transformers modules.json asks for pooling "
                              f"{lm.encoder.pooling!r}, which ryzen_jax lacks ({' or '.join(POOLINGS)})")
@@ -138,11 +134,21 @@ class EmbeddingServer:
             length *= 2
         log.info("compiled the encoder in %.1fs: inputs up to %d tokens (pooling %s%s)", time.perf_counter() - t0,
                  lm.encoder.max_len, lm.encoder.pooling, ", normalized" if lm.encoder.normalize else "")
+        self.leader = jax.process_index() == 0
+        self.channel = Channel("ryzen_jax/embed/") if jax.process_count() > 1 else None
         self.app = create_embedding_app(lm, self.model_name, api_key=api_key, max_body_bytes=max_body_bytes,
-                                        max_queue=max_queue)
+                                        max_queue=max_queue, channel=self.channel, step_timeout_s=step_timeout_s)
 
     def run(self, host: str = "127.0.0.1", port: int = 8000) -> None:
-        """Serve HTTP until interrupted."""
+        """Serve HTTP until interrupted (the leader); a follower runs the leader's batches."""
+        if not self.leader:
+            log.info("following the leader's batches (pid %d)", os.getpid())
+            follow_embeddings(self.lm.encoder, self.channel)
+            return
         import uvicorn
 
-        uvicorn.run(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        try:
+            uvicorn.run(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        finally:
+            if self.channel is not None:
+                self.channel.send(None)

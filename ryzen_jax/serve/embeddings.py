@@ -9,34 +9,45 @@ defaults of ``rj.embed``). One request at a time holds the devices; beyond
 most ``EMBED_BATCH`` (bounded memory; one input and a full batch are compiled for
 every length bucket at start-up, other counts on first use). ``encoding_format`` is "float" or "base64"
 (little-endian float32, which the openai client asks for by default).
+
+Across processes (under the launcher) the leader sends each batch's token ids to the
+followers through a ``Channel`` before it runs it, and every process runs the same
+program (``follow_embeddings``). A batch that does not return within
+``step_timeout_s`` (a dead or stuck process) fails its request with a 503 that says
+so, and every later one, and ``/health`` turns 503: the launcher restarts the group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import threading
 import time
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse
 
 from ryzen_jax.serve.app import common_routes, read_json
 from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.protocol import APIError, EmbeddingRequest, parse
+from ryzen_jax.serve.scheduler import Channel
 
 EMBED_BATCH = 32  # inputs per device call
 
 
 def create_embedding_app(lm: Any, model_name: str, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-                         max_queue: int = 64) -> FastAPI:
-    """The app for one served encoder (``lm``: a LoadedModel whose ``encoder`` is set)."""
+                         max_queue: int = 64, channel: Channel | None = None,
+                         step_timeout_s: float = 60.0) -> FastAPI:
+    """The app for one served encoder (``lm``: a LoadedModel whose ``encoder`` is set);
+    ``channel``: where the leader of several processes sends the followers each batch."""
     app = FastAPI(title="ryzen_jax", docs_url=None, redoc_url=None)
     encoder, tokenizer, hidden = lm.encoder, lm.tokenizer, lm.config.hidden_size
     metrics = ServerMetrics()
     device = threading.Lock()  # one request on the devices at a time
-    state = {"waiting": 0}
+    state: dict[str, Any] = {"waiting": 0, "failed": None}
     common_routes(app, model_name, lm.encoder.max_len, metrics, api_key=api_key,
                   max_body_bytes=max_body_bytes)
 
@@ -57,7 +68,12 @@ def create_embedding_app(lm: Any, model_name: str, *, api_key: str | None = None
 
     def embed(ids: list[list[int]]) -> np.ndarray:
         with device:
-            return np.concatenate([encoder.embed(ids[i:i + EMBED_BATCH]) for i in range(0, len(ids), EMBED_BATCH)])
+            out = []
+            for i in range(0, len(ids), EMBED_BATCH):
+                if channel is not None:  # the followers run this batch beside us
+                    channel.send(json.dumps(ids[i:i + EMBED_BATCH]))
+                out.append(encoder.embed(ids[i:i + EMBED_BATCH]))
+            return np.concatenate(out)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: HTTPRequest):
@@ -70,13 +86,21 @@ def create_embedding_app(lm: Any, model_name: str, *, api_key: str | None = None
             raise APIError(400, f"dimensions: this model's embeddings have {hidden}; it cannot shorten them",
                            param="dimensions")
         ids = token_ids(req)
+        if state["failed"]:
+            raise APIError(503, state["failed"], kind="server_error")
         if state["waiting"] > max_queue:  # one on the devices, max_queue behind it
             raise APIError(429, f"the server is busy: {state['waiting']} requests are waiting; retry later",
                            kind="rate_limit_error")
         state["waiting"] += 1
         metrics.queue_depth.set(state["waiting"] - 1)
+        batches = -(-len(ids) // EMBED_BATCH)
         try:
-            vectors = await asyncio.to_thread(embed, ids)
+            vectors = await asyncio.wait_for(asyncio.to_thread(embed, ids), step_timeout_s * batches)
+        except (asyncio.TimeoutError, TimeoutError):
+            state["failed"] = (f"the devices did not return a batch within {step_timeout_s:g} s (a dead or stuck "
+                               "process); the server must be restarted")
+            metrics.finish("error")
+            raise APIError(503, state["failed"], kind="server_error", counted=True) from None
         except Exception as e:  # noqa: BLE001 — a failed request is answered, the server stays up
             metrics.finish("error")
             raise APIError(500, f"embedding failed: {e}", kind="server_error", counted=True) from None
@@ -102,6 +126,14 @@ def create_embedding_app(lm: Any, model_name: str, *, api_key: str | None = None
 
     @app.get("/health")
     async def health():
+        if state["failed"]:
+            return JSONResponse({"status": "unhealthy", "reason": state["failed"]}, status_code=503)
         return {"status": "ok"}
 
     return app
+
+
+def follow_embeddings(encoder: Any, channel: Channel) -> None:
+    """A follower process: run each batch the leader sends until it says stop."""
+    while (text := channel.take()) is not None:
+        encoder.embed(json.loads(text))

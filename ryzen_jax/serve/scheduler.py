@@ -61,40 +61,53 @@ class Handle:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
-class PlanChannel:
-    """Plans from the leader to the followers, through the coordination service's
-    key-value store (the same service jax.distributed already runs)."""
+class Channel:
+    """Messages from the leader to the followers, in order, through the coordination
+    service's key-value store (the same service jax.distributed already runs)."""
 
-    PREFIX = "ryzen_jax/plan/"
-
-    def __init__(self):
+    def __init__(self, prefix: str):
         from jax._src import distributed  # the public API exposes no key-value store
 
         self.client = distributed.global_state.client
-        self.n = 0
+        self.prefix, self.n = prefix, 0
 
-    def publish(self, plan: Plan | None) -> None:
-        """Send the next plan (None: shut down)."""
-        self.client.key_value_set(f"{self.PREFIX}{self.n}", "" if plan is None else plan.to_json())
+    def send(self, text: str | None) -> None:
+        """Send the next message (None: shut down)."""
+        self.client.key_value_set(f"{self.prefix}{self.n}", "" if text is None else text)
         if self.n >= 2:  # followers have read it: keep the store small
             try:
-                self.client.key_value_delete(f"{self.PREFIX}{self.n - 2}")
+                self.client.key_value_delete(f"{self.prefix}{self.n - 2}")
             except Exception:  # noqa: BLE001 — deletion is housekeeping only
                 pass
         self.n += 1
 
-    def receive(self, poll_s: float = 60.0) -> Plan | None:
-        """The next plan, waiting as long as the leader is idle (an idle server publishes
+    def take(self, poll_s: float = 60.0) -> str | None:
+        """The next message, waiting as long as the leader is idle (an idle server sends
         nothing); a dead leader ends the wait with the coordination service's error."""
         while True:
             try:
-                text = self.client.blocking_key_value_get(f"{self.PREFIX}{self.n}", int(poll_s * 1000))
+                text = self.client.blocking_key_value_get(f"{self.prefix}{self.n}", int(poll_s * 1000))
                 break
             except Exception as e:  # noqa: BLE001 — the client raises its own status type
                 if "DEADLINE_EXCEEDED" not in str(e):
                     raise
         self.n += 1
-        return Plan.from_json(text) if text else None
+        return text or None
+
+
+class PlanChannel(Channel):
+    """The scheduler's plans, from the leader to the followers."""
+
+    def __init__(self):
+        super().__init__("ryzen_jax/plan/")
+
+    def publish(self, plan: Plan | None) -> None:
+        """Send the next plan (None: shut down)."""
+        self.send(None if plan is None else plan.to_json())
+
+    def receive(self, poll_s: float = 60.0) -> Plan | None:
+        text = self.take(poll_s)
+        return Plan.from_json(text) if text is not None else None
 
 
 class Scheduler:

@@ -61,3 +61,69 @@ def own_slice_bytes(model_dir: str, tp: int, nproc: int) -> int:
     _, _, specs = abstract_model(cfg, rj.TensorParallelConfig(tp_size=tp), "float32")
     return sum(4 * math.prod(s.shape) // (nproc if any(a is not None for a in s.sharding.spec) else 1)
                for s in specs.values())
+
+
+class LaunchedServer:
+    """``scripts/serve.py`` under ``scripts/launch.py`` — 2 processes × 2 devices, no
+    restarts, on a free loopback port — with every output line kept (``lines``)."""
+
+    def __init__(self, *serve_args: str):
+        import threading
+
+        from ryzen_jax.launcher import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "scripts/launch.py", "--nproc", "2", "--devices-per-proc", "2", "--max-restarts", "0",
+             "--", sys.executable, "scripts/serve.py", *serve_args, "--port", str(self.port), "--step-timeout", "10"],
+            cwd=ROOT, env=user_env(RYZEN_JAX_COMPILE_CACHE="off"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
+
+    def log(self) -> str:
+        return "".join(self.lines)[-3000:]
+
+    def wait_healthy(self, timeout_s: float = 300) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.time() + timeout_s
+        while True:
+            assert self.proc.poll() is None and time.time() < deadline, self.log()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+
+    def kill_the_follower(self, request) -> None:
+        """SIGKILL rank 1, then ``request()`` (an HTTP call): it fails (a 5xx, or the
+        connection closes as the launcher takes the group down) within a minute rather
+        than hanging, and the launcher reports the failed rank."""
+        import signal
+        import time
+
+        import httpx
+
+        follower = next(int(line.rsplit("pid ", 1)[1].strip(" )\n")) for line in self.lines
+                        if "[rank 1]" in line and "following the leader" in line)
+        os.kill(follower, signal.SIGKILL)
+        t0 = time.time()
+        try:
+            assert request().status_code >= 500
+        except httpx.TransportError:
+            pass
+        assert time.time() - t0 < 60
+        assert self.proc.wait(timeout=60) != 0, self.log()
+        assert any("rank 1" in line and "SIGKILL" in line for line in self.lines), self.log()
+
+    def __enter__(self) -> "LaunchedServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()

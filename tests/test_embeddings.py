@@ -8,7 +8,6 @@ official openai client."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -135,55 +134,20 @@ def test_two_process_embeddings_server_answers_like_one(tmp_path):
     """scripts/serve.py --task embed under scripts/launch.py: 2 processes × 2 devices
     (tp 4 across them) give rj.embed's vectors in one process; killing the worker ends
     the run instead of leaving clients hanging."""
-    import signal
-    import subprocess
-    import sys
-    import threading
-    import time
-
     import httpx
 
     from tests import mp_helpers
-    from tests.test_server import build_chat_model, free_port
+    from tests.test_server import build_chat_model
 
     path = build_chat_model(str(tmp_path / "llama"))
     texts = ["The weather is", "Distributed computing across many machines", "Hi"] * 12  # two batches of 32 and 4
     want = rj.embed(rj.load_model(path, tp=2, progress=False, task="embed", max_seq_len=64), texts)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port = free_port()
-    env = {**mp_helpers.user_env(), "RYZEN_JAX_COMPILE_CACHE": "off"}
-    proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--nproc", "2", "--devices-per-proc", "2",
-                             "--max-restarts", "0", "--", sys.executable, "scripts/serve.py", "--model", path,
-                             "--task", "embed", "--tp", "4", "--max-model-len", "64", "--port", str(port),
-                             "--served-model-name", "llama-embed", "--step-timeout", "10"],
-                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        r = httpx.post(f"{url}/v1/embeddings", json={"model": "llama-embed", "input": texts}, timeout=120)
+    with mp_helpers.LaunchedServer("--model", path, "--task", "embed", "--tp", "4", "--max-model-len", "64",
+                                   "--served-model-name", "llama-embed") as two_process:
+        two_process.wait_healthy()
+        ask = lambda: httpx.post(f"{two_process.url}/v1/embeddings",  # noqa: E731
+                                 json={"model": "llama-embed", "input": texts}, timeout=60)
+        r = ask()
         assert r.status_code == 200, r.text
         np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], want, atol=1e-5)
-        follower = next(int(line.rsplit("pid ", 1)[1].strip(" )\n")) for line in lines
-                        if "[rank 1]" in line and "following the leader" in line)
-        os.kill(follower, signal.SIGKILL)
-        t0 = time.time()
-        try:
-            r = httpx.post(f"{url}/v1/embeddings", json={"model": "llama-embed", "input": texts}, timeout=60)
-            assert r.status_code >= 500
-        except httpx.TransportError:
-            pass  # the launcher took the group down: the connection closes, nobody hangs
-        assert time.time() - t0 < 60
-        assert proc.wait(timeout=60) != 0  # the launcher reports the failed rank
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        two_process.kill_the_follower(ask)

@@ -681,35 +681,11 @@ def test_two_process_server_answers_like_one(model_dir, server):
     """scripts/serve.py under scripts/launch.py: 2 processes × 2 devices (tp 4 across
     them) answer exactly like the 1-process server; killing the worker ends the run
     instead of leaving clients hanging."""
-    import signal
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port = free_port()
-    env = mp_helpers.user_env()
-    env["RYZEN_JAX_COMPILE_CACHE"] = "off"
-    proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--nproc", "2", "--devices-per-proc", "2",
-                             "--max-restarts", "0", "--", sys.executable, "scripts/serve.py", "--model", model_dir,
-                             # vLLM's spellings of --tp and --max-seq-len
-                             "--tensor-parallel-size", "4", "--max-model-len", "128", "--port", str(port),
-                             "--served-model-name", "tiny", "--max-batch", "4",  # the 1-process server's slots
-                             "--step-timeout", "10"],
-                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, "".join(lines)[-3000:]
-            assert time.time() < deadline, "".join(lines)[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    with mp_helpers.LaunchedServer("--model", model_dir, "--tensor-parallel-size", "4",  # vLLM's spellings
+                                   "--max-model-len", "128", "--served-model-name", "tiny",
+                                   "--max-batch", "4") as two_process:  # the 1-process server's slots
+        two_process.wait_healthy()
+        url = two_process.url
         # every other one held to a regex: each process follows the grammar and places the same masks
         bodies = [dict(prompt=p, max_tokens=10, temperature=0, **({"guided_regex": r"[a-z]{2,8}@[a-z]{2,5}\.org"}
                                                                    if i % 2 else {}))
@@ -720,18 +696,5 @@ def test_two_process_server_answers_like_one(model_dir, server):
         assert [r.json()["choices"][0]["text"] for r in two] == [r.json()["choices"][0]["text"] for r in one]
         for r in two[1::2]:  # the regex's output, or a prefix of one
             assert re.fullmatch(r"[a-z]{1,8}(@[a-z]{0,5}(\.(o(rg?)?)?)?)?", r.json()["choices"][0]["text"]), r.text
-        follower = next(int(line.rsplit("pid ", 1)[1].strip(" )\n")) for line in lines
-                        if "[rank 1]" in line and "following the leader" in line)
-        os.kill(follower, signal.SIGKILL)
-        t0 = time.time()
-        try:
-            r = complete(url, prompt="after the worker died", max_tokens=50, ignore_eos=True)
-            assert r.status_code >= 500
-        except httpx.TransportError:
-            pass  # the launcher took the group down: the connection closes, nobody hangs
-        assert time.time() - t0 < 60
-        assert proc.wait(timeout=60) != 0  # the launcher reports the failed rank
-        assert any("rank 1" in line and "SIGKILL" in line for line in lines), "".join(lines)[-2000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        two_process.kill_the_follower(lambda: complete(url, prompt="after the worker died", max_tokens=50,
+                                                       ignore_eos=True))

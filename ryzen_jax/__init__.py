@@ -11,7 +11,8 @@ from ryzen_jax.api import LoadedModel, embed, generate, load_model, stream
 from ryzen_jax.checkpoint.convert import convert_hf
 from ryzen_jax.checkpoint.loader import DistributedCheckpointLoader
 from ryzen_jax.config import ModelConfig
-from ryzen_jax.engine.generate import Completion, GenerationResult, Generator, Request, StreamDelta
+from ryzen_jax.engine.generate import Generator
+from ryzen_jax.engine.request import Completion, GenerationResult, Request, StreamDelta
 from ryzen_jax.engine.sampling import SamplingError, SamplingParams
 from ryzen_jax.engine.structured import StructuredOutput, StructuredOutputError
 from ryzen_jax.layers import ColumnParallelLinear, RowParallelLinear

@@ -24,8 +24,8 @@ from ryzen_jax import kernels
 from ryzen_jax.checkpoint.loader import DistributedCheckpointLoader
 from ryzen_jax.config import ModelConfig
 from ryzen_jax.engine.embed import Encoder, model_pooling
-from ryzen_jax.engine.generate import (Completion, GenerationResult, Generator, Request, StreamDelta,
-                                      resolve_max_seq_len)
+from ryzen_jax.engine.generate import Generator, resolve_max_seq_len
+from ryzen_jax.engine.request import Completion, GenerationResult, Request, StreamDelta
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.engine.structured import StructuredOutput
 from ryzen_jax.runtime import enable_compilation_cache

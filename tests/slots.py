@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ryzen_jax.engine.batcher import Admission, Plan, SlotBatcher
-from ryzen_jax.engine.generate import Request
+from ryzen_jax.engine.request import Request
 
 
 def three_requests_in_two_slots(batcher: SlotBatcher, requests: list[Request], steps: tuple[int, int, int]) -> list:

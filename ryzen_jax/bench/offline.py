@@ -24,7 +24,8 @@ from ryzen_jax.bench.comm import HLO_DTYPES, Collective, CommReport, collective_
 from ryzen_jax.bench.hardware import Hardware
 from ryzen_jax.bench.stats import median, summary_ms
 from ryzen_jax.engine.compile import compile_lowered, compiler_options
-from ryzen_jax.engine.generate import DECODE_CHUNK, GenerationResult, Generator, Request
+from ryzen_jax.engine.generate import DECODE_CHUNK, Generator
+from ryzen_jax.engine.request import GenerationResult, Request
 from ryzen_jax.sharding import MODEL
 
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ryzen_jax import cache as kv
-from ryzen_jax.engine.generate import Generator, Request, StreamDelta, _Row
+from ryzen_jax.engine.generate import Generator
+from ryzen_jax.engine.request import Request, StreamDelta, _Row
 from ryzen_jax.engine.sampling import Picked, SamplingArrays, SamplingParams
 
 
@@ -148,7 +149,7 @@ class SlotBatcher:
             self.gen.check([a.request])
             t0 = time.perf_counter()
             request = dataclasses.replace(a.request, sampling=dataclasses.replace(a.request.sampling, seed=a.seed))
-            padded = [request] + [dataclasses.replace(request, max_new_tokens=1, grammar=None)] * (self.one - 1)
+            padded = [request] + [dataclasses.replace(request, max_new_tokens=1)] * (self.one - 1)
             length = self.gen.prompt_bucket(len(request.prompt_ids))
             row = self.gen.new_row(request)
             args = self.gen.prefill_inputs(padded, length, self.gen.allowed([row], self.one))

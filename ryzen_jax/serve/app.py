@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import ryzen_jax
-from ryzen_jax.engine.generate import Request, StreamDelta
+from ryzen_jax.engine.request import Request, StreamDelta
 from ryzen_jax.engine.sampling import SamplingParams
 from ryzen_jax.engine.structured import StructuredOutputError
 from ryzen_jax.serve.logprobs import LogprobFormatter
@@ -107,7 +107,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         asks = [k for k in (req.logprobs if getattr(req, "echo", False) else None, req.prompt_logprobs)
                 if k is not None]
         scored = max(asks) if asks else None
-        structured = req.structured_output()  # (the field, what it asks) or None
+        structured = req.compiled_structure  # (the field, its grammar) or None
         try:
             sampling = SamplingParams(temperature=given("temperature"), top_k=max(0, int(given("top_k"))),
                                       top_p=given("top_p"), min_p=given("min_p"),
@@ -117,9 +117,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                                       logit_bias=req.token_biases(), min_tokens=req.min_tokens)
             request = Request(prompt_ids, max_tokens, sampling, tuple(req.stop_token_ids or ()),
                               tuple(req.stop_strings()), req.ignore_eos, req.include_stop_str_in_output,
-                              grammar=structured[1].compile() if structured else None)
+                              grammar=structured[1] if structured else None)
             gen.check([request])
-        except StructuredOutputError as e:  # a schema, regex or grammar that does not compile
+        except StructuredOutputError as e:  # a regex or grammar llguidance refuses
             raise APIError(400, f"{structured[0]}: {e}", param=structured[0]) from None
         except ValueError as e:  # SamplingError too; a message that starts with a field's name names it
             first = re.match(r"\w+", str(e))

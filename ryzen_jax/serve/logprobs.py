@@ -20,7 +20,7 @@ import copy
 import functools
 from typing import Any, Sequence
 
-from ryzen_jax.engine.generate import StreamDelta
+from ryzen_jax.engine.request import StreamDelta
 
 
 class LogprobFormatter:

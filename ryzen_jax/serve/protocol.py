@@ -17,6 +17,7 @@ error names the field.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, Literal
@@ -165,6 +166,19 @@ class _Sampling(_Body):
             raise ValueError(f"{asked[1]}: one structured output per request; this one also sets {asked[0]}")
         self.structured_output()  # each kind's own checks (a choice list's, one kind in structured_outputs)
         return self
+
+    @functools.cached_property
+    def compiled_structure(self) -> tuple[str, str] | None:
+        """(the field that asks for a structured output, its llguidance grammar), or None:
+        compiled once per request, however many choices run it; a schema that does not
+        compile is a 400 naming the field."""
+        asked = self.structured_output()
+        if asked is None:
+            return None
+        try:
+            return asked[0], asked[1].compile()
+        except StructuredOutputError as e:
+            raise APIError(400, f"{asked[0]}: {e}", param=asked[0]) from None
 
     def structured_output(self) -> tuple[str, StructuredOutput] | None:
         """The field that asks for a structured output and what it asks, or None."""

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from ryzen_jax.engine.batcher import Admission, Plan, SlotBatcher
-from ryzen_jax.engine.generate import DECODE_CHUNK, Request
+from ryzen_jax.engine.generate import DECODE_CHUNK
+from ryzen_jax.engine.request import Request
 from ryzen_jax.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)

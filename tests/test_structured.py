@@ -315,6 +315,58 @@ def test_required_tool_calls_are_parsed_from_a_list_of_calls(server, lm):
     else:
         assert choice.finish_reason == "tool_calls" and all(fits(c.function.name, c.function.arguments)
                                                             for c in choice.message.tool_calls)
+    # streamed: each call whole once its object closes, the same calls as the whole answer's
+    seeded = dict(parallel_tool_calls=False, temperature=1.0, seed=0)
+    for extra, whole in ((seeded, client.chat.completions.create(**ask, **seeded).choices[0]),
+                         (dict(temperature=0), choice)):
+        chunks = [c.choices[0] for c in client.chat.completions.create(**ask, **extra, stream=True) if c.choices]
+        streamed = [t for c in chunks for t in c.delta.tool_calls or []]
+        content = "".join(c.delta.content or "" for c in chunks)
+        assert [t.index for t in streamed] == list(range(len(streamed))) and all(t.id for t in streamed)
+        assert chunks[-1].finish_reason == whole.finish_reason
+        if whole.finish_reason == "tool_calls":
+            want = [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
+            rest = ""
+        else:  # the calls that closed before the cut, then the open one's text
+            want, rest = closed_calls(whole.message.content)
+        assert [(t.function.name, json.loads(t.function.arguments)) for t in streamed] == want
+        assert content == rest
+
+
+def closed_calls(text: str) -> tuple[list, str]:
+    """Python's json reading of a JSON list of calls cut short: the calls whole before the
+    cut, and the text from the one left open."""
+    decoder, calls, i = json.JSONDecoder(), [], 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return calls, text[i:]
+        calls.append((obj["name"], obj["parameters"]))
+
+
+@pytest.mark.parametrize("cut", [None, -30, -1])
+def test_a_list_of_calls_is_read_streamed_in_pieces(cut):
+    """tool_choice "required"'s streamed reading agrees with Python's json, whatever the
+    pieces, with braces and quotes inside strings; an unclosed call's text comes back
+    at the end."""
+    from ryzen_jax.serve.tools import CallListStream
+
+    text = '[{"name": "a", "parameters": {"s": "}{\\" ]", "t": [1, {"u": 2}]}}, {"name": "b", "parameters": {}}]'
+    text = text[:cut]
+    want, rest = closed_calls(text) if cut else ([(c["name"], c["parameters"]) for c in json.loads(text)], "")
+    assert len(want) == (2 if cut in (None, -1) else 1)
+    for step in (1, 3, 7):
+        stream, found = CallListStream(), []
+        for i in range(0, len(text), step):
+            content, calls = stream.push(text[i:i + step])
+            assert content == ""  # a list of calls has no content
+            found += calls
+        tail, more = stream.finish()
+        assert [(n, json.loads(a)) for n, a in found] == want and not more
+        assert tail == rest
 
 
 def test_a_tool_result_turn_renders_as_transformers_renders_it(server, lm):
@@ -334,7 +386,6 @@ def test_a_tool_result_turn_renders_as_transformers_renders_it(server, lm):
     ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [WEATHER], "tool_choice": "required", "stream": True}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "none"},

@@ -33,7 +33,7 @@ from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                       TokenizeRequest, parse)
 from ryzen_jax.serve.scheduler import EngineFailed, Handle, QueueFull, Scheduler
-from ryzen_jax.serve.tools import tool_parser
+from ryzen_jax.serve.tools import CallListStream, tool_parser
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -314,11 +314,11 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
     class _ToolCalls(_Chat):
-        """A chat answer that calls tools (``tool_choice`` named or "required"): the
-        output, held to the call schema, becomes the message's ``tool_calls``."""
+        """A chat answer that calls the function a ``tool_choice`` names: the output,
+        held to its parameters' schema, becomes the call's arguments."""
 
-        def __init__(self, named: str | None):
-            self.named = named  # the function a named tool_choice calls; None: "required"'s list of calls
+        def __init__(self, named: str):
+            self.named = named
 
         @staticmethod
         def call(name: str, arguments: str) -> dict:
@@ -326,20 +326,13 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                     "function": {"name": name, "arguments": arguments}}
 
         def choice(self, i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
-            if self.named is not None:  # the arguments as generated (cut short too, as OpenAI's "length")
-                calls, reason = [self.call(self.named, text)], reason
-            else:
-                try:
-                    calls = [self.call(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
-                             for c in json.loads(text)]
-                    reason = "tool_calls"
-                except (json.JSONDecodeError, TypeError, KeyError):  # cut short by max_tokens: the text as it is
-                    return _Chat.choice(i, text, reason, logprobs)
-            return {"index": i, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+            # the arguments as generated (cut short too, as OpenAI's "length")
+            return {"index": i, "message": {"role": "assistant", "content": None,
+                                            "tool_calls": [self.call(self.named, text)]},
                     "logprobs": logprobs, "finish_reason": reason}
 
         def chunk(self, i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
-            """Streamed (a named function only): the call's id and name first, then its arguments."""
+            """Streamed (a named function): the call's id and name first, then its arguments."""
             if text == "" and reason is None and logprobs is None:
                 call = {"index": 0, **self.call(self.named, "")}
                 delta = {"role": "assistant", "content": None, "tool_calls": [call]}
@@ -353,8 +346,14 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         read back out of its text by the server's parser (``tools.py``); streamed, content
         as it comes and each call whole once it closes."""
 
+        cut_short_calls = "tool_calls"  # the finish reason when calls were sent and max_tokens ended the output
+
         def __init__(self):
             self.streams, self.sent = {}, {}  # per choice: its streaming parser, the calls sent so far
+
+        @staticmethod
+        def streamer():
+            return parser.streamer()
 
         def choice(self, i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
             content, calls = parser.parse(text)
@@ -367,7 +366,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         def chunk(self, i: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
             if text == "" and reason is None and logprobs is None:  # the opening chunk: the role
                 return _Chat.chunk(i, text, reason, logprobs)
-            stream = self.streams.setdefault(i, parser.streamer())
+            stream = self.streams.setdefault(i, self.streamer())
             content, calls = stream.push(text or "")
             if reason is not None:  # the end: what the parser held back
                 rest, more = stream.finish()
@@ -379,9 +378,32 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
                                        for k, (name, args) in enumerate(calls)]
                 self.sent[i] = n + len(calls)
             if reason is not None and self.sent.get(i):
-                reason = "tool_calls"
+                reason = "tool_calls" if reason != "length" else self.cut_short_calls
             return {"object": "chat.completion.chunk",
                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+
+    class _RequiredTools(_AutoTools):
+        """A chat answer under ``tool_choice: "required"``: a JSON list of calls held to
+        the call schema (``ChatCompletionRequest.tool_schema``). Whole, the list parsed
+        into ``tool_calls`` (the text as content if ``max_tokens`` cut it short);
+        streamed, each call once its object closes, and an unclosed one's text as content
+        at the end, with finish reason "length"."""
+
+        cut_short_calls = "length"
+
+        @staticmethod
+        def choice(i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+            try:
+                calls = [_ToolCalls.call(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
+                         for c in json.loads(text)]
+            except (json.JSONDecodeError, TypeError, KeyError):  # cut short by max_tokens: the text as it is
+                return _Chat.choice(i, text, reason, logprobs)
+            return {"index": i, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                    "logprobs": logprobs, "finish_reason": "tool_calls"}
+
+        @staticmethod
+        def streamer():
+            return CallListStream()
 
     def ids_of(prompt: str | list[int], param: str = "prompt") -> list[int]:
         """A prompt as token ids: text through the tokenizer, ids checked against the vocabulary."""
@@ -425,8 +447,10 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
         ids = chat_ids(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
         shape, mode = _Chat, req.tool_mode()
-        if mode in ("named", "required"):
-            shape = _ToolCalls(req.tool_choice.function.name if mode == "named" else None)
+        if mode == "named":
+            shape = _ToolCalls(req.tool_choice.function.name)
+        elif mode == "required":
+            shape = _RequiredTools()
         elif mode == "auto":
             if parser is None:
                 raise APIError(400, "tool_choice: 'auto' (the default when tools are given) lets the model call tools "

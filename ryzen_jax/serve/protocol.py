@@ -395,9 +395,6 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
         if choice == "named" and self.tool_choice.function.name not in names:
             raise ValueError(f"tool_choice: there is no tool named {self.tool_choice.function.name!r} (tools: "
                              f"{', '.join(names)})")
-        if choice == "required" and self.stream:
-            raise ValueError("tool_choice: 'required' is not available with stream (the calls are parsed from the "
-                             "whole output); ask without streaming, or name the function")
         if len(set(names)) < len(names):
             raise ValueError("tools: two tools have the same name")
         also = [f for f in STRUCTURED_FIELDS if getattr(self, f) is not None

@@ -158,6 +158,46 @@ class Llama3Stream:
         return content or "", calls
 
 
+class CallListStream:
+    """Incremental reading of ``tool_choice: "required"``'s output, a JSON list of
+    ``{"name", "parameters"}`` objects held to the call schema: each call once its
+    object closes. No content flows; at the end, an object left open (the list cut
+    short by ``max_tokens``) comes back as content, so no text is lost."""
+
+    def __init__(self):
+        self.text, self.pos, self.depth, self.start = "", 0, 0, None
+        self.in_string = self.escaped = False
+
+    def push(self, text: str) -> tuple[str, list[Call]]:
+        self.text += text
+        calls = []
+        for i in range(self.pos, len(self.text)):
+            ch = self.text[i]
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (ch == "\\", ch != '"')
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "[{":
+                self.depth += 1
+                if self.depth == 2:
+                    self.start = i
+            elif ch in "]}":
+                if self.depth == 2 and self.start is not None:
+                    try:
+                        call = _call(json.loads(self.text[self.start:i + 1]), "parameters")
+                    except json.JSONDecodeError:
+                        call = None
+                    if call is not None:
+                        calls.append(call)
+                    self.start = None
+                self.depth -= 1
+        self.pos = len(self.text)
+        return "", calls
+
+    def finish(self) -> tuple[str, list[Call]]:
+        return ("" if self.start is None else self.text[self.start:]), []
+
+
 def _partial_suffix(text: str, tag: str) -> int:
     """The length of the longest end of ``text`` that begins ``tag``."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):

@@ -77,7 +77,7 @@ class LaunchedServer:
         self.proc = subprocess.Popen(
             [sys.executable, "scripts/launch.py", "--nproc", "2", "--devices-per-proc", "2", "--max-restarts", "0",
              "--", sys.executable, "scripts/serve.py", *serve_args, "--port", str(self.port), "--step-timeout", "10"],
-            cwd=ROOT, env=user_env(RYZEN_JAX_COMPILE_CACHE="off"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()

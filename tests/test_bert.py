@@ -20,8 +20,8 @@ from flax import nnx
 import ryzen_jax as rj
 from ryzen_jax.config import ConfigError, ModelConfig
 from ryzen_jax.demo import save_tokenizer, train_tokenizer
-from tests import hf_models
-from tests.test_cli import ROOT, user_env
+from tests import hf_models, mp_helpers
+from tests.test_cli import ROOT
 from tests.test_structure import collectives
 
 # 8, 18, 45 and 3 tokens: one batch pads them to the 64-token bucket
@@ -176,7 +176,7 @@ def test_encode_cli_matches_hf(bert, hf_states, monkeypatch, capsys):
     alone, _, _ = hf_states
     proc = subprocess.run([sys.executable, "scripts/encode.py", "--model", path, "--text", TEXTS[0], "--text", TEXTS[2],
                            "--tp", "2", "--json"], cwd=ROOT, capture_output=True, text=True,
-                          env=user_env(RYZEN_JAX_COMPILE_CACHE="off"), timeout=300)
+                          env=mp_helpers.user_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert (out["tp"], out["pooling"], out["model_type"]) == (2, "mean", "bert")

@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ryzen_jax.runtime import add_mesh_args, setup_host_devices  # noqa: E402
+from ryzen_jax.serve.tools import PARSERS  # noqa: E402
 
 setup_host_devices()
 
@@ -47,12 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds a decode step may take before the group is declared dead")
     ap.add_argument("--enable-auto-tool-choice", action="store_true",
                     help="let the model call tools in its own syntax (tool_choice 'auto'); needs --tool-call-parser")
-    ap.add_argument("--tool-call-parser", choices=("hermes", "llama3_json"), default=None,
-                    help="the model's tool-call syntax: hermes (Qwen2, Hermes), llama3_json (Llama 3.1/3.2)")
+    ap.add_argument("--tool-call-parser", choices=tuple(PARSERS), default=None,
+                    help="the model's tool-call syntax: hermes (Qwen2, Hermes), llama3_json (Llama 3.1/3.2), "
+                         "mistral (Mistral v0.3, Nemo, Small), pythonic (Llama 3.2/4 Python-style calls)")
     args = ap.parse_args(argv)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
-        ap.error("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json): the syntax the model "
-                 "writes its calls in")
+        ap.error(f"--enable-auto-tool-choice needs --tool-call-parser ({' | '.join(PARSERS)}): the syntax the "
+                 "model writes its calls in")
     from ryzen_jax.serve import check_limits
 
     try:  # before anything loads

@@ -406,6 +406,10 @@ HERMES = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"cit
 LLAMA3 = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}; ' \
          '{"name": "get_time", "parameters": {"zone": 1}}'
 CALLS = [("get_weather", '{"city": "Paris", "unit": "c"}'), ("get_time", '{"zone": 1}')]
+MISTRAL_LIST = '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}, ' \
+               '{"name": "get_time", "arguments": {"zone": 1}}]'  # Mistral's v3 tokenizers
+MISTRAL_NAMED = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "c"}[TOOL_CALLS]get_time[ARGS]{"zone": 1}'
+PYTHONIC = '[get_weather(city="Paris", unit="c"), get_time(zone=1)]'
 
 
 @pytest.mark.parametrize("name,text,content,calls", [
@@ -417,6 +421,18 @@ CALLS = [("get_weather", '{"city": "Paris", "unit": "c"}'), ("get_time", '{"zone
     ("llama3_json", '{"name": "get_time", "parameters": {"zone": 1}}', None, CALLS[1:]),
     ("llama3_json", "It is sunny.", "It is sunny.", []),
     ("llama3_json", '{"name": "get_time", "parameters": {"zone"', '{"name": "get_time", "parameters": {"zone"', []),
+    ("mistral", "Let me look. [TOOL_CALLS] " + MISTRAL_LIST, "Let me look.", CALLS),
+    ("mistral", MISTRAL_LIST, None, CALLS),  # [TOOL_CALLS] dropped with the special tokens
+    ("mistral", MISTRAL_NAMED, None, CALLS),  # v11 and later
+    ("mistral", "[1] is a citation, not a call", "[1] is a citation, not a call", []),
+    ("mistral", 'Sure [TOOL_CALLS] [{"name": "f", "arguments": {', 'Sure [TOOL_CALLS] [{"name": "f", "arguments": {', []),
+    ("pythonic", PYTHONIC, None, CALLS),
+    ("pythonic", "<|python_start|>[get_time(zone=1)]<|python_end|>", None, CALLS[1:]),
+    ("pythonic", '[f(a=[1, {"b": None}], c=True)]', None, [("f", '{"a": [1, {"b": null}], "c": true}')]),
+    ("pythonic", "It is sunny.", "It is sunny.", []),
+    ("pythonic", '[f(a=__import__("os").getcwd())]', '[f(a=__import__("os").getcwd())]', []),  # never run
+    ("pythonic", '[print(open("x").read())]', '[print(open("x").read())]', []),  # positional: not a call
+    ("pythonic", "[get_time(zone=1", "[get_time(zone=1", []),  # cut short
 ])
 def test_tool_call_parsers_read_their_syntax_whole_and_streamed(name, text, content, calls):
     from ryzen_jax.serve.tools import tool_parser

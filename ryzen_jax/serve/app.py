@@ -33,7 +33,7 @@ from ryzen_jax.serve.metrics import ServerMetrics
 from ryzen_jax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                       TokenizeRequest, parse)
 from ryzen_jax.serve.scheduler import EngineFailed, Handle, QueueFull, Scheduler
-from ryzen_jax.serve.tools import CallListStream, tool_parser
+from ryzen_jax.serve.tools import PARSERS, CallListStream, tool_parser
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -455,7 +455,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, model_name: str, *, api_key
             if parser is None:
                 raise APIError(400, "tool_choice: 'auto' (the default when tools are given) lets the model call tools "
                                     "in its own syntax, which needs a tool-call parser: start the server with "
-                                    "--enable-auto-tool-choice --tool-call-parser hermes|llama3_json, or name the "
+                                    f"--enable-auto-tool-choice --tool-call-parser {'|'.join(PARSERS)}, or name the "
                                     "function ({\"type\": \"function\", \"function\": {\"name\": ...}}), or set "
                                     "'required' or 'none'", param="tool_choice")
             shape = _AutoTools()

@@ -8,15 +8,24 @@ splits an output into its content and its calls:
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
 * ``llama3_json`` (Llama 3.1 / 3.2 with JSON tool calling): the whole output is a call
   ``{"name": ..., "parameters": {...}}`` (several separated by ``;``), optionally after
-  ``<|python_tag|>``.
+  ``<|python_tag|>``;
+* ``mistral`` (Mistral 7B v0.3, Mistral Nemo / Small / Large): content, then
+  ``[TOOL_CALLS]`` and a JSON list ``[{"name": ..., "arguments": {...}}]`` (v3
+  tokenizers) or ``name[ARGS]{...}`` per call (v11 and later). ``[TOOL_CALLS]`` is a
+  special token, which the server's detokenizer drops, so an output that is only such
+  a list reads as calls too;
+* ``pythonic`` (Llama 3.2 / Llama 4, ToolACE): the whole output is a Python list of
+  calls with keyword arguments, ``[get_weather(city="Paris"), get_time()]``, read with
+  :mod:`ast` (parsed, never run), each argument a literal.
 
 A call that does not parse stays in the content, as vLLM leaves it. While streaming,
 content flows as it comes, text that may open a call is held back, and each call is
-sent whole once it closes (hermes) or at the end (llama3_json).
+sent whole once it closes (hermes) or at the end (the others).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from typing import Any
@@ -130,31 +139,117 @@ class Llama3Json:
                 i += 1
         return None, calls
 
-    def streamer(self) -> "Llama3Stream":
-        return Llama3Stream(self)
+    def streamer(self) -> "TailStream":
+        return TailStream(self, starts=("{", self.TAG))
 
 
-class Llama3Stream:
-    """Incremental llama3_json: text that starts like a call is held to the end."""
+class Mistral:
+    """Content, then ``[TOOL_CALLS]`` and the calls: a JSON list of ``{"name",
+    "arguments"}`` objects, or ``name[ARGS]{...}`` per call, each after its own tag."""
 
-    def __init__(self, parser: Llama3Json):
-        self.parser, self.text, self.flowing = parser, "", None  # flowing: None until the output shows which
+    TAG = "[TOOL_CALLS]"
+    NAMED = re.compile(r"\s*([A-Za-z_][\w.-]*)\s*(?:\[ARGS\])?\s*(\{.*\})\s*", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str | None, list[Call]]:
+        at = text.find(self.TAG)
+        if at < 0:  # the tag dropped with the special tokens: only a whole-output JSON list counts
+            calls = self._list(text)
+            return (None, calls) if calls else (text, [])
+        body = text[at + len(self.TAG):]
+        calls = self._list(body) if body.lstrip().startswith("[") else self._named(body)
+        if not calls:
+            return text, []
+        return text[:at].strip() or None, calls
+
+    @staticmethod
+    def _list(body: str) -> list[Call]:
+        try:
+            objs = json.loads(body)
+        except json.JSONDecodeError:
+            return []
+        calls = [_call(o, "arguments") for o in objs] if isinstance(objs, list) else []
+        return calls if calls and all(calls) else []
+
+    def _named(self, body: str) -> list[Call]:
+        calls = []
+        for part in body.split(self.TAG):
+            m = self.NAMED.fullmatch(part)
+            if m is None:
+                return []
+            try:
+                args = json.loads(m.group(2))
+            except json.JSONDecodeError:
+                return []
+            calls.append((m.group(1), json.dumps(args, ensure_ascii=False)))
+        return calls
+
+    def streamer(self) -> "TailStream":
+        return TailStream(self, starts=("[",), tag=self.TAG)
+
+
+class Pythonic:
+    """A whole output that is a Python list of calls, ``[f(a=1), g(b="x")]``."""
+
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[Call]]:
+        body = text.strip().removeprefix(self.START).removesuffix(self.END).strip()
+        if not body.startswith("["):
+            return text, []
+        try:  # parsed, never evaluated: each argument must be a literal
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return text, []
+            calls = []
+            for node in tree.elts:
+                if (not isinstance(node, ast.Call) or node.args or not isinstance(node.func, (ast.Name, ast.Attribute))
+                        or any(k.arg is None for k in node.keywords)):
+                    return text, []
+                args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+                calls.append((ast.unparse(node.func), json.dumps(args, ensure_ascii=False)))
+        except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+            return text, []
+        return None, calls
+
+    def streamer(self) -> "TailStream":
+        return TailStream(self, starts=("[", self.START))
+
+
+class TailStream:
+    """Incremental reading for syntaxes whose calls run to the end of the output:
+    an output that begins like a call (one of ``starts``) is held whole; otherwise
+    content flows until ``tag`` (where a parser has one), and from there the rest is
+    held. At the end the held text is parsed: its calls, or its text as content."""
+
+    def __init__(self, parser, starts: tuple[str, ...], tag: str | None = None):
+        self.parser, self.starts, self.tag = parser, starts, tag
+        self.text, self.sent, self.flowing, self.held_from = "", 0, False, None
 
     def push(self, text: str) -> tuple[str, list[Call]]:
         self.text += text
-        if self.flowing is None:
+        if self.held_from is not None:
+            return "", []
+        if not self.flowing:
             head = self.text.lstrip()
-            if not head or Llama3Json.TAG.startswith(head):
+            if any(s.startswith(head) for s in self.starts):  # nothing yet, or a start still forming
                 return "", []
-            self.flowing = not (head.startswith("{") or head.startswith(Llama3Json.TAG))
-            if self.flowing:
-                return self.text, []
-        return (text, []) if self.flowing else ("", [])
+            if any(head.startswith(s) for s in self.starts):
+                self.held_from = 0
+                return "", []
+            self.flowing = True
+        new = self.text[self.sent:]
+        at = new.find(self.tag) if self.tag else -1
+        if at >= 0:
+            self.held_from = self.sent + at
+        out = new[:at] if at >= 0 else new[:len(new) - (_partial_suffix(new, self.tag) if self.tag else 0)]
+        self.sent += len(out)
+        return out, []
 
     def finish(self) -> tuple[str, list[Call]]:
-        if self.flowing:
-            return "", []
-        content, calls = self.parser.parse(self.text)
+        if self.held_from is None:
+            rest, self.sent = self.text[self.sent:], len(self.text)
+            return rest, []
+        content, calls = self.parser.parse(self.text[self.held_from:])
         return content or "", calls
 
 
@@ -206,7 +301,7 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json}
+PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "pythonic": Pythonic}
 
 
 def tool_parser(name: str):

@@ -75,6 +75,9 @@ def test_decode_step_moves_no_cache(tp, batch, hf_model_dir):
     did both, every step, before the cache was heads-major and the write came last)."""
     lm = rj.load_model(hf_model_dir("llama_gqa"), tp=tp, dtype="float32", progress=False)
     g = lm.generator
+    # compiled as users compile it: the test session turns XLA:CPU's fusion emitters off (tests/conftest.py),
+    # and the elemental emitters copy a cache that is updated in place
+    g._options = {**g._options, "xla_cpu_use_fusion_emitters": True}
     layer = f"f32[{batch},{g.kv_heads // tp},{g.max_seq_len},{lm.config.head_dim}]"
     moves = re.compile(r"= (\S+) (copy|transpose)\(")
     hlo = g.decode_program(batch).as_text()

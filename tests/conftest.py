@@ -57,5 +57,5 @@ def pytest_report_header(config):
 
 
 def pytest_unconfigure(config):
-    if _OWN_COMPILE_CACHE and not hasattr(config, "workerinput"):
+    if _OWN_COMPILE_CACHE:  # None in the xdist workers, which inherit the directory
         shutil.rmtree(_OWN_COMPILE_CACHE, ignore_errors=True)

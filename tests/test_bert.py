@@ -21,7 +21,7 @@ import ryzen_jax as rj
 from ryzen_jax.config import ConfigError, ModelConfig
 from ryzen_jax.demo import save_tokenizer, train_tokenizer
 from tests import hf_models, mp_helpers
-from tests.test_cli import ROOT
+from tests.mp_helpers import ROOT
 from tests.test_structure import collectives
 
 # 8, 18, 45 and 3 tokens: one batch pads them to the 64-token bucket

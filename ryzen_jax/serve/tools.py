@@ -176,11 +176,10 @@ class Mistral:
             m = self.NAMED.fullmatch(part)
             if m is None:
                 return []
-            try:
-                args = json.loads(m.group(2))
-            except json.JSONDecodeError:
+            call = _call({"name": m.group(1), "arguments": m.group(2)}, "arguments")
+            if call is None:
                 return []
-            calls.append((m.group(1), json.dumps(args, ensure_ascii=False)))
+            calls.append(call)
         return calls
 
     def streamer(self) -> "TailStream":
@@ -206,7 +205,7 @@ class Pythonic:
                         or any(k.arg is None for k in node.keywords)):
                     return text, []
                 args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-                calls.append((ast.unparse(node.func), json.dumps(args, ensure_ascii=False)))
+                calls.append(_call({"name": ast.unparse(node.func), "arguments": args}, "arguments"))
         except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
             return text, []
         return None, calls

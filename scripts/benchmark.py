@@ -9,8 +9,12 @@ transformers on the same weights, or a running server under load.
         --request-rate 4 --max-concurrency 8 --json serving.json --plots serving-plots
 
 Offline, random-weight checkpoints of the chosen shape are written once under
-$RYZEN_JAX_CACHE/bench. Progress goes to stderr; the table to stdout at the end.
-Under scripts/launch.py (or srun, mpirun) offline mode runs the model split over every
+$RYZEN_JAX_CACHE/bench; --model DIR measures a checkpoint of one's own instead, against
+transformers on the same safetensors:
+
+    python scripts/benchmark.py --model path/to/Qwen2-0.5B --batch-size 1 8 --prompt-len 256
+
+Progress goes to stderr; the table to stdout at the end. Under scripts/launch.py (or srun, mpirun) offline mode runs the model split over every
 process's devices; process 0 alone runs the tp = 1 baseline and the peer and writes the
 results:
 
@@ -40,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--plots", metavar="DIR", help="write PNG plots into this directory")
     off = ap.add_argument_group("offline")
     off.add_argument("--model-size", default="small", choices=list(PRESETS), help="shape preset (default: small)")
+    off.add_argument("--model", metavar="DIR", default=None,
+                     help="a model directory to benchmark instead of a preset's random weights (Hugging Face or "
+                          "converted; Llama, Mistral, Qwen2, GPT-2): its config.json is the shape")
     off.add_argument("--batch-size", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
     off.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     off.add_argument("--new-tokens", type=int, default=128, help="generated tokens per request (default: 128)")
@@ -81,7 +88,7 @@ def offline(args: argparse.Namespace):
 
     shape = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                                            "intermediate_size", "vocab_size")}
-    cfg = BenchmarkConfig(model_size=args.model_size, batch_size=tuple(args.batch_size), seq_len=args.prompt_len,
+    cfg = BenchmarkConfig(model_size=args.model_size, model=args.model, batch_size=tuple(args.batch_size), seq_len=args.prompt_len,
                           new_tokens=args.new_tokens, world_size=args.tp, dtype=args.dtype or default_dtype(),
                           repeats=args.repeats, peer=not args.no_peer, speedup=not args.no_speedup, seed=args.seed,
                           cache_dir=args.cache_dir, probe_megabytes=args.probe_mb, **shape)

@@ -291,6 +291,77 @@ def test_bad_tp_and_too_large_a_shape_are_refused(capsys):
     assert "error: new_tokens must be >= 2" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not peer.available(), reason="torch is not installed")
+def test_a_checkpoint_of_ones_own_is_measured_against_hf_on_its_safetensors(hf_model_dir, tmp_path, capsys):
+    """--model: a GPT-2 from transformers (no gate, a tied head, learned positions) in
+    place of a preset: its parameters as transformers counts them, a floor of the
+    weights a decode step reads (every matrix and norm scale; the position table only
+    through the row it gathers; biases left out), transformers' own greedy tokens."""
+    from tests import hf_models
+
+    path, out = hf_model_dir("gpt2"), tmp_path / "bench.json"
+    assert run_cli("--model", path, "--batch-size", "1", "--prompt-len", "8", "--new-tokens", "8", "--tp", "1",
+                   "--repeats", "1", "--no-speedup", "--probe-mb", "16", "--json", str(out)) == 0
+    data, hf = json.loads(out.read_text()), hf_models.load(path)
+    assert data["config"]["model"] == path == data["checkpoint"] and data["shape"]["model_type"] == "gpt2"
+    assert data["params"] == hf.num_parameters()
+    (b,) = data["batches"]
+    read = sum(p.numel() for n, p in hf.named_parameters() if not n.endswith(".bias") and "wpe" not in n)
+    assert b["ours"]["floor"]["weight_bytes"] == 4 * read
+    prompt = random_prompts(1, 8, hf.config.vocab_size, seed=1)[0]  # the run's prompt at batch 1 (seed 0 + 1)
+    assert b["ours"]["generated_ids"] == [hf_models.greedy(hf, prompt, 8)]
+    assert b["same_tokens_as_peer"] == 1.0 and data["peer_skipped"] is None
+    assert f"model {path} (gpt2): 0.1M parameters" in capsys.readouterr().out
+
+
+def test_a_converted_checkpoint_is_measured_without_the_peer(hf_model_dir, tmp_path):
+    """--model on a converted Orbax checkpoint of a Qwen2 whose second layer has a sliding
+    window, split over 2 devices: transformers' greedy tokens; the peer skipped, with
+    why; the cache the floor counts bounded by each layer's window."""
+    from tests import hf_models
+
+    src = hf_model_dir("qwen2_window")
+    path = rj.convert_hf(src, str(tmp_path / "converted"), progress=False)
+    cfg = BenchmarkConfig(model=path, batch_size=(1, 2), seq_len=8, new_tokens=8, world_size=2, repeats=1,
+                          speedup=False, probe_megabytes=16)
+    r = DistributedInferenceBenchmark(cfg, progress=lambda _: None).run_comprehensive_benchmark()
+    assert r.peer_skipped.startswith("a converted checkpoint") and r.tp == 2
+    hf = hf_models.load(src)
+    context = 8 + 8 / 2  # prompt + half the new tokens: the average over the decode steps
+    windows = [hf.config.sliding_window if t == "sliding_attention" else None for t in hf.config.layer_types]
+    assert windows == [None, 6]
+    d = hf.config.hidden_size // hf.config.num_attention_heads
+    for b in r.batches:
+        prompts = random_prompts(b.batch, 8, hf.config.vocab_size, seed=b.batch)
+        assert b.ours.generated_ids == [hf_models.greedy(hf, p, 8) for p in prompts]
+        assert b.peer is None and b.same_tokens_as_peer is None
+        attended = sum(min(context, w or context) for w in windows)
+        assert b.ours.floor.kv_bytes == b.batch * attended * 2 * hf.config.num_key_value_heads * d * 4
+    assert r.params == hf.num_parameters()
+    assert offline_table(r).startswith(f"model {path} (qwen2): ")
+
+
+def test_a_model_that_cannot_be_measured_is_refused_before_loading(hf_model_dir, tmp_path, capsys):
+    import transformers
+
+    llama, bert, t5 = hf_model_dir("llama_gqa"), hf_model_dir("bert"), str(tmp_path / "t5")
+    transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4).save_pretrained(t5)
+    run = dict(seq_len=8, new_tokens=8)
+    for overrides, match in [
+        (dict(model=llama, num_layers=4), "num_layers reshape a preset, but the shape of model .* is its config.json"),
+        (dict(model=str(tmp_path / "absent")), "is not a directory: point it at a Hugging Face model directory"),
+        (dict(model=bert), "is an encoder-only bert: the offline benchmark measures decoder-only text generation"),
+        (dict(model=t5), "is an encoder-decoder t5: the offline benchmark measures decoder-only"),
+        (dict(model=llama, seq_len=200, new_tokens=100), "exceeds the 256 positions of model"),
+    ]:
+        with pytest.raises(BenchmarkConfigError, match=match):
+            BenchmarkConfig(**{**run, **overrides})
+    with pytest.raises(ShapeError, match="7.00B parameters needs about .* choose a smaller model or run"):
+        check_fits(7 * 10**9, available=2**30)
+    assert run_cli("--model", bert, "--batch-size", "1") == 2
+    assert "error: model " in capsys.readouterr().err
+
+
 def test_hlo_shape_bytes():
     assert shape_bytes("f32[8,1,512]{2,1,0}") == 8 * 512 * 4
     assert shape_bytes("pred[]") == 1

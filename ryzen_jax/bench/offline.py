@@ -87,15 +87,18 @@ def floors(g: Generator, batch: int, prompt_len: int, new_tokens: int, hw: Hardw
     cfg, tp = g.cfg, g.tp.tp_size
     size = jnp.dtype(g.dtype).itemsize
     e, d = cfg.hidden_size, cfg.head_dim
-    # counted from the shape, not from our layout (no vocab padding, no replicated KV heads)
-    layer = e * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * e * cfg.intermediate_size
+    # counted from the shape, not from our layout (no vocab padding, no replicated KV heads);
+    # biases left out (under 2% of a tiny GPT-2's weights, far less of a real one's)
+    mlp_matrices = 3 if gated_mlp(g) else 2  # gate, up, down (SwiGLU) or up, down (GPT-2)
+    layer = e * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + mlp_matrices * e * cfg.intermediate_size
     matmul_params = cfg.num_layers * layer + cfg.vocab_size * e  # the LM head (tied or not) is read whole
     norm_params = (2 * cfg.num_layers + 1) * e
     context = prompt_len + new_tokens / 2
-    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * d
-    kv_bytes = int(batch * context * kv_per_token * size)
+    # the positions each layer attends to: all of them, or its sliding window's
+    attended = sum(min(context, w or context) for w in map(cfg.window_of, range(cfg.num_layers)))
+    kv_bytes = int(batch * attended * 2 * cfg.num_kv_heads * d * size)
     weight_bytes = (matmul_params + norm_params) * size
-    flops = 2.0 * batch * (matmul_params + context * cfg.num_layers * cfg.num_heads * d * 2)
+    flops = 2.0 * batch * (matmul_params + attended * cfg.num_heads * d * 2)
     devices_per_memory = 1 if hw.shared_memory else tp
     bandwidth_ms = (weight_bytes + kv_bytes) / (hw.bandwidth_gbps * 1e9 * devices_per_memory) * 1e3
     compute_ms = flops / (hw.matmul_gflops * 1e9 * devices_per_memory) * 1e3
@@ -159,8 +162,8 @@ def time_decode_step(g: Generator, reqs: list[Request], repeats: int) -> float:
 
 def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) -> float:
     """Seconds for the decode step's matrix products and nothing else: every projection
-    of every layer (q, k, v, o, gate, up, down) and the LM head, at this batch, chained
-    as a step chains them, on the model's own weights (a Llama-family model), every
+    of every layer (q, k, v, o, gate, up, down; GPT-2 has no gate) and the LM head, at
+    this batch, chained as a step chains them, on the model's own weights, every
     device multiplying by its own shard at once as in the step (so the chain reads
     what the floor counts). No attention over the cache, no norms, no sampling, no
     loop, no collectives, and no second copy of the weights in memory (a "7B" run has
@@ -182,7 +185,8 @@ def time_matmuls_alone(g: Generator, batch: int, repeats: int, calls: int = 16) 
         for m in layers:
             m = {k: w.reshape(w.shape[0], -1) if k == "o" else w.reshape(-1, w.shape[-1]) for k, w in m.items()}
             x = x + mm(mm(x, m["q"]), m["o"]) + mm(x, m["k"])[:, :1] + mm(x, m["v"])[:, :1]  # k, v live, cheaply
-            x = x + mm(jax.nn.silu(mm(x, m["gate"])) * mm(x, m["up"]), m["down"])
+            h = mm(x, m["up"])
+            x = x + mm(jax.nn.silu(mm(x, m["gate"])) * h if "gate" in m else jax.nn.gelu(h), m["down"])
         return x + mm(x, head)[:, :1]
 
     fn = chain
@@ -270,19 +274,27 @@ def time_collectives_alone(hlo: str, mesh, repeats: int, calls: int = 16) -> flo
     return chained_seconds(fn, carry, inputs, repeats, calls) / DECODE_CHUNK
 
 
+def gated_mlp(g: Generator) -> bool:
+    """Whether the model's MLP is gated (Llama's SwiGLU: gate, up, down) rather than
+    plain (GPT-2: up, down)."""
+    return "gate" in g.state["layers"][0]["mlp"]
+
+
 def step_weights(g: Generator) -> tuple[list[dict[str, jax.Array]], jax.Array]:
-    """Every weight a Llama-family decode step multiplies by, as the model holds them
-    (sharded over the mesh; (out, in), heads split out: q, k, v (heads, head_dim, in), o
-    (out, heads, head_dim)), per layer, and the LM head's."""
+    """Every weight a decode step of a decoder-only model multiplies by, as the model
+    holds them (sharded over the mesh; (out, in), heads split out: q, k, v (heads,
+    head_dim, in), o (out, heads, head_dim)), per layer (``gate`` only in a gated MLP),
+    and the LM head's."""
     state = g.state
     try:
         layers = [state["layers"][i] for i in range(g.cfg.num_layers)]
         kernel = lambda node: node["kernel"].get_value()  # noqa: E731
+        names = ("gate", "up", "down") if gated_mlp(g) else ("up", "down")
         weights = [dict(q=kernel(m["attn"]["wq"]), k=kernel(m["attn"]["wk"]), v=kernel(m["attn"]["wv"]),
-                        o=kernel(m["attn"]["wo"]), gate=kernel(m["mlp"]["gate"]), up=kernel(m["mlp"]["up"]),
-                        down=kernel(m["mlp"]["down"])) for m in layers]
+                        o=kernel(m["attn"]["wo"]), **{n: kernel(m["mlp"][n]) for n in names}) for m in layers]
     except (KeyError, TypeError) as err:
-        raise ValueError(f"the matmuls-alone timing reads a Llama-family model's weights; this one has none at {err}")
+        raise ValueError(f"the matmuls-alone timing reads a decoder-only model's projections; this one has none at "
+                         f"{err}")
     head = state["lm_head"] if "lm_head" in state else state["embed"]["embedding"]
     return weights, head.get_value()
 

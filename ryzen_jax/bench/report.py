@@ -89,7 +89,7 @@ def offline_table(r: BenchmarkResults) -> str:
     load = f", load average {hw.load_average[0]:.1f}" if hw.load_average else ""
     procs = (f" in {hw.processes} processes (process 0's figures; tp=1 and HF on its first device)"
              if hw.processes > 1 else "")
-    lines = [f"shape {c.model_size!r}: {r.params / 1e6:.1f}M parameters, {c.dtype}, prompt {c.seq_len}, "
+    lines = [f"{c.label}: {r.params / 1e6:.1f}M parameters, {c.dtype}, prompt {c.seq_len}, "
              f"{c.new_tokens} new tokens, greedy",
              f"machine: {hw.backend}{'' if hw.backend == 'cpu' else f' ({hw.device_kind})'} "
              f"({hw.cpu_model}, {hw.cpu_count} cores{load}), {hw.devices} devices{procs}; "

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from ryzen_jax import kernels
+from ryzen_jax.config import ModelConfig
 from ryzen_jax.demo import CHECKPOINT_DTYPES, LlamaDims, weight_shapes, write_hf_checkpoint
 
 #: name -> shape. "small" is the issue's target shape; "1B"/"7B" follow Llama's proportions.
@@ -51,9 +52,21 @@ def param_count(dims: LlamaDims) -> int:
     return sum(math.prod(s) for s in weight_shapes(dims).values())
 
 
-def checkpoint_bytes(dims: LlamaDims, dtype: str = "float32") -> int:
-    """Size of the checkpoint in ``dtype``."""
-    return CHECKPOINT_DTYPES[dtype].itemsize * param_count(dims)
+def model_param_count(cfg: ModelConfig) -> int:
+    """Parameters of the model a config describes, as our model holds them on one device
+    (its structure traced, nothing allocated): for a checkpoint of one's own."""
+    import jax.numpy as jnp
+
+    from ryzen_jax.checkpoint.loader import abstract_model
+    from ryzen_jax.sharding import TensorParallelConfig
+
+    _, _, specs = abstract_model(cfg, TensorParallelConfig(tp_size=1), jnp.float32)
+    return sum(math.prod(spec.shape) for spec in specs.values())
+
+
+def checkpoint_bytes(dims: LlamaDims | int, dtype: str = "float32") -> int:
+    """Size of the checkpoint of ``dims`` (or of that many parameters) in ``dtype``."""
+    return CHECKPOINT_DTYPES[dtype].itemsize * (dims if isinstance(dims, int) else param_count(dims))
 
 
 #: what XLA:CPU's float32 copies of bfloat16 weights add, per checkpoint byte, where its
@@ -61,17 +74,20 @@ def checkpoint_bytes(dims: LlamaDims, dtype: str = "float32") -> int:
 WIDENED_FACTOR = 2.0
 
 
-def check_fits(dims: LlamaDims, dtype: str = "float32", available: int | None = None, *, tp: int = 1,
+def check_fits(dims: LlamaDims | int, dtype: str = "float32", available: int | None = None, *, tp: int = 1,
                platform: str | None = None) -> None:
     """Raise ShapeError unless this machine has the host memory to load and run ``dims``
-    in ``dtype`` (from a checkpoint in that dtype, as ``ensure_checkpoint`` writes it);
+    (a shape, or a model of that many parameters) in ``dtype`` (from a checkpoint in
+    that dtype, as ``ensure_checkpoint`` writes it);
     given the ``platform`` it runs on, at ``tp`` (XLA:CPU's float32 copies of bfloat16
     weights counted where they are made)."""
     if available is None:
         import psutil
 
         available = psutil.virtual_memory().available
-    size = checkpoint_bytes(dims, dtype)
+    size, params = checkpoint_bytes(dims, dtype), dims if isinstance(dims, int) else param_count(dims)
+    smaller = (f"a smaller --model-size (one of {', '.join(PRESETS)})" if not isinstance(dims, int) else
+               "a smaller model")
     widened = platform is not None and dtype == "bfloat16" and kernels.widens_bfloat16(platform, tp)
     need = int((HOST_MEMORY_FACTOR + (WIDENED_FACTOR if widened else 0.0)) * size) + HOST_MEMORY_BASE
     if need <= available:
@@ -79,16 +95,16 @@ def check_fits(dims: LlamaDims, dtype: str = "float32", available: int | None = 
     if widened and int(HOST_MEMORY_FACTOR * size) + HOST_MEMORY_BASE <= available:
         fix = ("pass --tp 1, where our CPU kernels read bfloat16 as it lies" if tp > 1 else
                "our CPU kernels, which read bfloat16 as it lies, are unavailable here (the warning above says why); "
-               "make them available or choose a smaller --model-size")
+               f"make them available or choose {smaller}")
         raise ShapeError(
-            f"a model of {param_count(dims) / 1e9:.2f}B parameters in bfloat16 at tp={tp} on CPU needs about "
+            f"a model of {params / 1e9:.2f}B parameters in bfloat16 at tp={tp} on CPU needs about "
             f"{need / 2**30:.1f} GiB of host memory ({available / 2**30:.1f} GiB are available): XLA:CPU's dot widens "
             f"each bfloat16 weight to a float32 copy and the decode loop holds them; {fix}")
     other = " (--dtype bfloat16 needs half)" if dtype == "float32" else ""
     raise ShapeError(
-        f"a model of {param_count(dims) / 1e9:.2f}B parameters needs about {need / 2**30:.1f} GiB of host memory "
-        f"to load and run in {dtype}{other}, but {available / 2**30:.1f} GiB are available; choose a smaller "
-        f"--model-size (one of {', '.join(PRESETS)}) or run on a machine with more memory")
+        f"a model of {params / 1e9:.2f}B parameters needs about {need / 2**30:.1f} GiB of host memory "
+        f"to load and run in {dtype}{other}, but {available / 2**30:.1f} GiB are available; choose {smaller} "
+        "or run on a machine with more memory")
 
 
 def checkpoint_name(dims: LlamaDims, seed: int, dtype: str = "float32") -> str:

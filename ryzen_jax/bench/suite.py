@@ -25,7 +25,7 @@ from ryzen_jax.bench.config import BenchmarkConfig, BenchmarkConfigError
 from ryzen_jax.bench.hardware import Hardware
 from ryzen_jax.bench.offline import EngineRun, measure_engine, with_bandwidth
 from ryzen_jax.bench.peer import PeerRun
-from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, param_count, random_prompts
+from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, model_param_count, param_count, random_prompts
 from ryzen_jax.runtime import wait_for_all
 
 log = logging.getLogger("ryzen_jax.bench")
@@ -111,6 +111,19 @@ def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
     return same / total if total else float("nan")
 
 
+def peer_skip_reason(c: BenchmarkConfig) -> str | None:
+    """Why the peer cannot run this configuration (None: it can)."""
+    from ryzen_jax.checkpoint.orbax_io import is_converted
+
+    if not c.peer:
+        return "disabled"
+    if not peer_mod.available():
+        return "torch is not installed"
+    if c.model is not None and is_converted(c.model):
+        return "a converted checkpoint: transformers reads the Hugging Face directory it came from"
+    return None
+
+
 class DistributedInferenceBenchmark:
     """Runs a :class:`BenchmarkConfig`. ``progress`` receives one line per stage
     (default: the ``ryzen_jax.bench`` logger)."""
@@ -126,7 +139,7 @@ class DistributedInferenceBenchmark:
         from ryzen_jax.api import choose_tp
         from ryzen_jax.sharding import ShardingError, TensorParallelConfig
 
-        c, d = self.config, self.config.dims
+        c, d = self.config, self.config.shape
         n, procs = len(jax.devices()), jax.process_count()
         split = dict(num_heads=d.num_heads, num_kv_heads=d.num_kv_heads, intermediate_size=d.intermediate_size)
         tp = choose_tp(types.SimpleNamespace(**split), n) if c.world_size is None else c.world_size
@@ -148,30 +161,37 @@ class DistributedInferenceBenchmark:
         from ryzen_jax.runtime import cache_root
 
         t_start = time.perf_counter()
-        c, dims = self.config, self.config.dims
+        c = self.config
         tp, tps = self._tps()
-        check_fits(dims, c.dtype, tp=tp, platform=jax.default_backend())  # before any expensive work
+        params = param_count(c.dims) if c.model is None else model_param_count(c.model_config)
+        check_fits(c.dims if c.model is None else params, c.dtype, tp=tp,
+                   platform=jax.default_backend())  # before any expensive work
         # In a run of several processes every one takes part in the split model; the
         # one-device baseline (on process 0's first device) and the peer run in process 0
         # alone while the others wait at the end.
         main = jax.process_index() == 0
         if not main:
             tps = [tp]
-        run_peer = main and c.peer and peer_mod.available()
+        peer_skipped = peer_skip_reason(c)
+        run_peer = main and peer_skipped is None
         stages = 1 + 1 + len(tps) * len(c.batch_sizes) + (len(c.batch_sizes) if run_peer else 0)
         step = iter(range(1, stages + 1))
         say = lambda msg: self.progress(f"[{next(step)}/{stages}] {msg}")  # noqa: E731
 
         say(f"measuring the machine (bandwidth, matmul rate) on {jax.default_backend()}")
         hw = hardware.measure(c.dtype, megabytes=c.probe_megabytes)
-        cache_dir = c.cache_dir or os.path.join(cache_root(), "bench")
-        say(f"checkpoint for shape {c.model_size!r} ({param_count(dims) / 1e6:.1f}M parameters) in {cache_dir}")
-        if main:
-            path = ensure_checkpoint(dims, cache_dir, seed=c.seed, dtype=c.dtype, progress=True)
-        wait_for_all("bench-checkpoint", CHECKPOINT_TIMEOUT_S)
-        if not main:  # writes its own copy only where process 0's is not on a shared filesystem
-            path = ensure_checkpoint(dims, cache_dir, seed=c.seed, dtype=c.dtype, progress=True)
-        prompts = {b: random_prompts(b, c.seq_len, dims.vocab_size, seed=c.seed + b) for b in c.batch_sizes}
+        if c.model is not None:
+            path = c.model
+            say(f"{c.label}: {params / 1e6:.1f}M parameters")
+        else:
+            cache_dir = c.cache_dir or os.path.join(cache_root(), "bench")
+            say(f"checkpoint for {c.label} ({params / 1e6:.1f}M parameters) in {cache_dir}")
+            if main:
+                path = ensure_checkpoint(c.dims, cache_dir, seed=c.seed, dtype=c.dtype, progress=True)
+            wait_for_all("bench-checkpoint", CHECKPOINT_TIMEOUT_S)
+            if not main:  # writes its own copy only where process 0's is not on a shared filesystem
+                path = ensure_checkpoint(c.dims, cache_dir, seed=c.seed, dtype=c.dtype, progress=True)
+        prompts = {b: random_prompts(b, c.seq_len, c.shape.vocab_size, seed=c.seed + b) for b in c.batch_sizes}
 
         engine: dict[int, dict[int, EngineRun]] = {}
         for t in tps:
@@ -223,10 +243,10 @@ class DistributedInferenceBenchmark:
                for r in batches},
         }
         return BenchmarkResults(
-            config=c, shape=dataclasses.asdict(dims), params=param_count(dims), hardware=hw, tp=tp, checkpoint=path,
+            config=c, shape=dataclasses.asdict(c.shape), params=params, hardware=hw, tp=tp, checkpoint=path,
             batches=batches, latency_p50=small.ours.token_latency_ms["p50"],
             latency_p99=small.ours.token_latency_ms["p99"], throughput=large.ours.tokens_per_s,
             speedup_factor=large.speedup_vs_tp1 if tp > 1 else (1.0 if c.speedup else None), targets=targets,
             wall_s=time.perf_counter() - t_start,
-            peer_skipped=None if run_peer else ("disabled" if not c.peer else "torch is not installed"))
+            peer_skipped=peer_skipped)
 

@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     srv.add_argument("--num-prompts", type=int, default=100, help="requests to send (default: 100)")
     srv.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default: inf)")
     srv.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
+    srv.add_argument("--dataset", metavar="FILE", default=None,
+                     help='prompts from a file instead of random words: JSONL of {"prompt": ..., "max_tokens": N} '
+                          "lines (vLLM's custom format; max_tokens optional) or a ShareGPT JSON")
     srv.add_argument("--input-words", type=int, default=32, help="random words per prompt")
     srv.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     srv.add_argument("--burstiness", type=float, default=1.0,
@@ -117,7 +120,8 @@ def serving(args: argparse.Namespace):
     cfg = srv.ServingConfig(base_url=args.base_url, model=args.served_model, num_prompts=args.num_prompts,
                             request_rate=args.request_rate, max_concurrency=args.max_concurrency,
                             input_words=args.input_words, max_tokens=args.max_tokens, seed=args.seed,
-                            api_key=args.api_key, burstiness=args.burstiness, goodput=slo_pairs(args.goodput))
+                            api_key=args.api_key, burstiness=args.burstiness, goodput=slo_pairs(args.goodput),
+                            dataset=args.dataset)
     import logging
 
     results = srv.run(cfg, progress=logging.getLogger("ryzen_jax.bench").info)

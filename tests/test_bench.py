@@ -498,6 +498,40 @@ def test_serving_cli(server, tmp_path, capsys):
     assert "error: --goodput 'ttft=500': expected METRIC:MS, e.g. ttft:500" in capsys.readouterr().err
 
 
+def test_serving_prompts_from_a_file(server, tmp_path, capsys):
+    """--dataset: a JSONL of prompts (each its own max_tokens, else --max-tokens), sampled
+    and repeated to --num-prompts; a ShareGPT JSON's first human turns; a malformed file
+    refused with its line before any request."""
+    rows = [{"prompt": "the river", "max_tokens": 2}, {"prompt": "a window", "max_tokens": 5},
+            {"prompt": "light"}]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    cfg = serving.ServingConfig(base_url=server.url, num_prompts=6, max_tokens=3, max_concurrency=3,
+                                dataset=str(jsonl))
+    assert sorted(serving.request_prompts(cfg)) == sorted([(r["prompt"], r.get("max_tokens", 3)) for r in rows] * 2)
+    r = serving.run(cfg)
+    assert not r.errors, r.errors
+    assert r.completed == 6 and r.failed == 0 and r.total_output_tokens == 2 * (2 + 5 + 3) and r.dataset == str(jsonl)
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "the morning market"}, {"from": "gpt", "value": "is busy"}]},
+        {"conversations": [{"from": "gpt", "value": "no human turn: left out"}]},
+        {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "one stone"}]}]))
+    assert serving.read_dataset(str(sharegpt), 4) == [("the morning market", 4), ("one stone", 4)]
+    assert run_cli("--mode", "serving", "--base-url", server.url, "--num-prompts", "2", "--max-tokens", "2",
+                   "--dataset", str(sharegpt)) == 0
+    assert "2 completed, 0 failed of 2" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    for text, match in [('{"prompt": "ok"}\n{"text": "no prompt"}\n', "line 2: needs a non-empty string 'prompt'"),
+                        ('{"prompt": "ok", "max_tokens": 0}\n', "line 1: max_tokens must be an integer >= 1"),
+                        ("not json\n", "line 1: not JSON"), ("\n", "holds no prompt")]:
+        bad.write_text(text)
+        with pytest.raises(serving.ServingConfigError, match=match):
+            serving.run(serving.ServingConfig(base_url="http://127.0.0.1:9", dataset=str(bad)))  # no server needed
+    assert run_cli("--mode", "serving", "--dataset", str(tmp_path / "absent.jsonl")) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
 def test_serving_counts_failures_and_names_an_absent_server(server):
     r = serving.run(serving.ServingConfig(base_url=server.url, num_prompts=3, max_tokens=10_000, input_words=2))
     assert r.completed == 0 and r.failed == 3 and all(e.startswith("HTTP 400") for e in r.errors)

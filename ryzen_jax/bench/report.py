@@ -150,7 +150,8 @@ def offline_table(r: BenchmarkResults) -> str:
 def serving_table(r: ServingResults) -> str:
     """The serving figures, as vLLM's serving benchmark lays them out."""
     lines = [f"server {r.base_url}: {r.completed} completed, {r.failed} failed of {r.num_prompts} "
-             f"in {r.duration_s:.2f} s (request rate {r.request_rate}, max concurrency {r.max_concurrency})",
+             f"in {r.duration_s:.2f} s (request rate {r.request_rate}, max concurrency {r.max_concurrency}; "
+             f"prompts {'from ' + r.dataset if r.dataset else 'of random words'})",
              f"request throughput {r.request_throughput:.2f} req/s, output tokens {r.output_throughput:.1f} tok/s, "
              f"total tokens {r.total_token_throughput:.1f} tok/s"]
     if r.request_goodput is not None:

@@ -9,6 +9,10 @@ end-to-end latency (E2E) at P50 and P99, request and token throughput, and failu
 with service-level objectives (``goodput``), the rate of requests that met every one.
 ``burstiness`` below 1 makes arrivals burstier than Poisson, above 1 more even (gamma
 gaps of the same mean, as vLLM's ``--burstiness``).
+Prompts are random words, or come from a file (``dataset``): JSONL with one
+``{"prompt": ..., "max_tokens": N}`` per line (vLLM's custom format; ``max_tokens``
+optional), or a ShareGPT JSON (each conversation's first human turn), sampled with the
+seed and repeated where the file has fewer than ``num_prompts``.
 Token counts come from the server's ``usage`` (``stream_options.include_usage``),
 else one token per streamed chunk.
 """
@@ -19,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -42,8 +47,9 @@ SLO_METRICS = ("ttft", "tpot", "e2el")
 
 @dataclasses.dataclass(frozen=True)
 class ServingConfig:
-    """``num_prompts`` requests of ``input_words`` random words each, asking for
-    ``max_tokens`` new tokens (greedy; ``ignore_eos`` so every request produces them all)."""
+    """``num_prompts`` requests of ``input_words`` random words each (or drawn from the
+    ``dataset`` file), asking for ``max_tokens`` new tokens (or the file's own per
+    prompt; greedy; ``ignore_eos`` so every request produces them all)."""
 
     base_url: str = "http://127.0.0.1:8000"
     model: str | None = None  # None: the first model the server lists
@@ -58,6 +64,7 @@ class ServingConfig:
     timeout_s: float = 600.0
     burstiness: float = 1.0  # gamma shape of the arrival gaps: 1 = Poisson
     goodput: tuple[tuple[str, float], ...] = ()  # (metric in SLO_METRICS, at most this many ms)
+    dataset: str | None = None  # a JSONL (vLLM's custom format) or ShareGPT JSON file of prompts
 
     def __post_init__(self):
         for name in ("num_prompts", "input_words", "max_tokens"):
@@ -77,6 +84,9 @@ class ServingConfig:
                 raise ServingConfigError(f"goodput {metric}: the objective must be > 0 ms, got {ms!r}")
         if not self.base_url.startswith(("http://", "https://")):
             raise ServingConfigError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.dataset is not None and not os.path.isfile(self.dataset):
+            raise ServingConfigError(f"dataset {self.dataset!r} is not a file: pass a JSONL of "
+                                     '{"prompt": ..., "max_tokens": N} lines or a ShareGPT JSON')
 
 
 @dataclasses.dataclass
@@ -117,12 +127,72 @@ class ServingResults:
     ttft_samples_ms: list[float]
     itl_samples_ms: list[float]
     e2e_samples_ms: list[float]
+    dataset: str | None = None  # the prompt file; None: random words
 
 
 def random_prompts(n: int, words: int, seed: int) -> list[str]:
     """``n`` seeded prompts of ``words`` random words."""
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, size=words)) for _ in range(n)]
+
+
+#: the largest prompt file read (the load generator holds it whole)
+MAX_DATASET_BYTES = 1 << 30
+
+
+def read_dataset(path: str, max_tokens: int) -> list[tuple[str, int]]:
+    """Every (prompt, max_tokens) of a prompt file: JSONL, one object with a string
+    ``prompt`` and an optional integer ``max_tokens`` (default: ``max_tokens``) per line;
+    or a ShareGPT JSON, a list of ``{"conversations": [{"from": "human", "value": ...},
+    ...]}`` whose first human turn is the prompt. A malformed entry is refused with its
+    line or index."""
+    if os.path.getsize(path) > MAX_DATASET_BYTES:
+        raise ServingConfigError(f"dataset {path} is over {MAX_DATASET_BYTES >> 20} MiB: take a sample of it")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    out: list[tuple[str, int]] = []
+    if isinstance(whole, list):  # ShareGPT
+        for i, item in enumerate(whole):
+            turns = item.get("conversations") if isinstance(item, dict) else None
+            human = next((t.get("value") for t in turns or () if isinstance(t, dict) and t.get("from") == "human"),
+                         None)
+            if isinstance(human, str) and human.strip():
+                out.append((human, max_tokens))
+            elif not isinstance(turns, list):
+                raise ServingConfigError(f"dataset {path}, entry {i}: a ShareGPT entry needs a 'conversations' list")
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ServingConfigError(f"dataset {path}, line {n}: not JSON ({e.msg})") from None
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if not isinstance(prompt, str) or not prompt:
+                raise ServingConfigError(f"dataset {path}, line {n}: needs a non-empty string 'prompt'")
+            tokens = row.get("max_tokens", max_tokens)
+            if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1):
+                raise ServingConfigError(f"dataset {path}, line {n}: max_tokens must be an integer >= 1, "
+                                         f"got {tokens!r}")
+            out.append((prompt, tokens))
+    if not out:
+        raise ServingConfigError(f"dataset {path} holds no prompt")
+    return out
+
+
+def request_prompts(cfg: ServingConfig) -> list[tuple[str, int]]:
+    """The run's ``num_prompts`` (prompt, max_tokens): random words, or the dataset's
+    entries in a seeded order, repeated where it has fewer."""
+    if cfg.dataset is None:
+        return [(p, cfg.max_tokens) for p in random_prompts(cfg.num_prompts, cfg.input_words, cfg.seed)]
+    rows = read_dataset(cfg.dataset, cfg.max_tokens)
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
+    return [rows[order[i % len(rows)]] for i in range(cfg.num_prompts)]
 
 
 def arrival_gaps(n: int, rate: float, seed: int, burstiness: float = 1.0) -> list[float]:
@@ -203,7 +273,7 @@ async def run_async(cfg: ServingConfig, progress=None) -> ServingResults:
         raise RuntimeError("the serving benchmark needs httpx: pip install -e '.[bench]'") from None
     base = cfg.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    prompts = random_prompts(cfg.num_prompts, cfg.input_words, cfg.seed)
+    prompts = request_prompts(cfg)
     gaps = arrival_gaps(cfg.num_prompts, cfg.request_rate, cfg.seed, cfg.burstiness)
     limits = httpx.Limits(max_connections=cfg.max_concurrency or cfg.num_prompts)
     async with httpx.AsyncClient(timeout=cfg.timeout_s, limits=limits) as client:
@@ -215,9 +285,9 @@ async def run_async(cfg: ServingConfig, progress=None) -> ServingResults:
         gate = asyncio.Semaphore(cfg.max_concurrency or cfg.num_prompts)
         finished = 0
 
-        async def limited(prompt: str) -> RequestOutcome:
+        async def limited(prompt: str, max_tokens: int) -> RequestOutcome:
             nonlocal finished
-            body = {"model": model, "prompt": prompt, "max_tokens": cfg.max_tokens, "temperature": 0.0,
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                     "ignore_eos": cfg.ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
             async with gate:
                 out = await _one(client, f"{base}/v1/completions", body, headers)
@@ -228,12 +298,12 @@ async def run_async(cfg: ServingConfig, progress=None) -> ServingResults:
 
         t0 = time.perf_counter()
         tasks, due = [], 0.0
-        for prompt, gap in zip(prompts, gaps):
+        for (prompt, max_tokens), gap in zip(prompts, gaps):
             due += gap  # each arrival at its own time from the start: the event loop's lag never adds up
             wait = t0 + due - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(limited(prompt)))
+            tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
         outcomes = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
     return summarise(cfg, model, outcomes, duration)
@@ -269,4 +339,4 @@ def summarise(cfg: ServingConfig, model: str, outcomes: list[RequestOutcome], du
         e2e_ms=summary_ms([o.latency for o in ok]), goodput=dict(cfg.goodput),
         request_goodput=len(good) / duration if cfg.goodput else None, errors=[o.error for o in outcomes if not o.ok],
         ttft_samples_ms=[o.ttft * 1e3 for o in ok], itl_samples_ms=[x * 1e3 for x in itl],
-        e2e_samples_ms=[o.latency * 1e3 for o in ok])
+        e2e_samples_ms=[o.latency * 1e3 for o in ok], dataset=cfg.dataset)

@@ -14,9 +14,9 @@ transformers on the same safetensors:
 
     python scripts/benchmark.py --model path/to/Qwen2-0.5B --batch-size 1 8 --prompt-len 256
 
-Progress goes to stderr; the table to stdout at the end. Under scripts/launch.py (or srun, mpirun) offline mode runs the model split over every
-process's devices; process 0 alone runs the tp = 1 baseline and the peer and writes the
-results:
+Progress goes to stderr; the table to stdout at the end. Under scripts/launch.py (or
+srun, mpirun) offline mode runs the model split over every process's devices; process 0
+alone runs the tp = 1 baseline and the peer and writes the results:
 
     python scripts/launch.py --nproc 2 --devices-per-proc 2 -- python scripts/benchmark.py --model-size tiny
 """
@@ -91,10 +91,11 @@ def offline(args: argparse.Namespace):
 
     shape = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                                            "intermediate_size", "vocab_size")}
-    cfg = BenchmarkConfig(model_size=args.model_size, model=args.model, batch_size=tuple(args.batch_size), seq_len=args.prompt_len,
-                          new_tokens=args.new_tokens, world_size=args.tp, dtype=args.dtype or default_dtype(),
-                          repeats=args.repeats, peer=not args.no_peer, speedup=not args.no_speedup, seed=args.seed,
-                          cache_dir=args.cache_dir, probe_megabytes=args.probe_mb, **shape)
+    cfg = BenchmarkConfig(model_size=args.model_size, model=args.model, batch_size=tuple(args.batch_size),
+                          seq_len=args.prompt_len, new_tokens=args.new_tokens, world_size=args.tp,
+                          dtype=args.dtype or default_dtype(), repeats=args.repeats, peer=not args.no_peer,
+                          speedup=not args.no_speedup, seed=args.seed, cache_dir=args.cache_dir,
+                          probe_megabytes=args.probe_mb, **shape)
     results = DistributedInferenceBenchmark(cfg).run_comprehensive_benchmark()
     return results, offline_table(results), offline_plots
 

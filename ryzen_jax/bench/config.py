@@ -7,7 +7,7 @@ import functools
 import os
 from typing import Sequence
 
-from ryzen_jax.bench.shapes import PRESETS
+from ryzen_jax.bench.shapes import PRESETS, model_param_count, param_count
 from ryzen_jax.config import ConfigError, ModelConfig
 from ryzen_jax.demo import LlamaDims
 
@@ -28,10 +28,10 @@ class BenchmarkConfig:
     model directory to measure instead (a Hugging Face one or one converted by
     ``scripts/convert_hf.py``; a decoder-only family that generates: Llama, Mistral,
     Qwen2, GPT-2): its ``config.json`` is the shape, and the peer runs on its
-    safetensors (a converted directory has none, so there the peer is skipped). ``seq_len`` is the
-    prompt length in tokens and ``new_tokens`` how many are generated after it (every
-    request runs to ``new_tokens``: EOS is ignored, as in the peer). ``world_size`` is
-    the tensor-parallel size (None: the largest the devices and the shape allow);
+    safetensors (a converted directory has none, so there the peer is skipped).
+    ``seq_len`` is the prompt length in tokens and ``new_tokens`` how many are generated
+    after it (every request runs to ``new_tokens``: EOS is ignored, as in the peer).
+    ``world_size`` is the tensor-parallel size (None: the largest the devices and the shape allow);
     ``speedup`` also runs tp = 1 to report the speedup. ``repeats`` timed runs per
     measurement (after one untimed warm-up run); ``peer`` runs Hugging Face
     transformers on the same weights when torch is installed. ``probe_megabytes``:
@@ -125,6 +125,11 @@ class BenchmarkConfig:
     def model_config(self) -> ModelConfig | None:
         """``model``'s config.json (None for a preset)."""
         return None if self.model is None else ModelConfig.from_pretrained(self.model)
+
+    @functools.cached_property
+    def params(self) -> int:
+        """Parameters of the model under test: the preset's checkpoint, or ``model``'s."""
+        return param_count(self.dims) if self.model is None else model_param_count(self.model_config)
 
     @property
     def shape(self) -> LlamaDims | ModelConfig:

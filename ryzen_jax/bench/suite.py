@@ -25,7 +25,7 @@ from ryzen_jax.bench.config import BenchmarkConfig, BenchmarkConfigError
 from ryzen_jax.bench.hardware import Hardware
 from ryzen_jax.bench.offline import EngineRun, measure_engine, with_bandwidth
 from ryzen_jax.bench.peer import PeerRun
-from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, model_param_count, param_count, random_prompts
+from ryzen_jax.bench.shapes import check_fits, ensure_checkpoint, random_prompts
 from ryzen_jax.runtime import wait_for_all
 
 log = logging.getLogger("ryzen_jax.bench")
@@ -163,7 +163,7 @@ class DistributedInferenceBenchmark:
         t_start = time.perf_counter()
         c = self.config
         tp, tps = self._tps()
-        params = param_count(c.dims) if c.model is None else model_param_count(c.model_config)
+        params = c.params
         check_fits(c.dims if c.model is None else params, c.dtype, tp=tp,
                    platform=jax.default_backend())  # before any expensive work
         # In a run of several processes every one takes part in the split model; the

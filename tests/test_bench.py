@@ -178,7 +178,11 @@ def test_peer_runs_on_the_same_weights(results):
         step = b.vs_peer["decode_step_ms"]
         assert step.ours == b.ours.loop_step_ms == pytest.approx(b.batch * 1e3 / b.ours.decode_tokens_per_s)
         assert step.peer == p.decode_step_ms
-    assert "HF" in offline_table(results) and "×HF" in offline_table(results)
+        # how far the peer's step is from the floor, a one-device floor as the peer runs on one device
+        assert b.peer_step_over_bandwidth_floor == pytest.approx(p.decode_step_ms / b.tp1.floor.bandwidth_ms)
+    table = offline_table(results)
+    assert "HF" in table and "×HF" in table
+    assert table.count("HF's step = ") == len(results.batches)
 
 
 def test_json_is_plain_and_complete(results):
@@ -334,7 +338,7 @@ def test_a_converted_checkpoint_is_measured_without_the_peer(hf_model_dir, tmp_p
     for b in r.batches:
         prompts = random_prompts(b.batch, 8, hf.config.vocab_size, seed=b.batch)
         assert b.ours.generated_ids == [hf_models.greedy(hf, p, 8) for p in prompts]
-        assert b.peer is None and b.same_tokens_as_peer is None
+        assert b.peer is None and b.same_tokens_as_peer is None and b.peer_step_over_bandwidth_floor is None
         attended = sum(min(context, w or context) for w in windows)
         assert b.ours.floor.kv_bytes == b.batch * attended * 2 * hf.config.num_key_value_heads * d * 4
     assert r.params == hf.num_parameters()

@@ -126,7 +126,9 @@ def offline_table(r: BenchmarkResults) -> str:
         lines.append(f"  floor: {(f.weight_bytes + f.kv_bytes) / 1e6:.1f} MB/step → {f.bandwidth_ms:.2f} ms "
                      f"(bandwidth), {f.flops / 1e9:.2f} GFLOP → {f.compute_ms:.2f} ms (compute); decode step = "
                      f"{b.ours.step_over_bandwidth_floor:.2f}x the bandwidth floor"
-                     + (f" (tp=1: {b.tp1.step_over_bandwidth_floor:.2f}x)" if b.tp1 and r.tp != 1 else ""))
+                     + (f" (tp=1: {b.tp1.step_over_bandwidth_floor:.2f}x)" if b.tp1 and r.tp != 1 else "")
+                     + (f"; HF's step = {b.peer_step_over_bandwidth_floor:.2f}x it (the most ×HF a decode step at "
+                        "the floor gets)" if b.peer_step_over_bandwidth_floor else ""))
         lines.append(f"  the step's matmuls alone ({b.ours.matmul_kernel}): {b.ours.matmuls_alone_ms:.2f} ms "
                      f"({b.ours.matmuls_alone_ms / f.bandwidth_ms:.2f}x the bandwidth floor); decode step = "
                      f"{b.ours.step_over_matmuls_alone:.2f}x them")

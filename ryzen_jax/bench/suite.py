@@ -60,6 +60,10 @@ class BatchResult:
     same_tokens_as_peer: float | None  # share of generated tokens equal to the peer's, up to the first difference
     vs_peer: dict[str, Comparison]  # ours at the configured tp against the peer
     vs_peer_tp1: dict[str, Comparison]  # ours at tp = 1 against the peer
+    # the peer's decode step (in its loop) ÷ the one-device bandwidth floor: the most
+    # times the peer's tokens/s a decode step at that floor could reach, so a machine
+    # whose memory, not the engine, bounds the ×HF column says so; None without a peer
+    peer_step_over_bandwidth_floor: float | None = None
 
 
 @dataclasses.dataclass
@@ -98,6 +102,15 @@ def _compare(ours: EngineRun, peer: PeerRun) -> dict[str, Comparison]:
     out = {k: Comparison(o, p, p / o) for k, (o, p) in times.items()}
     out.update({k: Comparison(o, p, o / p) for k, (o, p) in rates.items()})
     return out
+
+
+def _peer_over_floor(peer: PeerRun | None, run: EngineRun, hw: Hardware, tp: int) -> float | None:
+    """The peer's step over the bandwidth floor of one device (the peer runs on one):
+    ``run``'s floor, measured at ``tp``, where that is one device's or every device
+    shares one memory (a CPU); None otherwise or without a peer."""
+    if peer is None or not (tp == 1 or hw.shared_memory):
+        return None
+    return peer.decode_step_ms / run.floor.bandwidth_ms
 
 
 def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
@@ -233,7 +246,8 @@ class DistributedInferenceBenchmark:
                 speedup_vs_tp1=ours.tokens_per_s / one.tokens_per_s if one else None,
                 same_tokens_as_peer=_agreement(ours.generated_ids, theirs.generated_ids) if theirs else None,
                 vs_peer=_compare(ours, theirs) if theirs else {},
-                vs_peer_tp1=_compare(one, theirs) if theirs and one and tp != 1 else {}))
+                vs_peer_tp1=_compare(one, theirs) if theirs and one and tp != 1 else {},
+                peer_step_over_bandwidth_floor=_peer_over_floor(theirs, one or ours, hw, tp if one is None else 1)))
         small, large = batches[0], batches[-1]
         targets = {
             "decode_step_within_1.5x_bandwidth_floor_at_batch_1":

@@ -104,13 +104,13 @@ def _compare(ours: EngineRun, peer: PeerRun) -> dict[str, Comparison]:
     return out
 
 
-def _peer_over_floor(peer: PeerRun | None, run: EngineRun, hw: Hardware, tp: int) -> float | None:
+def _peer_over_floor(peer: PeerRun | None, ours: EngineRun, hw: Hardware) -> float | None:
     """The peer's step over the bandwidth floor of one device (the peer runs on one):
-    ``run``'s floor, measured at ``tp``, where that is one device's or every device
-    shares one memory (a CPU); None otherwise or without a peer."""
-    if peer is None or not (tp == 1 or hw.shared_memory):
+    ``ours``'s floor undivided by its tp where each device reads its own memory (see
+    ``offline.floors``); None without a peer."""
+    if peer is None:
         return None
-    return peer.decode_step_ms / run.floor.bandwidth_ms
+    return peer.decode_step_ms / (ours.floor.bandwidth_ms * (1 if hw.shared_memory else ours.tp))
 
 
 def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
@@ -247,7 +247,7 @@ class DistributedInferenceBenchmark:
                 same_tokens_as_peer=_agreement(ours.generated_ids, theirs.generated_ids) if theirs else None,
                 vs_peer=_compare(ours, theirs) if theirs else {},
                 vs_peer_tp1=_compare(one, theirs) if theirs and one and tp != 1 else {},
-                peer_step_over_bandwidth_floor=_peer_over_floor(theirs, one or ours, hw, tp if one is None else 1)))
+                peer_step_over_bandwidth_floor=_peer_over_floor(theirs, ours, hw)))
         small, large = batches[0], batches[-1]
         targets = {
             "decode_step_within_1.5x_bandwidth_floor_at_batch_1":
